@@ -77,11 +77,11 @@ def make_extension():
         ("LANDSCAPE_EXT_BUILT_TORCH_VERSION", f'"{torch.__version__}"'),
         ("LANDSCAPE_EXT_CUDA_ARCH_LIST", f'"{arch}"'),
     ]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-Wno-psabi"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros.append(("LANDSCAPE_EXT_WITH_CUDA", "1"))
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo",
+        nvcc_flags = ["-O3", "-lineinfo",
                       "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "landscape_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],

@@ -10,6 +10,10 @@ _C = load_extension()
 from . import ops, reference  # noqa: E402  (ops need the compiled library loaded first)
 from .ops import block_orthonormalize, numerical_rank, orthogonalize_batched  # noqa: E402
 
+# ---- curvature engine (operators, eigensolvers, estimators) -- exports added below ----------
+
+# ---- end of engine exports -------------------------------------------------------------------
+
 __version__ = "0.1.0"
 
 __all__ = [

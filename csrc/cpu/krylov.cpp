@@ -1,17 +1,23 @@
 // krylov op family, CPU backend: the three fused passes over the basis (see krylov.h) and the
 // registration of block_orthonormalize / orthogonalize_batched for the CPU dispatch key.
 //
-// Work split: d is cut into a fixed number of chunks that depends only on d (krylov::num_chunks),
-// each (run, chunk) is one task of at::parallel_for, partial coefficient / Gram sums are kept per
-// task and added in chunk order afterwards, so results are bitwise independent of the thread
-// count. Inside a chunk, columns are processed in tiles sized so that the basis tile stays in L2
-// between the two sweeps of a fused pass: the basis is read from memory once per pass.
+// Work split: d is cut into chunks whose number depends only on d (krylov::num_chunks); each
+// (run, chunk) is one task of at::parallel_for with its own partial sums, added in chunk order
+// afterwards, so results are bitwise independent of the thread count. Inside a chunk, columns
+// go in tiles sized so that the basis tile stays in L2 between the two sweeps of a fused pass:
+// the basis is read from memory once per pass. The inner loops are written with GCC/Clang
+// vector extensions (64-byte vectors) and compiled once per instruction set (multiversioning),
+// with the per-block-row accumulators in registers (block rows go in groups of <= 8).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "krylov.h"
@@ -24,197 +30,397 @@
 #else
 #define LANDSCAPE_MULTIVERSION
 #endif
+// Kernel bodies are force-inlined into each multiversioned entry so that every clone is
+// compiled for its own instruction set (a plain inline helper may stay a baseline-ISA call).
+#define LANDSCAPE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace landscape_ext {
 namespace krylov {
 namespace {
 
-constexpr int64_t kLanes = 16;  // independent partial sums per dot product (one AVX-512 register)
-
-// out[k] += sum_j q[j] * w[k * ldw + j] for k < b.
+// ---- SIMD building blocks (GCC/Clang vector extensions; lowered per multiversioned clone) ----
 template <typename T>
-inline void dot_rows_impl(const T* __restrict q, const T* __restrict w, int64_t ldw, int64_t b,
-                          int64_t len, T* __restrict out) {
-  const int64_t main = len - len % kLanes;
-  for (int64_t k = 0; k < b; ++k) {
-    const T* wk = w + k * ldw;
-    T lanes[kLanes] = {};
-    for (int64_t j = 0; j < main; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += q[j + l] * wk[j + l];
-    }
-    T s = 0;
-    for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
-    for (int64_t j = main; j < len; ++j) s += q[j] * wk[j];
-    out[k] += s;
-  }
-}
+struct Vec;
+// The vector types are spelled out per accumulation type: GCC does not apply vector_size to a
+// typedef whose size depends on a template parameter.
+template <>
+struct Vec<float> {
+  static constexpr int L = 16;  // lanes per vector
+  typedef float type __attribute__((vector_size(64)));
+  typedef double f64 __attribute__((vector_size(128)));
+  typedef float f32 __attribute__((vector_size(64)));
+  typedef uint16_t u16 __attribute__((vector_size(32)));
+  typedef uint32_t u32 __attribute__((vector_size(64)));
+  typedef _Float16 f16 __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  static constexpr int L = 8;
+  typedef double type __attribute__((vector_size(64)));
+  typedef double f64 __attribute__((vector_size(64)));
+  typedef float f32 __attribute__((vector_size(32)));
+  typedef uint16_t u16 __attribute__((vector_size(16)));
+  typedef uint32_t u32 __attribute__((vector_size(32)));
+  typedef _Float16 f16 __attribute__((vector_size(16)));
+};
 
-// w[k * ldw + j] -= c[k] * q[j] for k < b.
-template <typename T>
-inline void sub_outer_impl(T* __restrict w, int64_t ldw, const T* __restrict c, int64_t b,
-                           const T* __restrict q, int64_t len) {
-  for (int64_t k = 0; k < b; ++k) {
-    T* wk = w + k * ldw;
-    const T ck = c[k];
-    if (ck == T(0)) continue;
-    for (int64_t j = 0; j < len; ++j) wk[j] -= ck * q[j];
-  }
-}
-
-// g[k * b + l] += sum_j w[k][j] * w[l][j] for l >= k (upper triangle).
-template <typename T>
-inline void gram_upper_impl(const T* __restrict w, int64_t ldw, int64_t b, int64_t len,
-                            T* __restrict g) {
-  for (int64_t k = 0; k < b; ++k) dot_rows_impl(w + k * ldw, w + k * ldw, ldw, b - k, len, g + k * b + k);
-}
-
-LANDSCAPE_MULTIVERSION void dot_rows(const float* q, const float* w, int64_t ldw, int64_t b,
-                                     int64_t len, float* out) {
-  dot_rows_impl(q, w, ldw, b, len, out);
-}
-LANDSCAPE_MULTIVERSION void dot_rows(const double* q, const double* w, int64_t ldw, int64_t b,
-                                     int64_t len, double* out) {
-  dot_rows_impl(q, w, ldw, b, len, out);
-}
-LANDSCAPE_MULTIVERSION void sub_outer(float* w, int64_t ldw, const float* c, int64_t b,
-                                      const float* q, int64_t len) {
-  sub_outer_impl(w, ldw, c, b, q, len);
-}
-LANDSCAPE_MULTIVERSION void sub_outer(double* w, int64_t ldw, const double* c, int64_t b,
-                                      const double* q, int64_t len) {
-  sub_outer_impl(w, ldw, c, b, q, len);
-}
-LANDSCAPE_MULTIVERSION void gram_upper(const float* w, int64_t ldw, int64_t b, int64_t len,
-                                       float* g) {
-  gram_upper_impl(w, ldw, b, len, g);
-}
-LANDSCAPE_MULTIVERSION void gram_upper(const double* w, int64_t ldw, int64_t b, int64_t len,
-                                       double* g) {
-  gram_upper_impl(w, ldw, b, len, g);
-}
-
-// A basis row segment in the accumulation type: the row itself when the types agree,
-// otherwise converted into `scratch` (half storage is widened once per row and tile).
-template <typename basis_t, typename acc_t>
-inline const acc_t* row_as_acc(const basis_t* src, int64_t len, acc_t* scratch) {
-  if constexpr (std::is_same_v<basis_t, acc_t>) {
-    return src;
+// L consecutive basis elements widened to the accumulation type. Half types are converted in
+// registers (bf16: a 16-bit shift; fp16: vcvtph2ps where available), so half storage really
+// reads half the bytes.
+template <typename acc_t, typename src_t>
+LANDSCAPE_ALWAYS_INLINE typename Vec<acc_t>::type load_vec(const src_t* p) {
+  using Tr = Vec<acc_t>;
+  using V = typename Tr::type;
+  if constexpr (std::is_same_v<src_t, acc_t>) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  } else if constexpr (std::is_same_v<src_t, double>) {
+    typename Tr::f64 s;
+    std::memcpy(&s, p, sizeof(s));
+    return __builtin_convertvector(s, V);
+  } else if constexpr (std::is_same_v<src_t, float>) {
+    typename Tr::f32 s;
+    std::memcpy(&s, p, sizeof(s));
+    return __builtin_convertvector(s, V);
+  } else if constexpr (std::is_same_v<src_t, c10::BFloat16>) {
+    typename Tr::u16 s;
+    std::memcpy(&s, p, sizeof(s));
+    typename Tr::u32 u = __builtin_convertvector(s, typename Tr::u32) << 16;
+    typename Tr::f32 f;
+    std::memcpy(&f, &u, sizeof(f));
+    return __builtin_convertvector(f, V);
   } else {
-    for (int64_t j = 0; j < len; ++j) scratch[j] = static_cast<acc_t>(src[j]);
-    return scratch;
+    static_assert(std::is_same_v<src_t, c10::Half>, "unsupported basis type");
+    typename Tr::f16 s;
+    std::memcpy(&s, p, sizeof(s));
+    return __builtin_convertvector(__builtin_convertvector(s, typename Tr::f32), V);
   }
 }
 
-// Column tile length: keep n rows of the basis tile within ~256 KiB of L2.
-inline int64_t tile_len(int64_t n, int64_t elem_size) {
-  int64_t t = (256 * 1024) / std::max<int64_t>(1, n * elem_size);
-  t = std::max<int64_t>(64, std::min<int64_t>(t, 2048));
+template <typename acc_t>
+LANDSCAPE_ALWAYS_INLINE typename Vec<acc_t>::type load_acc(const acc_t* p) {
+  typename Vec<acc_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+LANDSCAPE_ALWAYS_INLINE void store_acc(acc_t* p, typename Vec<acc_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// ---- tile kernels: B (<= 8) block rows at a time, B known at compile time so the per-row
+// ---- accumulators live in registers.
+
+// out[k][j] = W[k][j] - sum_i C[i][k] Q[i][j]  for k < B, j < len.
+// out/W rows have stride ld; C[i][k] is at C[i * cs + k]; Q rows have stride sQ (elements).
+// Four basis rows per sweep: each out strip is loaded and stored once per four rows.
+template <int B, typename basis_t, typename acc_t>
+LANDSCAPE_ALWAYS_INLINE void subtract_projection(acc_t* out, const acc_t* W, int64_t ld,
+                                                 const acc_t* C, int64_t cs, const basis_t* Q,
+                                                 int64_t sQ, int64_t n, int64_t len) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::L;
+  const int64_t main = len - len % L;
+  for (int k = 0; k < B; ++k) std::memcpy(out + k * ld, W + k * ld, len * sizeof(acc_t));
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const basis_t* q0 = Q + i * sQ;
+    const basis_t* q1 = q0 + sQ;
+    const basis_t* q2 = q1 + sQ;
+    const basis_t* q3 = q2 + sQ;
+    acc_t c0[B], c1[B], c2[B], c3[B];
+    for (int k = 0; k < B; ++k) {
+      c0[k] = C[i * cs + k];
+      c1[k] = C[(i + 1) * cs + k];
+      c2[k] = C[(i + 2) * cs + k];
+      c3[k] = C[(i + 3) * cs + k];
+    }
+    for (int64_t j = 0; j < main; j += L) {
+      const V a0 = load_vec<acc_t>(q0 + j), a1 = load_vec<acc_t>(q1 + j);
+      const V a2 = load_vec<acc_t>(q2 + j), a3 = load_vec<acc_t>(q3 + j);
+      for (int k = 0; k < B; ++k) {
+        V o = load_acc(out + k * ld + j);
+        o -= (c0[k] * a0 + c1[k] * a1) + (c2[k] * a2 + c3[k] * a3);
+        store_acc(out + k * ld + j, o);
+      }
+    }
+    for (int64_t j = main; j < len; ++j) {
+      const acc_t s0 = static_cast<acc_t>(q0[j]), s1 = static_cast<acc_t>(q1[j]);
+      const acc_t s2 = static_cast<acc_t>(q2[j]), s3 = static_cast<acc_t>(q3[j]);
+      for (int k = 0; k < B; ++k)
+        out[k * ld + j] -= (c0[k] * s0 + c1[k] * s1) + (c2[k] * s2 + c3[k] * s3);
+    }
+  }
+  for (; i < n; ++i) {
+    const basis_t* q0 = Q + i * sQ;
+    acc_t c0[B];
+    for (int k = 0; k < B; ++k) c0[k] = C[i * cs + k];
+    for (int64_t j = 0; j < main; j += L) {
+      const V a0 = load_vec<acc_t>(q0 + j);
+      for (int k = 0; k < B; ++k) {
+        V o = load_acc(out + k * ld + j);
+        o -= c0[k] * a0;
+        store_acc(out + k * ld + j, o);
+      }
+    }
+    for (int64_t j = main; j < len; ++j) {
+      const acc_t s0 = static_cast<acc_t>(q0[j]);
+      for (int k = 0; k < B; ++k) out[k * ld + j] -= c0[k] * s0;
+    }
+  }
+}
+
+// lanes[i * ls + k] += Q[i][:len] * X[k][:len] (lane-wise partial sums) for i < n, k < B.
+// Two basis rows per sweep share each load of X. Lane sums are reduced once per chunk.
+template <int B, typename basis_t, typename acc_t>
+LANDSCAPE_ALWAYS_INLINE void accumulate_dots(typename Vec<acc_t>::type* lanes, int64_t ls,
+                                             const acc_t* X, int64_t ld, const basis_t* Q,
+                                             int64_t sQ, int64_t n, int64_t len) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::L;
+  const int64_t main = len - len % L;
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    const basis_t* q0 = Q + i * sQ;
+    const basis_t* q1 = q0 + sQ;
+    V s0[B], s1[B];
+    for (int k = 0; k < B; ++k) {
+      s0[k] = V{};
+      s1[k] = V{};
+    }
+    for (int64_t j = 0; j < main; j += L) {
+      const V a0 = load_vec<acc_t>(q0 + j), a1 = load_vec<acc_t>(q1 + j);
+      for (int k = 0; k < B; ++k) {
+        const V x = load_acc(X + k * ld + j);
+        s0[k] += a0 * x;
+        s1[k] += a1 * x;
+      }
+    }
+    for (int64_t j = main; j < len; ++j) {
+      const acc_t t0 = static_cast<acc_t>(q0[j]), t1 = static_cast<acc_t>(q1[j]);
+      for (int k = 0; k < B; ++k) {
+        s0[k][0] += t0 * X[k * ld + j];
+        s1[k][0] += t1 * X[k * ld + j];
+      }
+    }
+    for (int k = 0; k < B; ++k) {
+      lanes[i * ls + k] += s0[k];
+      lanes[(i + 1) * ls + k] += s1[k];
+    }
+  }
+  for (; i < n; ++i) {
+    const basis_t* q0 = Q + i * sQ;
+    V s0[B];
+    for (int k = 0; k < B; ++k) s0[k] = V{};
+    for (int64_t j = 0; j < main; j += L) {
+      const V a0 = load_vec<acc_t>(q0 + j);
+      for (int k = 0; k < B; ++k) s0[k] += a0 * load_acc(X + k * ld + j);
+    }
+    for (int64_t j = main; j < len; ++j) {
+      const acc_t t0 = static_cast<acc_t>(q0[j]);
+      for (int k = 0; k < B; ++k) s0[k][0] += t0 * X[k * ld + j];
+    }
+    for (int k = 0; k < B; ++k) lanes[i * ls + k] += s0[k];
+  }
+}
+
+enum class Pass : int { kCoeffs = 0, kProjectCoeffs = 1, kProjectGram = 2 };
+
+// Everything one task (one run, one chunk of columns) does, for one pass.
+struct TaskArgs {
+  Pass kind;
+  const void* Q;       // basis rows of this run, shifted to the chunk's first column
+  int64_t sQ;          // basis row stride (elements)
+  int64_t n, b, d;     // basis rows used, block rows, row length of W / out
+  const void* W;       // block rows of this run, shifted to the chunk
+  void* out;           // output rows of this run, shifted to the chunk (passes 2 and 3)
+  const void* C;       // (n, b) coefficients of this run (passes 2 and 3)
+  int64_t len;         // columns in this chunk
+  int64_t tile;        // columns per tile
+  void* lanes;         // (rows, b) vectors of lane partial sums, zeroed by the caller
+};
+
+// Calls body.template operator()<B>(k0) for groups of at most 8 block rows.
+template <typename F>
+LANDSCAPE_ALWAYS_INLINE void for_row_groups(int64_t b, F&& body) {
+  int64_t k0 = 0;
+  for (; k0 + 8 <= b; k0 += 8) body(std::integral_constant<int, 8>{}, k0);
+  switch (b - k0) {
+    case 7: body(std::integral_constant<int, 7>{}, k0); break;
+    case 6: body(std::integral_constant<int, 6>{}, k0); break;
+    case 5: body(std::integral_constant<int, 5>{}, k0); break;
+    case 4: body(std::integral_constant<int, 4>{}, k0); break;
+    case 3: body(std::integral_constant<int, 3>{}, k0); break;
+    case 2: body(std::integral_constant<int, 2>{}, k0); break;
+    case 1: body(std::integral_constant<int, 1>{}, k0); break;
+    default: break;
+  }
+}
+
+template <typename basis_t, typename acc_t>
+LANDSCAPE_ALWAYS_INLINE void run_task_impl(const TaskArgs& a) {
+  using V = typename Vec<acc_t>::type;
+  const basis_t* Q = static_cast<const basis_t*>(a.Q);
+  const acc_t* W = static_cast<const acc_t*>(a.W);
+  acc_t* out = static_cast<acc_t*>(a.out);
+  const acc_t* C = static_cast<const acc_t*>(a.C);
+  V* lanes = static_cast<V*>(a.lanes);
+  const int64_t b = a.b, d = a.d, n = a.n;
+  for (int64_t j0 = 0; j0 < a.len; j0 += a.tile) {
+    const int64_t len = std::min(a.tile, a.len - j0);
+    if (a.kind == Pass::kCoeffs) {
+      for_row_groups(b, [&](auto B, int64_t k0) {
+        accumulate_dots<decltype(B)::value>(lanes + k0, b, W + k0 * d + j0, d, Q + j0, a.sQ, n,
+                                            len);
+      });
+      continue;
+    }
+    for_row_groups(b, [&](auto B, int64_t k0) {
+      subtract_projection<decltype(B)::value>(out + k0 * d + j0, W + k0 * d + j0, d, C + k0, b,
+                                              Q + j0, a.sQ, n, len);
+    });
+    if (a.kind == Pass::kProjectCoeffs) {
+      // the basis tile was just streamed from memory: this second sweep hits L2
+      for_row_groups(b, [&](auto B, int64_t k0) {
+        accumulate_dots<decltype(B)::value>(lanes + k0, b, out + k0 * d + j0, d, Q + j0, a.sQ,
+                                            n, len);
+      });
+    } else {
+      for_row_groups(b, [&](auto B, int64_t k0) {
+        accumulate_dots<decltype(B)::value>(lanes + k0, b, out + k0 * d + j0, d,
+                                            out + j0, d, b, len);
+      });
+    }
+  }
+}
+
+#define LANDSCAPE_DEFINE_TASK(NAME, BASIS, ACC) \
+  LANDSCAPE_MULTIVERSION void NAME(const TaskArgs& a) { run_task_impl<BASIS, ACC>(a); }
+LANDSCAPE_DEFINE_TASK(task_d_d, double, double)
+LANDSCAPE_DEFINE_TASK(task_f_d, float, double)
+LANDSCAPE_DEFINE_TASK(task_h_d, c10::Half, double)
+LANDSCAPE_DEFINE_TASK(task_bf_d, c10::BFloat16, double)
+LANDSCAPE_DEFINE_TASK(task_d_f, double, float)
+LANDSCAPE_DEFINE_TASK(task_f_f, float, float)
+LANDSCAPE_DEFINE_TASK(task_h_f, c10::Half, float)
+LANDSCAPE_DEFINE_TASK(task_bf_f, c10::BFloat16, float)
+#undef LANDSCAPE_DEFINE_TASK
+
+using TaskFn = void (*)(const TaskArgs&);
+
+TaskFn pick_task(at::ScalarType basis, at::ScalarType acc) {
+  const bool dbl = acc == at::kDouble;
+  switch (basis) {
+    case at::kDouble: return dbl ? &task_d_d : &task_d_f;
+    case at::kFloat: return dbl ? &task_f_d : &task_f_f;
+    case at::kHalf: return dbl ? &task_h_d : &task_h_f;
+    case at::kBFloat16: return dbl ? &task_bf_d : &task_bf_f;
+    default: TORCH_CHECK(false, "krylov: unsupported basis dtype ", basis);
+  }
+}
+
+// Columns per tile. Pass 1 only reuses the block tile (b x tile, L2); the fused passes reuse
+// the basis tile (n x tile) between their two sweeps, so it must stay within ~384 KiB of L2.
+inline int64_t tile_len(Pass kind, int64_t n, int64_t b, int64_t basis_elem, int64_t acc_elem) {
+  int64_t t = kind == Pass::kCoeffs ? (256 * 1024) / std::max<int64_t>(1, b * acc_elem)
+                                    : (384 * 1024) / std::max<int64_t>(1, n * basis_elem);
+  t = std::max<int64_t>(64, std::min<int64_t>(t, 4096));
   return t - t % 64;
 }
 
-enum class Pass { kCoeffs, kProjectCoeffs, kProjectGram };
-
-// One pass over basis[:, :n]; see krylov.h for the three kinds.
-//   basis (R, m, d) rows stride-1; W (R, b, d) contiguous acc; C (R, n, b) contiguous acc.
-// Returns (out or undefined, reduced partial sums (R, n, b) or (R, b, b)).
-template <typename basis_t, typename acc_t>
+// One pass over basis[:, :n] (see krylov.h). basis (R, m, d) rows stride-1; W (R, b, d) and
+// C (R, n, b) contiguous in the accumulation dtype. Returns (out or undefined, sums).
 std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
-                                            const at::Tensor& W, const at::Tensor& C,
-                                            int64_t n) {
+                                            const at::Tensor& W, const at::Tensor& C, int64_t n) {
   const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
-  const int64_t sR = basis.stride(0), sM = basis.stride(1);
-  const basis_t* Q = basis.data_ptr<basis_t>();
-  const acc_t* Wp = W.data_ptr<acc_t>();
-  const acc_t* Cp = kind == Pass::kCoeffs ? nullptr : C.data_ptr<acc_t>();
-  const bool writes_out = kind != Pass::kCoeffs;
-  const int64_t part_rows = kind == Pass::kProjectGram ? b : n;  // partial sum is (rows, b)
-  at::Tensor out = writes_out ? at::empty({R, b, d}, W.options()) : at::Tensor();
-  acc_t* Op = writes_out ? out.data_ptr<acc_t>() : nullptr;
+  const at::ScalarType acc = W.scalar_type();
+  const int64_t acc_elem = acc == at::kDouble ? 8 : 4;
+  const int64_t basis_elem = static_cast<int64_t>(basis.element_size());
+  const int64_t L = 64 / acc_elem;
+  const int64_t part_rows = kind == Pass::kProjectGram ? b : n;
+  at::Tensor out = kind == Pass::kCoeffs ? at::Tensor() : at::empty({R, b, d}, W.options());
 
+  // Chunks are a multiple of 64 columns (whole vectors) except the last one.
   const int64_t nchunks = num_chunks(d);
-  const int64_t chunk = (d + nchunks - 1) / nchunks;
-  const int64_t T = tile_len(n, static_cast<int64_t>(sizeof(basis_t)));
-  std::vector<acc_t> partial(static_cast<size_t>(R * nchunks * part_rows * b), acc_t(0));
+  int64_t chunk = (d + nchunks - 1) / nchunks;
+  chunk = (chunk + 63) / 64 * 64;
+  const int64_t used_chunks = (d + chunk - 1) / chunk;
+  const int64_t tile = tile_len(kind, n, b, basis_elem, acc_elem);
+  const TaskFn task = pick_task(basis.scalar_type(), acc);
 
-  at::parallel_for(0, R * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(std::is_same_v<basis_t, acc_t> ? 0 : T);
-    std::vector<acc_t> ct(static_cast<size_t>(n * b));  // C^T rows per basis row: C[r, i, :]
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / nchunks, c = task % nchunks;
-      const int64_t j_begin = c * chunk, j_end = std::min(d, j_begin + chunk);
-      acc_t* part = partial.data() + task * part_rows * b;
-      const basis_t* Qr = Q + r * sR;
-      const acc_t* Wr = Wp + r * b * d;
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += T) {
-        const int64_t len = std::min(T, j_end - j0);
-        if (kind == Pass::kCoeffs) {
-          // part[i, :] += Q[i, tile] . W[:, tile]
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t* qi = row_as_acc<basis_t, acc_t>(Qr + i * sM + j0, len, scratch.data());
-            dot_rows(qi, Wr + j0, d, b, len, part + i * b);
-          }
-          continue;
+  const char* Qp = static_cast<const char*>(basis.data_ptr());
+  const char* Wp = static_cast<const char*>(W.data_ptr());
+  char* Op = kind == Pass::kCoeffs ? nullptr : static_cast<char*>(out.data_ptr());
+  const void* Cp = kind == Pass::kCoeffs ? nullptr : C.data_ptr();
+  const int64_t sR = basis.stride(0), sM = basis.stride(1);
+  // per-task reduced partial sums, added in task order afterwards (deterministic)
+  at::Tensor partial = at::empty({R * used_chunks, part_rows, b}, W.options());
+  char* Pp = static_cast<char*>(partial.data_ptr());
+
+  at::parallel_for(0, R * used_chunks, 1, [&](int64_t begin, int64_t end) {
+    // lane partial sums: (part_rows, b) vectors of 64 bytes
+    std::vector<char> lanes_buf(static_cast<size_t>(part_rows * b * 64 + 64));
+    void* lanes = reinterpret_cast<void*>(
+        (reinterpret_cast<uintptr_t>(lanes_buf.data()) + 63) & ~uintptr_t(63));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / used_chunks, c = t % used_chunks;
+      const int64_t j0 = c * chunk, len = std::min(chunk, d - j0);
+      std::memset(lanes, 0, static_cast<size_t>(part_rows * b * 64));
+      TaskArgs a;
+      a.kind = kind;
+      a.Q = Qp + (r * sR + j0) * basis_elem;
+      a.sQ = sM;
+      a.n = n;
+      a.b = b;
+      a.d = d;
+      a.W = Wp + (r * b * d + j0) * acc_elem;
+      a.out = Op == nullptr ? nullptr : Op + (r * b * d + j0) * acc_elem;
+      a.C = Cp == nullptr ? nullptr
+                          : static_cast<const char*>(Cp) + r * n * b * acc_elem;
+      a.len = len;
+      a.tile = tile;
+      a.lanes = lanes;
+      task(a);
+      // horizontal sums of the lanes, into this task's partial
+      char* dst = Pp + t * part_rows * b * acc_elem;
+      if (acc == at::kDouble) {
+        const double* src = static_cast<const double*>(lanes);
+        double* o = reinterpret_cast<double*>(dst);
+        for (int64_t e = 0; e < part_rows * b; ++e) {
+          double s = 0;
+          for (int64_t l = 0; l < L; ++l) s += src[e * L + l];
+          o[e] = s;
         }
-        // out[:, tile] = W[:, tile] - sum_i C[i, :]^T Q[i, tile]
-        acc_t* Or = Op + r * b * d;
-        for (int64_t k = 0; k < b; ++k) {
-          std::memcpy(Or + k * d + j0, Wr + k * d + j0, static_cast<size_t>(len) * sizeof(acc_t));
-        }
-        const acc_t* Cr = Cp + r * n * b;
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t* qi = row_as_acc<basis_t, acc_t>(Qr + i * sM + j0, len, scratch.data());
-          sub_outer(Or + j0, d, Cr + i * b, b, qi, len);
-        }
-        if (kind == Pass::kProjectCoeffs) {
-          // Second sweep over the same basis tile (now in L2): C_next[i, :] += Q[i] . out
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t* qi = row_as_acc<basis_t, acc_t>(Qr + i * sM + j0, len, scratch.data());
-            dot_rows(qi, Or + j0, d, b, len, part + i * b);
-          }
-        } else {
-          gram_upper(Or + j0, d, b, len, part);
+      } else {
+        const float* src = static_cast<const float*>(lanes);
+        float* o = reinterpret_cast<float*>(dst);
+        for (int64_t e = 0; e < part_rows * b; ++e) {
+          float s = 0;
+          for (int64_t l = 0; l < L; ++l) s += src[e * L + l];
+          o[e] = s;
         }
       }
     }
   });
-
-  // Deterministic reduction in chunk order.
+  // deterministic reduction in chunk order
   at::Tensor sums = at::zeros({R, part_rows, b}, W.options());
-  acc_t* S = sums.data_ptr<acc_t>();
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const acc_t* part = partial.data() + (r * nchunks + c) * part_rows * b;
-      for (int64_t e = 0; e < part_rows * b; ++e) S[r * part_rows * b + e] += part[e];
-    }
-  }
-  if (kind == Pass::kProjectGram) {
-    // mirror the upper triangle
-    for (int64_t r = 0; r < R; ++r) {
-      acc_t* g = S + r * b * b;
-      for (int64_t k = 0; k < b; ++k)
-        for (int64_t l = 0; l < k; ++l) g[k * b + l] = g[l * b + k];
-    }
-  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "krylov_reduce", [&] {
+    const scalar_t* P = partial.data_ptr<scalar_t>();
+    scalar_t* S = sums.data_ptr<scalar_t>();
+    const int64_t e_per = part_rows * b;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < used_chunks; ++c)
+        for (int64_t e = 0; e < e_per; ++e)
+          S[r * e_per + e] += P[(r * used_chunks + c) * e_per + e];
+  });
   return {out, sums};
-}
-
-template <typename acc_t>
-std::tuple<at::Tensor, at::Tensor> dispatch_basis(Pass kind, const at::Tensor& basis,
-                                                  const at::Tensor& W, const at::Tensor& C,
-                                                  int64_t n) {
-  switch (basis.scalar_type()) {
-    case at::kDouble: return run_pass<double, acc_t>(kind, basis, W, C, n);
-    case at::kFloat: return run_pass<float, acc_t>(kind, basis, W, C, n);
-    case at::kHalf: return run_pass<c10::Half, acc_t>(kind, basis, W, C, n);
-    case at::kBFloat16: return run_pass<c10::BFloat16, acc_t>(kind, basis, W, C, n);
-    default: TORCH_CHECK(false, "krylov: unsupported basis dtype ", basis.scalar_type());
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> pass_cpu(Pass kind, const at::Tensor& basis,
                                             const at::Tensor& W, const at::Tensor& C, int64_t n) {
-  if (W.scalar_type() == at::kDouble) return dispatch_basis<double>(kind, basis, W, C, n);
-  return dispatch_basis<float>(kind, basis, W, C, n);
+  return run_pass(kind, basis, W, C.defined() ? C.contiguous() : C, n);
 }
 
 at::Tensor coeffs_cpu(const at::Tensor& basis, const at::Tensor& W, int64_t n) {
@@ -223,12 +429,12 @@ at::Tensor coeffs_cpu(const at::Tensor& basis, const at::Tensor& W, int64_t n) {
 std::tuple<at::Tensor, at::Tensor> project_coeffs_cpu(const at::Tensor& basis,
                                                       const at::Tensor& W, const at::Tensor& C,
                                                       int64_t n) {
-  return pass_cpu(Pass::kProjectCoeffs, basis, W, C.contiguous(), n);
+  return pass_cpu(Pass::kProjectCoeffs, basis, W, C, n);
 }
 std::tuple<at::Tensor, at::Tensor> project_gram_cpu(const at::Tensor& basis,
                                                     const at::Tensor& W, const at::Tensor& C,
                                                     int64_t n) {
-  return pass_cpu(Pass::kProjectGram, basis, W, C.contiguous(), n);
+  return pass_cpu(Pass::kProjectGram, basis, W, C, n);
 }
 
 const Passes kCpuPasses{&coeffs_cpu, &project_coeffs_cpu, &project_gram_cpu};

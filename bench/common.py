@@ -1,0 +1,111 @@
+"""Shared helpers for the benchmarks: timing, machine facts, tables and result files.
+
+Timing rules (STYLE.md): check correctness before timing, warm up, take the median of several
+repeats, never time allocation of the inputs, synchronize CUDA around each measurement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 1, repeats: int = 5,
+            min_time_s: float = 0.0) -> Dict[str, float]:
+    """Median / min wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: List[float] = []
+    t_start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - t_start) < min_time_s:
+        if str(device).startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+
+
+def copy_bandwidth_gbs(device: str = "cpu", n_bytes: int = 1 << 29) -> float:
+    """Measured device copy bandwidth in GB/s (read + write bytes per second), the roofline that
+    memory-bound kernels are judged against."""
+    n = n_bytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device=device, warmup=2, repeats=7)["median_s"]
+    return 2 * n * 4 / t / 1e9
+
+
+def git_sha() -> Optional[str]:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return None
+
+
+def machine_info(device: str = "cpu") -> Dict[str, object]:
+    info: Dict[str, object] = {
+        "device": device,
+        "device_name": (torch.cuda.get_device_name() if str(device).startswith("cuda")
+                        else platform.processor() or platform.machine()),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if not str(device).startswith("cuda"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        info["device_name"] = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return info
+
+
+def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: Dict[str, object], out_dir: Optional[str] = None) -> str:
+    """Write ``payload`` as JSON to ``bench/results/<name>.json`` (or ``out_dir``)."""
+    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    return path

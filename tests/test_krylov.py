@@ -1,0 +1,322 @@
+"""krylov op family: block_orthonormalize and orthogonalize_batched against their references,
+their algebraic promises, opcheck, torch.compile, rank deficiency and error paths."""
+import pytest
+import torch
+
+import landscape_ext
+from landscape_ext import ops, reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BASIS_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+BLOCK_DTYPES = [torch.float64, torch.float32]
+
+# Promised accuracy per (block dtype): orthonormality of q, orthogonality to the *stored* basis,
+# and relative reconstruction error. Half storage is exact for the stored values, so the same
+# bounds hold; op-vs-reference agreement is looser for half bases because the stored basis is
+# itself only orthonormal to ~eps(half) and CGS2 amplifies that differently from a matmul + QR.
+ORTHO_TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+MATCH_TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+
+# (d, m, n_basis, b): odd and prime sizes, b = 1, n_basis = 0, n_basis = m, n_basis < m
+SHAPES = [(1009, 20, 15, 5), (257, 8, 0, 1), (100, 30, 30, 7), (64, 1, 1, 1), (3, 1, 1, 2),
+          (4099, 33, 31, 8)]
+
+
+def orthonormal_rows(m, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, m, generator=g, dtype=torch.float64))
+    return q.T.contiguous().to(device=device, dtype=dtype)
+
+
+def randn(*shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def stored_defect(basis, n_basis):
+    """delta = ||I - Q Q^T||_2 of the basis as stored: half storage rounds an orthonormal basis
+    to delta ~ eps(half). Two projection rounds leave components of size delta^2 along it."""
+    if n_basis == 0:
+        return 0.0
+    Q = basis[:n_basis].double()
+    return torch.linalg.matrix_norm(torch.eye(n_basis, dtype=torch.float64, device=Q.device)
+                                    - Q @ Q.T, ord=2).item()
+
+
+def check_promises(basis, block, n_basis, q, coeffs, r, tol):
+    acc = block.dtype
+    Q = basis[:n_basis].to(acc)
+    b = block.shape[0]
+    eye = torch.eye(b, dtype=acc, device=block.device)
+    assert torch.isfinite(q).all() and torch.isfinite(coeffs).all() and torch.isfinite(r).all()
+    assert (q @ q.T - eye).abs().max().item() <= tol
+    if n_basis:
+        ortho = tol + 4 * stored_defect(basis, n_basis) ** 2
+        assert (q @ Q.T).abs().max().item() <= ortho
+    assert torch.equal(r, r.triu())
+    recon = coeffs.T @ Q + r.T @ q
+    scale = block.norm(dim=1, keepdim=True).clamp_min(1.0)
+    assert ((recon - block).norm(dim=1, keepdim=True) / scale).max().item() <= tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("basis_dtype", BASIS_DTYPES)
+@pytest.mark.parametrize("block_dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_orthonormalize_matches_reference(device, basis_dtype, block_dtype, shape):
+    d, m, n_basis, b = shape
+    basis = orthonormal_rows(m, d, basis_dtype, device, seed=d + m)
+    block = randn(b, d, dtype=block_dtype, device=device, seed=b + 1)
+    q, coeffs, r = ops.block_orthonormalize(basis, block, n_basis)
+    assert q.shape == (b, d) and coeffs.shape == (n_basis, b) and r.shape == (b, b)
+    assert q.dtype == coeffs.dtype == r.dtype == block_dtype
+    check_promises(basis, block, n_basis, q, coeffs, r, ORTHO_TOL[block_dtype])
+    q_ref, c_ref, r_ref = reference.block_orthonormalize(basis, block, n_basis)
+    tol = MATCH_TOL[block_dtype]
+    torch.testing.assert_close(coeffs, c_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(r, r_ref, rtol=tol, atol=tol * r_ref.abs().max().item())
+    torch.testing.assert_close(q, q_ref, rtol=tol, atol=tol)
+    assert landscape_ext.numerical_rank(r) == b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    d, m, n_basis, b = 513, 12, 10, 4
+    dense = orthonormal_rows(m, d, torch.float32, device, seed=3)
+    # row-strided basis: a view into a wider buffer (no copy needed by the kernel)
+    wide = torch.zeros(m, d + 7, dtype=torch.float32, device=device)
+    wide[:, :d] = dense
+    row_strided = wide[:, :d]
+    # transposed storage: column stride != 1 (the op copies it)
+    transposed = dense.T.contiguous().T
+    block = randn(d, b, dtype=torch.float32, device=device, seed=4).T  # non-contiguous block
+    expected = ops.block_orthonormalize(dense, block.contiguous(), n_basis)
+    for basis in (row_strided, transposed):
+        got = ops.block_orthonormalize(basis, block, n_basis)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("basis_dtype", [torch.float64, torch.float32, torch.float16])
+def test_rank_deficient_block_gets_fresh_directions(device, basis_dtype):
+    d, m, n_basis = 301, 10, 10
+    block_dtype = torch.float64 if basis_dtype == torch.float64 else torch.float32
+    basis = orthonormal_rows(m, d, basis_dtype, device, seed=5)
+    w = randn(3, d, dtype=block_dtype, device=device, seed=6)
+    in_span = basis[2].to(block_dtype) * 3.0 - basis[7].to(block_dtype)
+    zero = torch.zeros(d, dtype=block_dtype, device=device)
+    # rows: independent, dependent on row 0 and 1, inside span(basis), zero, independent
+    block = torch.stack([w[0], w[1], 2 * w[0] - w[1], in_span, zero, w[2]])
+    q, coeffs, r = ops.block_orthonormalize(basis, block, n_basis)
+    diag = torch.diagonal(r)
+    assert diag[[0, 1, 5]].gt(0).all()
+    assert diag[[2, 3, 4]].eq(0).all()
+    assert landscape_ext.numerical_rank(r) == 3
+    tol = ORTHO_TOL[block_dtype]
+    check_promises(basis, block, n_basis, q, coeffs, r,
+                   tol if basis_dtype != torch.float16 else 1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ill_conditioned_block_stays_orthonormal(device):
+    # Two nearly parallel rows (condition ~1e5): CholeskyQR alone would lose orthogonality in
+    # float32; the op must detect it and take the stable path.
+    d = 2000
+    basis = orthonormal_rows(16, d, torch.float32, device, seed=7)
+    w = randn(2, d, dtype=torch.float64, device=device, seed=8)
+    block = torch.stack([w[0], w[0] + 1e-5 * w[1], w[1]]).to(torch.float32)
+    q, coeffs, r = ops.block_orthonormalize(basis, block, 16)
+    eye = torch.eye(3, device=device)
+    assert (q @ q.T - eye).abs().max().item() < 2e-5
+    assert (q @ basis.T).abs().max().item() < 2e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_trivial_sizes(device):
+    basis = orthonormal_rows(4, 50, torch.float32, device, seed=9)
+    q, c, r = ops.block_orthonormalize(basis, torch.empty(0, 50, device=device), 4)
+    assert q.shape == (0, 50) and c.shape == (4, 0) and r.shape == (0, 0)
+    one = randn(1, 50, dtype=torch.float32, device=device, seed=10)
+    q, c, r = ops.block_orthonormalize(basis, one, 0)
+    torch.testing.assert_close(q, one / one.norm())
+    assert c.shape == (0, 1)
+    q, c, n = ops.orthogonalize_batched(basis.unsqueeze(0).expand(0, 4, 50),
+                                        torch.empty(0, 50, device=device), 2)
+    assert q.shape == (0, 50) and c.shape == (0, 2) and n.shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("basis_dtype", BASIS_DTYPES)
+@pytest.mark.parametrize("vec_dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("shape", [(5, 12, 1031, 9), (1, 1, 17, 1), (3, 6, 64, 0), (17, 4, 200, 4)])
+def test_orthogonalize_batched_matches_reference(device, basis_dtype, vec_dtype, shape):
+    r, m, d, n_basis = shape
+    bases = torch.stack([orthonormal_rows(m, d, basis_dtype, device, seed=i) for i in range(r)])
+    vectors = randn(r, d, dtype=vec_dtype, device=device, seed=11)
+    q, coeffs, norms = ops.orthogonalize_batched(bases, vectors, n_basis)
+    assert q.shape == (r, d) and coeffs.shape == (r, n_basis) and norms.shape == (r,)
+    tol = ORTHO_TOL[vec_dtype]
+    B = bases[:, :n_basis].to(vec_dtype)
+    recon = (coeffs.unsqueeze(1) @ B).squeeze(1) + norms.unsqueeze(1) * q
+    assert ((recon - vectors).norm(dim=1) / vectors.norm(dim=1)).max().item() <= tol
+    assert (q.norm(dim=1) - 1).abs().max().item() <= tol
+    if n_basis:
+        defect = max(stored_defect(bases[i], n_basis) for i in range(r))
+        assert (B @ q.unsqueeze(-1)).abs().max().item() <= tol + 4 * defect**2
+    q_ref, c_ref, n_ref = reference.orthogonalize_batched(bases, vectors, n_basis)
+    mt = MATCH_TOL[vec_dtype]
+    torch.testing.assert_close(q, q_ref, rtol=mt, atol=mt)
+    torch.testing.assert_close(coeffs, c_ref, rtol=mt, atol=mt)
+    torch.testing.assert_close(norms, n_ref, rtol=mt, atol=mt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_orthogonalize_batched_vector_in_span(device):
+    d = 97
+    bases = torch.stack([orthonormal_rows(5, d, torch.float64, device, seed=i) for i in range(3)])
+    vectors = randn(3, d, dtype=torch.float64, device=device, seed=12)
+    vectors[1] = 2.0 * bases[1, 0] - bases[1, 3]       # inside its own basis
+    q, coeffs, norms = ops.orthogonalize_batched(bases, vectors, 5)
+    assert norms[1].item() == 0.0 and norms[0] > 0 and norms[2] > 0
+    torch.testing.assert_close(coeffs[1], torch.tensor([2.0, 0, 0, -1.0, 0], dtype=torch.float64,
+                                                       device=device), atol=1e-12, rtol=0)
+    assert abs(q[1].norm().item() - 1) < 1e-12
+    assert (bases[1] @ q[1]).abs().max().item() < 1e-12
+
+
+def test_results_do_not_depend_on_thread_count():
+    d, m, b = 300_001, 6, 3
+    basis = orthonormal_rows(m, d, torch.float32, "cpu", seed=13)
+    block = randn(b, d, dtype=torch.float32, device="cpu", seed=14)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.block_orthonormalize(basis, block, m)
+        torch.set_num_threads(max(2, threads))
+        many = ops.block_orthonormalize(basis, block, m)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(one, many):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    basis = orthonormal_rows(9, 131, torch.float32, device, seed=15)
+    block = randn(3, 131, dtype=torch.float32, device=device, seed=16)
+    torch.library.opcheck(torch.ops.landscape_ext.block_orthonormalize, (basis, block, 7, -1.0))
+    bases = torch.stack([basis, basis.flip(0)])
+    vectors = randn(2, 131, dtype=torch.float64, device=device, seed=17)
+    torch.library.opcheck(torch.ops.landscape_ext.orthogonalize_batched, (bases, vectors, 5, -1.0))
+
+
+def test_torch_compile_fullgraph():
+    basis = orthonormal_rows(6, 77, torch.float32, "cpu", seed=18)
+    block = randn(2, 77, dtype=torch.float32, device="cpu", seed=19)
+
+    def step(basis, block):
+        q, coeffs, r = ops.block_orthonormalize(basis, block * 2.0, 6)
+        return q.sum() + coeffs.sum() + r.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(basis, block), step(basis, block))
+
+
+def test_cuda_kernels_are_registered_when_a_gpu_exists():
+    info = landscape_ext.build_info()
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: CUDA kernels are compiled by the CI's nvcc check instead")
+    assert info["cuda_kernels"], "a GPU is visible but landscape_ext was built without CUDA"
+    assert "CUDA" in info["kernels"]["block_orthonormalize"]
+    assert "CUDA" in info["kernels"]["orthogonalize_batched"]
+
+
+# ---- error paths: messages name the op, the argument and the sizes -----------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_orthonormalize_errors(device):
+    basis = orthonormal_rows(8, 40, torch.float32, device, seed=20)
+    block = randn(3, 40, dtype=torch.float32, device=device, seed=21)
+    cases = [
+        ((basis[0], block, 4), r"block_orthonormalize: basis must be 2-D \(m, d\), got shape \[40\]"),
+        ((basis, block[0], 4), r"block must be 2-D \(b, d\), got shape \[40\]"),
+        ((basis, block[:, :39], 4), r"basis has d = 40 columns but block has d = 39"),
+        ((basis, block, 9), r"n_basis = 9 must be in \[0, m\] with m = 8"),
+        ((basis, block, -1), r"n_basis = -1"),
+        ((basis.to(torch.int32), block, 4), r"basis must be float64, float32, float16 or bfloat16"),
+        ((basis, block.half(), 4), r"block must be float32 or float64, got Half"),
+        ((orthonormal_rows(8, 10, torch.float32, device, 1), randn(3, 10, dtype=torch.float32,
+          device=device, seed=1), 8), r"n_basis \(8\) \+ block rows \(3\) exceeds the dimension d = 10"),
+    ]
+    for args, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            ops.block_orthonormalize(*args)
+    with pytest.raises(RuntimeError, match=r"rank_tol must be finite and < 1"):
+        ops.block_orthonormalize(basis, block, 4, rank_tol=2.0)
+    bad = block.clone()
+    bad[1, 17] = float("nan")
+    with pytest.raises(RuntimeError, match=r"block has non-finite values \(row 1 of 3\)"):
+        ops.block_orthonormalize(basis, bad, 4)
+    bad_basis = basis.clone()
+    bad_basis[2, 5] = float("inf")
+    with pytest.raises(RuntimeError, match=r"basis has non-finite values in its first n_basis = 4"):
+        ops.block_orthonormalize(bad_basis, block, 4)
+    # rows past n_basis are not read, so garbage there is fine
+    bad_basis = basis.clone()
+    bad_basis[6] = float("nan")
+    ops.block_orthonormalize(bad_basis, block, 4)
+
+
+def test_mixed_devices_error():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    basis = orthonormal_rows(4, 20, torch.float32, "cuda", seed=22)
+    with pytest.raises(RuntimeError, match=r"basis is on cuda:0 but block is on cpu"):
+        ops.block_orthonormalize(basis, torch.randn(2, 20), 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_orthogonalize_batched_errors(device):
+    bases = torch.stack([orthonormal_rows(5, 30, torch.float32, device, seed=i) for i in range(2)])
+    vectors = randn(2, 30, dtype=torch.float32, device=device, seed=23)
+    cases = [
+        ((bases[0], vectors, 2), r"orthogonalize_batched: bases must be 3-D \(r, m, d\), got shape \[5, 30\]"),
+        ((bases, vectors[0], 2), r"vectors must be 2-D \(r, d\), got shape \[30\]"),
+        ((bases, vectors[:1], 2), r"bases holds r = 2 runs but vectors has 1 rows"),
+        ((bases, vectors[:, :29], 2), r"bases has d = 30 but vectors has d = 29"),
+        ((bases, vectors, 6), r"n_basis = 6 must be in \[0, m\] with m = 5"),
+        ((bases, vectors.long(), 2), r"vectors must be float32 or float64, got Long"),
+    ]
+    for args, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            ops.orthogonalize_batched(*args)
+    bad = bases.clone()
+    bad[1, 1, 3] = float("nan")
+    with pytest.raises(RuntimeError, match=r"bases has non-finite values in its first n_basis = 2 rows \(run 1\)"):
+        ops.orthogonalize_batched(bad, vectors, 2)
+
+
+def test_missing_extension_error_says_how_to_rebuild(monkeypatch):
+    import importlib
+
+    from landscape_ext import _extension
+
+    def fail(name):
+        raise ImportError("simulated: undefined symbol _ZN3c10")
+
+    monkeypatch.setattr(importlib, "import_module", fail)
+    with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \."):
+        _extension.load_extension()
+
+
+def test_stale_extension_error_names_both_versions(monkeypatch):
+    import importlib
+    import types
+
+    from landscape_ext import _extension
+
+    stale = types.SimpleNamespace(build_info=lambda: {"built_torch_version": "1.0.0"})
+    monkeypatch.setattr(importlib, "import_module", lambda name: stale)
+    with pytest.raises(ImportError, match=r"built for torch 1\.0\.0 but torch .* is installed"):
+        _extension.load_extension()
