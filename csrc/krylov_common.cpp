@@ -158,6 +158,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
     double rank_tol) {
   const char* op = "block_orthonormalize";
   check_block_orthonormalize_args(basis_in, block, n, rank_tol);
+  if (basis_in.scalar_type() == at::kDouble && block.scalar_type() == at::kFloat) {
+    // A float64 basis with a float32 block: run in float64 (the kernels accumulate in the
+    // block's dtype, and a float32 sum would waste the basis's precision), return float32.
+    // keep the float32 block's default tolerance: its rows are only known to float32 precision
+    const double tol = rank_tol < 0 ? default_rank_tol(at::kDouble, at::kFloat) : rank_tol;
+    auto res = block_orthonormalize_impl(passes, basis_in, block.to(at::kDouble), n, tol);
+    return {std::get<0>(res).to(at::kFloat), std::get<1>(res).to(at::kFloat),
+            std::get<2>(res).to(at::kFloat)};
+  }
   const double tol = rank_tol < 0 ? default_rank_tol(basis_in.scalar_type(), block.scalar_type())
                                   : rank_tol;
   const int64_t b = block.size(0), d = block.size(1);
@@ -261,6 +270,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_impl(
     double rank_tol) {
   const char* op = "orthogonalize_batched";
   check_orthogonalize_batched_args(bases_in, vectors, n, rank_tol);
+  if (bases_in.scalar_type() == at::kDouble && vectors.scalar_type() == at::kFloat) {
+    const double tol = rank_tol < 0 ? default_rank_tol(at::kDouble, at::kFloat) : rank_tol;
+    auto res = orthogonalize_batched_impl(passes, bases_in, vectors.to(at::kDouble), n, tol);
+    return {std::get<0>(res).to(at::kFloat), std::get<1>(res).to(at::kFloat),
+            std::get<2>(res).to(at::kFloat)};
+  }
   const double tol = rank_tol < 0
                          ? default_rank_tol(bases_in.scalar_type(), vectors.scalar_type())
                          : rank_tol;

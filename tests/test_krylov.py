@@ -98,10 +98,11 @@ def test_non_contiguous_inputs(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("basis_dtype", [torch.float64, torch.float32, torch.float16])
-def test_rank_deficient_block_gets_fresh_directions(device, basis_dtype):
+@pytest.mark.parametrize("basis_dtype,block_dtype", [
+    (torch.float64, torch.float64), (torch.float64, torch.float32),
+    (torch.float32, torch.float32), (torch.float16, torch.float32)])
+def test_rank_deficient_block_gets_fresh_directions(device, basis_dtype, block_dtype):
     d, m, n_basis = 301, 10, 10
-    block_dtype = torch.float64 if basis_dtype == torch.float64 else torch.float32
     basis = orthonormal_rows(m, d, basis_dtype, device, seed=5)
     w = randn(3, d, dtype=block_dtype, device=device, seed=6)
     in_span = basis[2].to(block_dtype) * 3.0 - basis[7].to(block_dtype)
@@ -179,6 +180,9 @@ def test_orthogonalize_batched_vector_in_span(device):
     vectors[1] = 2.0 * bases[1, 0] - bases[1, 3]       # inside its own basis
     q, coeffs, norms = ops.orthogonalize_batched(bases, vectors, 5)
     assert norms[1].item() == 0.0 and norms[0] > 0 and norms[2] > 0
+    # a float32 vector in the span of a float64 basis is detected at float32 precision
+    _, _, norms32 = ops.orthogonalize_batched(bases, vectors.float(), 5)
+    assert norms32[1].item() == 0.0 and norms32[0] > 0
     torch.testing.assert_close(coeffs[1], torch.tensor([2.0, 0, 0, -1.0, 0], dtype=torch.float64,
                                                        device=device), atol=1e-12, rtol=0)
     assert abs(q[1].norm().item() - 1) < 1e-12

@@ -115,7 +115,7 @@ LANDSCAPE_ALWAYS_INLINE void store_acc(acc_t* p, typename Vec<acc_t>::type v) {
 
 // out[k][j] = W[k][j] - sum_i C[i][k] Q[i][j]  for k < B, j < len.
 // out/W rows have stride ld; C[i][k] is at C[i * cs + k]; Q rows have stride sQ (elements).
-// Four basis rows per sweep: each out strip is loaded and stored once per four rows.
+// Two basis rows per sweep: each out strip is loaded and stored once per two rows.
 template <int B, typename basis_t, typename acc_t>
 LANDSCAPE_ALWAYS_INLINE void subtract_projection(acc_t* out, const acc_t* W, int64_t ld,
                                                  const acc_t* C, int64_t cs, const basis_t* Q,
@@ -124,56 +124,33 @@ LANDSCAPE_ALWAYS_INLINE void subtract_projection(acc_t* out, const acc_t* W, int
   constexpr int L = Vec<acc_t>::L;
   const int64_t main = len - len % L;
   for (int k = 0; k < B; ++k) std::memcpy(out + k * ld, W + k * ld, len * sizeof(acc_t));
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
+  for (int64_t i = 0; i < n; i += 2) {
+    // an odd last row pairs with itself at coefficient 0
+    const bool pair = i + 1 < n;
     const basis_t* q0 = Q + i * sQ;
-    const basis_t* q1 = q0 + sQ;
-    const basis_t* q2 = q1 + sQ;
-    const basis_t* q3 = q2 + sQ;
-    acc_t c0[B], c1[B], c2[B], c3[B];
+    const basis_t* q1 = pair ? q0 + sQ : q0;
+    acc_t c0[B], c1[B];
     for (int k = 0; k < B; ++k) {
       c0[k] = C[i * cs + k];
-      c1[k] = C[(i + 1) * cs + k];
-      c2[k] = C[(i + 2) * cs + k];
-      c3[k] = C[(i + 3) * cs + k];
+      c1[k] = pair ? C[(i + 1) * cs + k] : acc_t(0);
     }
     for (int64_t j = 0; j < main; j += L) {
       const V a0 = load_vec<acc_t>(q0 + j), a1 = load_vec<acc_t>(q1 + j);
-      const V a2 = load_vec<acc_t>(q2 + j), a3 = load_vec<acc_t>(q3 + j);
       for (int k = 0; k < B; ++k) {
         V o = load_acc(out + k * ld + j);
-        o -= (c0[k] * a0 + c1[k] * a1) + (c2[k] * a2 + c3[k] * a3);
+        o -= c0[k] * a0 + c1[k] * a1;
         store_acc(out + k * ld + j, o);
       }
     }
     for (int64_t j = main; j < len; ++j) {
       const acc_t s0 = static_cast<acc_t>(q0[j]), s1 = static_cast<acc_t>(q1[j]);
-      const acc_t s2 = static_cast<acc_t>(q2[j]), s3 = static_cast<acc_t>(q3[j]);
-      for (int k = 0; k < B; ++k)
-        out[k * ld + j] -= (c0[k] * s0 + c1[k] * s1) + (c2[k] * s2 + c3[k] * s3);
-    }
-  }
-  for (; i < n; ++i) {
-    const basis_t* q0 = Q + i * sQ;
-    acc_t c0[B];
-    for (int k = 0; k < B; ++k) c0[k] = C[i * cs + k];
-    for (int64_t j = 0; j < main; j += L) {
-      const V a0 = load_vec<acc_t>(q0 + j);
-      for (int k = 0; k < B; ++k) {
-        V o = load_acc(out + k * ld + j);
-        o -= c0[k] * a0;
-        store_acc(out + k * ld + j, o);
-      }
-    }
-    for (int64_t j = main; j < len; ++j) {
-      const acc_t s0 = static_cast<acc_t>(q0[j]);
-      for (int k = 0; k < B; ++k) out[k * ld + j] -= c0[k] * s0;
+      for (int k = 0; k < B; ++k) out[k * ld + j] -= c0[k] * s0 + c1[k] * s1;
     }
   }
 }
 
 // lanes[i * ls + k] += Q[i][:len] * X[k][:len] (lane-wise partial sums) for i < n, k < B.
-// Two basis rows per sweep share each load of X. Lane sums are reduced once per chunk.
+// Each basis strip is loaded once for the B block rows. Lane sums are reduced once per chunk.
 template <int B, typename basis_t, typename acc_t>
 LANDSCAPE_ALWAYS_INLINE void accumulate_dots(typename Vec<acc_t>::type* lanes, int64_t ls,
                                              const acc_t* X, int64_t ld, const basis_t* Q,
@@ -181,36 +158,7 @@ LANDSCAPE_ALWAYS_INLINE void accumulate_dots(typename Vec<acc_t>::type* lanes, i
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::L;
   const int64_t main = len - len % L;
-  int64_t i = 0;
-  for (; i + 2 <= n; i += 2) {
-    const basis_t* q0 = Q + i * sQ;
-    const basis_t* q1 = q0 + sQ;
-    V s0[B], s1[B];
-    for (int k = 0; k < B; ++k) {
-      s0[k] = V{};
-      s1[k] = V{};
-    }
-    for (int64_t j = 0; j < main; j += L) {
-      const V a0 = load_vec<acc_t>(q0 + j), a1 = load_vec<acc_t>(q1 + j);
-      for (int k = 0; k < B; ++k) {
-        const V x = load_acc(X + k * ld + j);
-        s0[k] += a0 * x;
-        s1[k] += a1 * x;
-      }
-    }
-    for (int64_t j = main; j < len; ++j) {
-      const acc_t t0 = static_cast<acc_t>(q0[j]), t1 = static_cast<acc_t>(q1[j]);
-      for (int k = 0; k < B; ++k) {
-        s0[k][0] += t0 * X[k * ld + j];
-        s1[k][0] += t1 * X[k * ld + j];
-      }
-    }
-    for (int k = 0; k < B; ++k) {
-      lanes[i * ls + k] += s0[k];
-      lanes[(i + 1) * ls + k] += s1[k];
-    }
-  }
-  for (; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const basis_t* q0 = Q + i * sQ;
     V s0[B];
     for (int k = 0; k < B; ++k) s0[k] = V{};
@@ -242,57 +190,58 @@ struct TaskArgs {
   void* lanes;         // (rows, b) vectors of lane partial sums, zeroed by the caller
 };
 
-// Calls body.template operator()<B>(k0) for groups of at most 8 block rows.
-template <typename F>
-LANDSCAPE_ALWAYS_INLINE void for_row_groups(int64_t b, F&& body) {
-  int64_t k0 = 0;
-  for (; k0 + 8 <= b; k0 += 8) body(std::integral_constant<int, 8>{}, k0);
-  switch (b - k0) {
-    case 7: body(std::integral_constant<int, 7>{}, k0); break;
-    case 6: body(std::integral_constant<int, 6>{}, k0); break;
-    case 5: body(std::integral_constant<int, 5>{}, k0); break;
-    case 4: body(std::integral_constant<int, 4>{}, k0); break;
-    case 3: body(std::integral_constant<int, 3>{}, k0); break;
-    case 2: body(std::integral_constant<int, 2>{}, k0); break;
-    case 1: body(std::integral_constant<int, 1>{}, k0); break;
-    default: break;
+// The work of one tile for block rows [k0, k0 + B): see Pass. Stage 0 is the first sweep
+// (dots for pass 1, the subtraction for passes 2/3); stage 1 the second sweep of passes 2/3.
+template <int B, typename basis_t, typename acc_t>
+LANDSCAPE_ALWAYS_INLINE void tile_rows(const TaskArgs& a, int stage, int64_t k0, int64_t j0,
+                                       int64_t len) {
+  using V = typename Vec<acc_t>::type;
+  const basis_t* Q = static_cast<const basis_t*>(a.Q) + j0;
+  const acc_t* W = static_cast<const acc_t*>(a.W);
+  acc_t* out = static_cast<acc_t*>(a.out);
+  V* lanes = static_cast<V*>(a.lanes);
+  const int64_t b = a.b, d = a.d;
+  if (a.kind == Pass::kCoeffs) {
+    accumulate_dots<B>(lanes + k0, b, W + k0 * d + j0, d, Q, a.sQ, a.n, len);
+  } else if (stage == 0) {
+    subtract_projection<B>(out + k0 * d + j0, W + k0 * d + j0, d,
+                           static_cast<const acc_t*>(a.C) + k0, b, Q, a.sQ, a.n, len);
+  } else if (a.kind == Pass::kProjectCoeffs) {
+    // the basis tile was just streamed from memory: this second sweep hits L2
+    accumulate_dots<B>(lanes + k0, b, out + k0 * d + j0, d, Q, a.sQ, a.n, len);
+  } else {
+    // Gram matrix of the projected tile: "basis" rows are the output rows themselves
+    accumulate_dots<B>(lanes + k0, b, out + k0 * d + j0, d, out + j0, d, b, len);
   }
+}
+
+// Block rows go in groups of 8, then 4, 2, 1, each group with a compile-time row count so its
+// accumulators stay in registers (four instantiations keep the compile time reasonable).
+// Explicit calls, no lambdas: a lambda body would be compiled outside the multiversioned
+// clone, for the baseline instruction set.
+template <typename basis_t, typename acc_t>
+LANDSCAPE_ALWAYS_INLINE void tile_all_rows(const TaskArgs& a, int stage, int64_t j0,
+                                           int64_t len) {
+  int64_t k0 = 0;
+  for (; k0 + 8 <= a.b; k0 += 8) tile_rows<8, basis_t, acc_t>(a, stage, k0, j0, len);
+  if (k0 + 4 <= a.b) {
+    tile_rows<4, basis_t, acc_t>(a, stage, k0, j0, len);
+    k0 += 4;
+  }
+  if (k0 + 2 <= a.b) {
+    tile_rows<2, basis_t, acc_t>(a, stage, k0, j0, len);
+    k0 += 2;
+  }
+  if (k0 < a.b) tile_rows<1, basis_t, acc_t>(a, stage, k0, j0, len);
 }
 
 template <typename basis_t, typename acc_t>
 LANDSCAPE_ALWAYS_INLINE void run_task_impl(const TaskArgs& a) {
-  using V = typename Vec<acc_t>::type;
-  const basis_t* Q = static_cast<const basis_t*>(a.Q);
-  const acc_t* W = static_cast<const acc_t*>(a.W);
-  acc_t* out = static_cast<acc_t*>(a.out);
-  const acc_t* C = static_cast<const acc_t*>(a.C);
-  V* lanes = static_cast<V*>(a.lanes);
-  const int64_t b = a.b, d = a.d, n = a.n;
   for (int64_t j0 = 0; j0 < a.len; j0 += a.tile) {
-    const int64_t len = std::min(a.tile, a.len - j0);
-    if (a.kind == Pass::kCoeffs) {
-      for_row_groups(b, [&](auto B, int64_t k0) {
-        accumulate_dots<decltype(B)::value>(lanes + k0, b, W + k0 * d + j0, d, Q + j0, a.sQ, n,
-                                            len);
-      });
-      continue;
-    }
-    for_row_groups(b, [&](auto B, int64_t k0) {
-      subtract_projection<decltype(B)::value>(out + k0 * d + j0, W + k0 * d + j0, d, C + k0, b,
-                                              Q + j0, a.sQ, n, len);
-    });
-    if (a.kind == Pass::kProjectCoeffs) {
-      // the basis tile was just streamed from memory: this second sweep hits L2
-      for_row_groups(b, [&](auto B, int64_t k0) {
-        accumulate_dots<decltype(B)::value>(lanes + k0, b, out + k0 * d + j0, d, Q + j0, a.sQ,
-                                            n, len);
-      });
-    } else {
-      for_row_groups(b, [&](auto B, int64_t k0) {
-        accumulate_dots<decltype(B)::value>(lanes + k0, b, out + k0 * d + j0, d,
-                                            out + j0, d, b, len);
-      });
-    }
+    // (no std::min: a non-inlined baseline-ISA helper call inside the clone)
+    const int64_t len = a.len - j0 < a.tile ? a.len - j0 : a.tile;
+    tile_all_rows<basis_t, acc_t>(a, 0, j0, len);
+    if (a.kind != Pass::kCoeffs) tile_all_rows<basis_t, acc_t>(a, 1, j0, len);
   }
 }
 
@@ -302,7 +251,6 @@ LANDSCAPE_DEFINE_TASK(task_d_d, double, double)
 LANDSCAPE_DEFINE_TASK(task_f_d, float, double)
 LANDSCAPE_DEFINE_TASK(task_h_d, c10::Half, double)
 LANDSCAPE_DEFINE_TASK(task_bf_d, c10::BFloat16, double)
-LANDSCAPE_DEFINE_TASK(task_d_f, double, float)
 LANDSCAPE_DEFINE_TASK(task_f_f, float, float)
 LANDSCAPE_DEFINE_TASK(task_h_f, c10::Half, float)
 LANDSCAPE_DEFINE_TASK(task_bf_f, c10::BFloat16, float)
@@ -313,7 +261,9 @@ using TaskFn = void (*)(const TaskArgs&);
 TaskFn pick_task(at::ScalarType basis, at::ScalarType acc) {
   const bool dbl = acc == at::kDouble;
   switch (basis) {
-    case at::kDouble: return dbl ? &task_d_d : &task_d_f;
+    case at::kDouble:
+      TORCH_CHECK(dbl, "krylov: a float64 basis needs a float64 block");
+      return &task_d_d;
     case at::kFloat: return dbl ? &task_f_d : &task_f_f;
     case at::kHalf: return dbl ? &task_h_d : &task_h_f;
     case at::kBFloat16: return dbl ? &task_bf_d : &task_bf_f;
@@ -321,11 +271,10 @@ TaskFn pick_task(at::ScalarType basis, at::ScalarType acc) {
   }
 }
 
-// Columns per tile. Pass 1 only reuses the block tile (b x tile, L2); the fused passes reuse
-// the basis tile (n x tile) between their two sweeps, so it must stay within ~384 KiB of L2.
-inline int64_t tile_len(Pass kind, int64_t n, int64_t b, int64_t basis_elem, int64_t acc_elem) {
-  int64_t t = kind == Pass::kCoeffs ? (256 * 1024) / std::max<int64_t>(1, b * acc_elem)
-                                    : (384 * 1024) / std::max<int64_t>(1, n * basis_elem);
+// Columns per tile: the basis tile (n x tile) stays within ~384 KiB of L2 so that a second
+// sweep (fused passes) or a second group of block rows reads it from cache, not memory.
+inline int64_t tile_len(int64_t n, int64_t basis_elem) {
+  int64_t t = (384 * 1024) / std::max<int64_t>(1, n * basis_elem);
   t = std::max<int64_t>(64, std::min<int64_t>(t, 4096));
   return t - t % 64;
 }
@@ -347,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
   int64_t chunk = (d + nchunks - 1) / nchunks;
   chunk = (chunk + 63) / 64 * 64;
   const int64_t used_chunks = (d + chunk - 1) / chunk;
-  const int64_t tile = tile_len(kind, n, b, basis_elem, acc_elem);
+  const int64_t tile = tile_len(n, basis_elem);
   const TaskFn task = pick_task(basis.scalar_type(), acc);
 
   const char* Qp = static_cast<const char*>(basis.data_ptr());
