@@ -21,4 +21,31 @@ TORCH_LIBRARY(landscape_ext, m) {
   // not differentiable.
   m.def("orthogonalize_batched(Tensor bases, Tensor vectors, int n_basis, float rank_tol=-1.0) "
         "-> (Tensor q, Tensor coeffs, Tensor norms)");
+
+  // ---- hvp family (csrc/hvp.h) --------------------------------------------------------------
+  // Softmax cross-entropy Hessian w.r.t. the logits applied to k directions: logits (N, C),
+  // target (N,) int64, directions (k, N, C) -> (k, N, C) contiguous, dtype of directions;
+  // out[j, n] = (p * r - p * (p . r)) / M, p = softmax(logits[n]), r = directions[j, n], for the M
+  // rows with target != ignore_index, 0 on ignored rows (M = 0: zeros). Label smoothing
+  // does not change this Hessian (accepted for signature parity with cross_entropy). Errors on a
+  // target outside [0, C) or non-finite logits. Mutates nothing; not differentiable.
+  m.def("xent_hvp(Tensor logits, Tensor target, Tensor directions, float label_smoothing=0.0, "
+        "int ignore_index=-100) -> Tensor");
+  // Pointwise activation and its first two derivatives in one pass: z (any shape, f64/f32/f16/
+  // bf16) -> (sigma(z), sigma'(z), sigma''(z)), contiguous, dtype of z; act: 0 identity, 1 relu,
+  // 2 gelu (erf), 3 tanh, 4 silu. Mutates nothing; not differentiable.
+  m.def("act_derivs(Tensor z, int act) -> (Tensor a, Tensor d1, Tensor d2)");
+  // ---- end hvp family ------------------------------------------------------------------------
+
+  // ---- sketch family (csrc/sketch.h) -------------------------------------------------------
+  // Sketch of per-sample Linear-layer gradients g_n = sum_t out_grads[n,t] acts[n,t]^T against
+  // l directions without forming them: acts (N, n_in) or (N, T, n_in), out_grads (N, n_out) or
+  // (N, T, n_out), directions (l, n_out, n_in) -> y (N, l), y[n, j] = <g_n, directions[j]>.
+  // float32/float64 (one dtype). Mutates nothing; differentiable (autograd in ops.py).
+  m.def("linear_grad_sketch(Tensor acts, Tensor out_grads, Tensor directions) -> Tensor");
+  // Transpose of linear_grad_sketch: weights (N, l) -> out (l, n_out, n_in),
+  // out[j] = sum_n weights[n, j] g_n. A composite of ATen GEMMs on every backend. Mutates
+  // nothing; differentiable (autograd in ops.py).
+  m.def("linear_grad_project(Tensor acts, Tensor out_grads, Tensor weights) -> Tensor");
+  // ---- end sketch family ---------------------------------------------------------------------
 }

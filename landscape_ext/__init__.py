@@ -11,6 +11,21 @@ from . import ops, reference  # noqa: E402  (ops need the compiled library loade
 from .ops import block_orthonormalize, numerical_rank, orthogonalize_batched  # noqa: E402
 
 # ---- curvature engine (operators, eigensolvers, estimators) -- exports added below ----------
+from .results import Result  # noqa: E402
+from .operators import (  # noqa: E402
+    CallableOperator, CurvatureOperator, DenseOperator, GGNOperator, HessianOperator,
+    as_operator, model_state_guard,
+)
+from .lanczos import EigshResult, SpectralNormResult, eigsh, spectral_norm  # noqa: E402
+from .estimators import DiagonalResult, TraceResult, diagonal, trace  # noqa: E402
+from .density import DensityCurve, SpectralDensityResult, spectral_density  # noqa: E402
+
+_ENGINE_EXPORTS = [
+    "Result", "CurvatureOperator", "DenseOperator", "CallableOperator", "HessianOperator",
+    "GGNOperator", "as_operator", "model_state_guard", "EigshResult", "SpectralNormResult",
+    "eigsh", "spectral_norm", "TraceResult", "DiagonalResult", "trace", "diagonal",
+    "SpectralDensityResult", "DensityCurve", "spectral_density",
+]
 
 # ---- end of engine exports -------------------------------------------------------------------
 

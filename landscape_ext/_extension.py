@@ -14,6 +14,8 @@ _REBUILD = (
 )
 
 _OPS = ("block_orthonormalize", "orthogonalize_batched")
+_OPS += ("linear_grad_sketch", "linear_grad_project")  # sketch family
+_OPS += ("xent_hvp", "act_derivs")  # hvp family
 
 
 def load_extension():

@@ -130,3 +130,243 @@ def numerical_rank(r: Tensor) -> int:
     """Numerical rank of a block from the ``r`` factor of :func:`block_orthonormalize`
     (the count of nonzero diagonal entries; see the rank convention there)."""
     return int((torch.diagonal(r) != 0).sum().item())
+
+
+# ------------------------------------------------------------------------------------------------
+# sketch: linear_grad_sketch, linear_grad_project (csrc/sketch.h)
+# ------------------------------------------------------------------------------------------------
+
+
+def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor) -> Tensor:
+    r"""Sketch per-sample gradients of a Linear layer against ``l`` directions, without forming
+    them.
+
+    The per-sample gradient of the weight of a Linear layer (or of a Conv layer after im2col) is
+    :math:`g_n = \sum_t e_{n,t} a_{n,t}^\top` (``n_out x n_in``), with ``a`` the layer input and
+    ``e`` the gradient of sample ``n``'s loss with respect to the layer output. This op returns
+
+    .. math::
+        y_{nj} = \langle g_n, V_j \rangle = \sum_t e_{n,t}^\top V_j\, a_{n,t}
+
+    i.e. ``G V^T`` for the ``N x (n_out n_in)`` per-sample gradient matrix ``G``. With ``T == 1``
+    (and whenever ``T l <= T + l + 8``) a fused kernel computes the GEMM ``A V_j^T`` and reduces
+    it against ``E`` in registers: the ``(N T, l, n_out)`` temporary of the plain-PyTorch
+    composition never exists. For longer sequences the per-sample gradients are formed in
+    chunks of samples (cheaper: ``T + l`` instead of ``T l`` multiply-adds per weight).
+
+    Parameters
+    ----------
+    acts : Tensor
+        ``(N, n_in)`` or ``(N, T, n_in)`` layer inputs (a sequence dimension is summed over:
+        the per-sample gradient of a weight shared across positions).
+    out_grads : Tensor
+        ``(N, n_out)`` or ``(N, T, n_out)`` gradients of each sample's loss w.r.t. the layer output.
+    directions : Tensor
+        ``(l, n_out, n_in)``; any stride in the first dimension.
+
+    Returns
+    -------
+    Tensor
+        ``(N, l)``, dtype of the inputs (float32 or float64, all three the same). Differentiable
+        in all three inputs.
+    """
+    return _lib.linear_grad_sketch(acts, out_grads, directions)
+
+
+@torch.library.register_fake("landscape_ext::linear_grad_sketch")
+def _linear_grad_sketch_fake(acts, out_grads, directions):
+    torch._check(acts.dim() in (2, 3) and out_grads.dim() == acts.dim() and directions.dim() == 3,
+                 lambda: "linear_grad_sketch: acts/out_grads must be 2-D or 3-D, directions 3-D")
+    return acts.new_empty((acts.shape[0], directions.shape[0]))
+
+
+def linear_grad_project(acts: Tensor, out_grads: Tensor, weights: Tensor) -> Tensor:
+    r"""Weighted sums of per-sample Linear-layer gradients, without forming them (the transpose
+    of :func:`linear_grad_sketch`):
+
+    .. math::
+        P_j = \sum_n w_{nj}\, g_n = \sum_n w_{nj} \sum_t e_{n,t} a_{n,t}^\top
+
+    i.e. ``G^T W`` reshaped to ``(l, n_out, n_in)``. A composite of ATen GEMMs on every backend
+    (``(w * E)^T A``, chunked; per-sample gradients formed in chunks when ``T l > T + l + 8``): no
+    custom kernel beats the vendor GEMM here.
+
+    Shapes
+    ------
+    acts ``(N, [T,] n_in)``, out_grads ``(N, [T,] n_out)``, weights ``(N, l)`` ->
+    ``(l, n_out, n_in)``; one dtype (float32 or float64). Differentiable.
+    """
+    return _lib.linear_grad_project(acts, out_grads, weights)
+
+
+@torch.library.register_fake("landscape_ext::linear_grad_project")
+def _linear_grad_project_fake(acts, out_grads, weights):
+    torch._check(acts.dim() in (2, 3) and out_grads.dim() == acts.dim() and weights.dim() == 2,
+                 lambda: "linear_grad_project: acts/out_grads must be 2-D or 3-D, weights 2-D")
+    return acts.new_empty((weights.shape[1], out_grads.shape[-1], acts.shape[-1]))
+
+
+def _sketch_contract_acts(coef: Tensor, out_grads: Tensor, mats: Tensor) -> Tensor:
+    """``sum_j coef[n, j] mats[j]^T e[n, (t)]`` -> shaped like acts."""
+    if out_grads.dim() == 2:
+        return torch.einsum("nj,no,joi->ni", coef, out_grads, mats)
+    return torch.einsum("nj,nto,joi->nti", coef, out_grads, mats)
+
+
+def _sketch_contract_out_grads(coef: Tensor, acts: Tensor, mats: Tensor) -> Tensor:
+    """``sum_j coef[n, j] mats[j] a[n, (t)]`` -> shaped like out_grads."""
+    if acts.dim() == 2:
+        return torch.einsum("nj,ni,joi->no", coef, acts, mats)
+    return torch.einsum("nj,nti,joi->nto", coef, acts, mats)
+
+
+def _sketch_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _linear_grad_sketch_backward(ctx, gy):
+    acts, out_grads, directions = ctx.saved_tensors
+    d_acts = d_out = d_dirs = None
+    if ctx.needs_input_grad[0]:
+        d_acts = _sketch_contract_acts(gy, out_grads, directions)
+    if ctx.needs_input_grad[1]:
+        d_out = _sketch_contract_out_grads(gy, acts, directions)
+    if ctx.needs_input_grad[2]:
+        d_dirs = linear_grad_project(acts, out_grads, gy.contiguous())
+    return d_acts, d_out, d_dirs
+
+
+def _linear_grad_project_backward(ctx, gp):
+    acts, out_grads, weights = ctx.saved_tensors
+    d_acts = d_out = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_acts = _sketch_contract_acts(weights, out_grads, gp)
+    if ctx.needs_input_grad[1]:
+        d_out = _sketch_contract_out_grads(weights, acts, gp)
+    if ctx.needs_input_grad[2]:
+        d_w = linear_grad_sketch(acts, out_grads, gp.contiguous())
+    return d_acts, d_out, d_w
+
+
+torch.library.register_autograd("landscape_ext::linear_grad_sketch", _linear_grad_sketch_backward,
+                                setup_context=_sketch_setup_context)
+torch.library.register_autograd("landscape_ext::linear_grad_project",
+                                _linear_grad_project_backward, setup_context=_sketch_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# hvp: xent_hvp
+# ------------------------------------------------------------------------------------------------
+
+
+def xent_hvp(logits: Tensor, target: Tensor, directions: Tensor, label_smoothing: float = 0.0,
+             ignore_index: int = -100) -> Tensor:
+    r"""Hessian of the mean softmax cross-entropy w.r.t. the logits, applied to k directions.
+
+    For ``loss = F.cross_entropy(logits, target, ignore_index=..., label_smoothing=...)``
+    (mean reduction, no class weights), row by row in one pass over the logits:
+
+    .. math::
+        \text{out}_{j,n} = \frac{1}{M}\left(p_n \odot r_{j,n} - p_n\, (p_n^\top r_{j,n})\right),
+        \qquad p_n = \mathrm{softmax}(\text{logits}_n)
+
+    for the ``M`` rows with ``target[n] != ignore_index``; ignored rows give 0. Label smoothing
+    changes the gradient target only, not this Hessian (it is accepted so that the call mirrors
+    ``cross_entropy``). When every row is ignored (``M = 0``; ``cross_entropy`` returns NaN) the
+    result is zeros and a warning is issued. Nothing of size ``k x C`` is allocated besides the
+    output; sums accumulate in float32 for half types, float64 for float64.
+
+    Not differentiable (no autograd formula is registered).
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``(N, C)``, float64/32/16 or bfloat16; must be finite on non-ignored rows.
+    target : Tensor
+        ``(N,)`` int64 class indices in ``[0, C)`` or ``ignore_index``.
+    directions : Tensor
+        ``(k, N, C)`` (or ``(N, C)`` for one direction), float64/32/16 or bfloat16; any strides
+        with unit stride along ``C`` are read in place.
+    label_smoothing : float
+        In ``[0, 1]``; does not change the result.
+    ignore_index : int
+
+    Returns
+    -------
+    Tensor
+        Same shape as ``directions``, contiguous, dtype of ``directions``.
+
+    Shapes
+    ------
+    logits (N, C), target (N,), directions (k, N, C) -> (k, N, C)
+    """
+    one = directions.dim() == 2
+    out = _lib.xent_hvp(logits, target, directions.unsqueeze(0) if one else directions,
+                        float(label_smoothing), int(ignore_index))
+    # the kernel returns zeros when every row is ignored; the warning is issued here because a
+    # TORCH_WARN inside a torch.ops call only reaches stderr, not Python's warnings (torch 2.13)
+    if (target.numel() and not torch.compiler.is_compiling()
+            and not bool((target != ignore_index).any())):
+        import warnings
+
+        warnings.warn(f"xent_hvp: all N = {target.numel()} targets equal ignore_index = "
+                      f"{int(ignore_index)}, so the mean cross-entropy has no rows (torch's "
+                      f"cross_entropy returns NaN); returning zeros", stacklevel=2)
+    return out[0] if one else out
+
+
+@torch.library.register_fake("landscape_ext::xent_hvp")
+def _xent_hvp_fake(logits, target, directions, label_smoothing=0.0, ignore_index=-100):
+    torch._check(logits.dim() == 2 and target.dim() == 1 and directions.dim() == 3,
+                 lambda: "xent_hvp: logits must be (N, C), target (N,), directions (k, N, C)")
+    return directions.new_empty(directions.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# hvp: act_derivs
+# ------------------------------------------------------------------------------------------------
+
+#: Activation codes of :func:`act_derivs` (and of the MLP Hessian products).
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "tanh": 3, "silu": 4}
+
+
+def act_derivs(z: Tensor, act) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""A pointwise activation and its first two derivatives, in one pass over ``z``.
+
+    ======== =================== ============================ ===============================
+    act      :math:`\sigma(z)`    :math:`\sigma'(z)`           :math:`\sigma''(z)`
+    ======== =================== ============================ ===============================
+    identity :math:`z`            1                            0
+    relu     :math:`\max(z, 0)`   :math:`[z > 0]`              0
+    gelu     :math:`z\Phi(z)`     :math:`\Phi + z\varphi`      :math:`\varphi\,(2 - z^2)`
+    tanh     :math:`t=\tanh z`    :math:`1 - t^2`              :math:`-2t(1 - t^2)`
+    silu     :math:`z s`          :math:`s + z s(1-s)`         :math:`s(1-s)(2 + z(1 - 2s))`
+    ======== =================== ============================ ===============================
+
+    (``gelu`` is the exact erf GELU, :math:`s = \mathrm{sigmoid}(z)`). The derivative chains of
+    Pearlmutter's R-forward / R-backward through an MLP. Half types compute in float32.
+    Not differentiable.
+
+    Parameters
+    ----------
+    z : Tensor
+        Any shape; float64/32/16 or bfloat16.
+    act : str or int
+        A key or value of :data:`ACTIVATIONS`.
+
+    Returns
+    -------
+    (a, d1, d2) : tuple of Tensor
+        Contiguous, shape and dtype of ``z``.
+    """
+    if isinstance(act, str):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act_derivs: unknown activation {act!r}; one of "
+                             f"{sorted(ACTIVATIONS)}")
+        act = ACTIVATIONS[act]
+    return _lib.act_derivs(z, int(act))
+
+
+@torch.library.register_fake("landscape_ext::act_derivs")
+def _act_derivs_fake(z, act):
+    return z.new_empty(z.shape), z.new_empty(z.shape), z.new_empty(z.shape)

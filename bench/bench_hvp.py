@@ -1,0 +1,364 @@
+"""Benchmark the hvp family against autograd, side by side in one run.
+
+    python bench/bench_hvp.py                  # CPU grid (a subset of the issue's grid, see below)
+    python bench/bench_hvp.py --quick          # a few small cases (< 2 minutes on a free CPU)
+    python bench/bench_hvp.py --device cuda    # the issue's full grid
+
+Implementations, per case:
+
+* ``xent_hvp`` (op) against (a) ``torch.func``: ``vmap`` over the k directions of
+  ``jvp(grad(cross_entropy))`` w.r.t. the logits, (b) double backward (``autograd.grad`` with
+  ``is_grads_batched``), and the closed form in torch ops (``reference.xent_hvp``).
+* ``mlp_hvp`` (Hessian and GGN; ``fused`` = act_derivs + xent_hvp ops, ``composite`` = the same
+  algorithm on plain torch ops) against (a) ``vmap(jvp(grad))`` / ``vmap(jvp)`` + ``vmap(vjp)``
+  and (b) double backward / the double-vjp trick; and one gradient (forward + backward), the
+  unit of the floor: an exact HVP costs 6 matrix products per layer and direction against 3 for
+  the gradient (2 gradients per direction), the GGN 4 (1.4 with the issue's allowance).
+* ``act_derivs`` (op) against the torch composition, on (batch, width) pre-activations.
+
+Columns: ``ms`` median wall time of one call (all k directions); ``cost ms``: on the CPU the
+smallest CPU time of the process per call (all threads; on a machine shared with other jobs the
+wall time mostly measures the others, the CPU time what the call costs), on a GPU the smallest
+wall time; ``ms/dir`` (cost over k), ``x grad/dir`` (ms/dir over the gradient's cost, the
+gradient being timed before, between and after the groups), ``x floor`` (that over the floor:
+2 for H, 1.4 for G); all ratios are of costs;
+``peak MB`` (peak memory of one call above what was allocated before it: CPU from the process's
+peak RSS, reset before each call through /proc/self/clear_refs, with glibc's mmap threshold
+fixed so freed buffers leave the RSS; GPU from torch.cuda.max_memory_allocated),
+``speedup`` (cost of baseline (a) over this row's; act_derivs: of the torch composition)
+and ``mem ratio`` ((a)'s peak over this row's).
+
+CPU grid: the issue's grid (width {256, 1024, 2048} x depth {4, 8} x k {1, 16, 64}, batch 512)
+needs hours on a 2-core CPU (one call at width 2048, depth 8, k = 64 is ~13 TFLOP) and its
+directions alone would not fit in memory (8.6 GB); the CPU run measures the subset in
+``CPU_CASES`` (which includes the target case width 1024, depth 8, k = 16), the CUDA run the full
+grid. Large calls are timed once (the call that measured the memory doubles as the timing).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Freed buffers must leave the RSS for the peak-memory measurement: fix glibc's mmap threshold
+# (its dynamic threshold would keep large freed blocks on the heap). Needs a fresh process.
+# Idle OpenMP threads sleep instead of spinning, so that the CPU time of a call (the cost measured
+# on a shared CPU, see above) is work, not waiting.
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, markdown_table, sync, time_fn, write_results  # noqa: E402
+
+import landscape_ext  # noqa: E402
+from landscape_ext import mlp, ops, reference  # noqa: E402
+
+# (width, depth, k)
+CPU_CASES = [(256, 4, 1), (256, 4, 16), (256, 4, 64), (256, 8, 16), (1024, 4, 1), (1024, 8, 1),
+             (1024, 8, 16), (2048, 4, 1)]
+QUICK_CASES = [(256, 4, 1), (256, 4, 16)]
+GPU_CASES = [(w, L, k) for w in (256, 1024, 2048) for L in (4, 8) for k in (1, 16, 64)]
+XENT_CPU = [(2048, 10, 16), (2048, 1000, 16), (128, 50304, 8)]   # (N, C, k)
+XENT_QUICK = [(2048, 10, 16), (64, 50304, 4)]
+XENT_GPU = [(8192, 10, 16), (8192, 1000, 16), (2048, 50304, 16)]
+BATCH = 512
+N_CLASSES = 10
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def peak_call(fn, device):
+    """Run fn() once; return (result, seconds, peak MB above the memory in use before)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    dt = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _status_mb("VmHWM") - base
+    return out, dt, peak
+
+
+def measure(fn, device, repeats, budget_s):
+    """Peak memory of the first call, then up to `repeats` timed calls within about budget_s
+    seconds (the first call is the warm-up; when it alone exceeds the budget it is also the
+    timing). Returns (median wall s, cost s, peak MB, timed calls): the cost is the min wall
+    time on a GPU and the min CPU time of the process (all threads) per call on the CPU."""
+    t0 = time.process_time()
+    out, first, peak = peak_call(fn, device)
+    first_cpu = time.process_time() - t0
+    del out
+    gc.collect()
+    n = min(repeats, int(budget_s / max(first, 1e-6)))
+    if n < 1:
+        return first, (first if device.startswith("cuda") else first_cpu), peak, 1
+    if device.startswith("cuda"):
+        t = time_fn(fn, device, warmup=0, repeats=n)
+        return t["median_s"], t["min_s"], peak, t["repeats"]
+    walls, cpus = [], []
+    for _ in range(n):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), min(cpus), peak, n
+
+
+# ---- cross-entropy ------------------------------------------------------------------------------
+
+def xent_impls(logits, target, dirs):
+    def ce(z):
+        return F.cross_entropy(z, target)
+
+    def vmap_fwd_rev():
+        g = torch.func.grad(ce)
+        return torch.func.vmap(lambda v: torch.func.jvp(g, (logits,), (v,))[1])(dirs)
+
+    def double_backward():
+        z = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(ce(z), z, create_graph=True)
+            return torch.autograd.grad(g, z, dirs, is_grads_batched=True)[0]
+
+    return [("torch.func vmap(jvp(grad)) (a)", vmap_fwd_rev),
+            ("double backward (b)", double_backward),
+            ("torch closed form (reference)", lambda: reference.xent_hvp(logits, target, dirs)),
+            ("xent_hvp (op)", lambda: ops.xent_hvp(logits, target, dirs))]
+
+
+def bench_xent(N, C, k, device, repeats, budget):
+    g = torch.Generator().manual_seed(C)
+    logits = (3 * torch.randn(N, C, generator=g)).to(device)
+    target = torch.randint(0, C, (N,), generator=g).to(device)
+    dirs = torch.randn(k, N, C, generator=g).to(device)
+    impls = xent_impls(logits, target, dirs)
+    want = impls[1][1]()
+    got = ops.xent_hvp(logits, target, dirs)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-4, f"xent_hvp disagrees with double backward: relative error {err:.2e}"
+    del want, got
+    rows = []
+    for name, fn in impls:
+        t, tmin, peak, n = measure(fn, device, repeats, budget)
+        rows.append({"case": f"xent N={N} C={C} k={k}", "impl": name, "ms": t * 1e3,
+                     "cost ms": tmin * 1e3, "ms/dir": tmin * 1e3 / k, "peak MB": peak,
+                     "timed calls": n})
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = base["cost ms"] / r["cost ms"]
+        r["mem ratio"] = base["peak MB"] / max(r["peak MB"], 1e-3)
+    return rows
+
+
+# ---- MLP ----------------------------------------------------------------------------------------
+
+def make_mlp(width, depth, act, device):
+    torch.manual_seed(width + depth)
+    act_cls = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}[act]
+    layers = []
+    for i in range(depth):
+        n_out = N_CLASSES if i == depth - 1 else width
+        layers.append(nn.Linear(width, n_out))
+        if i < depth - 1:
+            layers.append(act_cls())
+    return nn.Sequential(*layers).to(device)
+
+
+def mlp_impls(model, x, y, X, curvature):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    k = X.shape[0]
+    Vd = {n: v.reshape(k, *s) for n, v, s in zip(names, torch.split(X, sizes, dim=1), shapes)}
+    Vl = [Vd[n] for n in names]
+    structure = mlp.mlp_structure(model, strict=True)
+
+    def f(p):
+        return torch.func.functional_call(model, p, (x,))
+
+    def loss_of(p):
+        return F.cross_entropy(f(p), y)
+
+    def out_hvp(out, R):  # closed-form CE output Hessian on (k, B, C)
+        p = torch.softmax(out.detach(), dim=1)
+        pr = p * R
+        return (pr - p * pr.sum(-1, keepdim=True)) / out.shape[0]
+
+    if curvature == "hessian":
+        def vmap_path():
+            g = torch.func.grad(loss_of)
+            return torch.func.vmap(lambda v: torch.func.jvp(g, (params,), (v,))[1])(Vd)
+
+        def double_backward():
+            leaves = [params[n].clone().requires_grad_(True) for n in names]
+            with torch.enable_grad():
+                loss = loss_of(dict(zip(names, leaves)))
+                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+                return torch.autograd.grad(grads, leaves, Vl, is_grads_batched=True)
+    else:
+        def vmap_path():
+            out, vjp_fn = torch.func.vjp(f, params)
+            jv = torch.func.vmap(lambda v: torch.func.jvp(f, (params,), (v,))[1])(Vd)
+            return torch.func.vmap(vjp_fn)(out_hvp(out, jv))[0]
+
+        def double_backward():
+            leaves = [params[n].clone().requires_grad_(True) for n in names]
+            with torch.enable_grad():
+                out = f(dict(zip(names, leaves)))
+                u = torch.zeros_like(out, requires_grad=True)
+                g = torch.autograd.grad(out, leaves, u, create_graph=True)
+                jv = torch.autograd.grad(g, u, Vl, is_grads_batched=True)[0]
+                return torch.autograd.grad(out, leaves, out_hvp(out, jv), is_grads_batched=True)
+
+    def ours(fused):
+        return lambda: mlp.mlp_apply_rows(structure, params, x, y, X, "cross_entropy", curvature,
+                                          fused=fused)
+
+    tag = "H" if curvature == "hessian" else "G"
+    return [(f"{tag} torch.func vmap (a)", vmap_path), (f"{tag} double backward (b)",
+                                                         double_backward),
+            (f"{tag} mlp_hvp composite", ours(False)), (f"{tag} mlp_hvp fused", ours(True))]
+
+
+def bench_mlp(width, depth, k, act, device, repeats, budget):
+    model = make_mlp(width, depth, act, device)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(BATCH, width, generator=g).to(device)
+    y = torch.randint(0, N_CLASSES, (BATCH,), generator=g).to(device)
+    d = sum(p.numel() for p in model.parameters())
+    X = torch.randn(k, d, generator=g).to(device)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    # correctness first, on a slice of the batch and two directions
+    kk = min(2, k)
+    for curvature in ("hessian", "ggn"):
+        impls = mlp_impls(model, x[:32], y[:32], X[:kk], curvature)
+        ref = torch.cat([t.reshape(kk, -1) for t in impls[0][1]().values()], dim=1)
+        for fused in (True, False):
+            got = mlp.mlp_apply_rows(mlp.mlp_structure(model), params, x[:32], y[:32], X[:kk],
+                                     "cross_entropy", curvature, fused=fused)
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 1e-3, f"mlp_hvp ({curvature}, fused={fused}) disagrees: {err:.2e}"
+
+    leaves = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+
+    def gradient():
+        with torch.enable_grad():
+            out = torch.func.functional_call(model, dict(zip(names, leaves)), (x,))
+            return torch.autograd.grad(F.cross_entropy(out, y), leaves)
+
+    # the gradient is timed before each group of rows; its fastest time is the unit (the machine
+    # may be shared: min times are the least disturbed estimate of each cost)
+    grads = [measure(gradient, device, repeats, budget)]
+    case = f"mlp {act} w={width} L={depth} k={k}"
+    out_rows = []
+    for curvature, floor in (("hessian", 2.0), ("ggn", 1.4)):
+        crows = []
+        for name, fn in mlp_impls(model, x, y, X, curvature):
+            t, tmin, peak, n = measure(fn, device, repeats, budget)
+            crows.append({"case": case, "impl": name, "ms": t * 1e3, "cost ms": tmin * 1e3,
+                          "ms/dir": tmin * 1e3 / k, "floor": floor, "peak MB": peak,
+                          "timed calls": n})
+            print(f"  {case:32s} {name:28s} {t * 1e3:10.1f} ms  {peak:8.1f} MB", flush=True)
+        base = crows[0]
+        for r in crows:
+            r["speedup"] = base["cost ms"] / r["cost ms"]
+            r["mem ratio"] = base["peak MB"] / max(r["peak MB"], 1e-3)
+        out_rows += crows
+        grads.append(measure(gradient, device, repeats, budget))
+    t_grad = min(g[1] for g in grads)
+    rows = [{"case": case, "impl": "gradient (unit)", "ms": statistics.median(g[0] for g in grads)
+             * 1e3, "cost ms": t_grad * 1e3, "x grad/dir": 1.0, "peak MB": grads[0][2],
+             "timed calls": sum(g[3] for g in grads)}]
+    for r in out_rows:
+        r["x grad/dir"] = r["ms/dir"] / 1e3 / t_grad
+        r["x floor"] = r["x grad/dir"] / r.pop("floor")
+    return rows + out_rows
+
+
+def bench_act(width, act, device, repeats):
+    z = torch.randn(BATCH, width, device=device)
+    t_ref = measure(lambda: reference.act_derivs(z, act), device, repeats * 4, 1.0)
+    t_op = measure(lambda: ops.act_derivs(z, act), device, repeats * 4, 1.0)
+    return [{"case": f"act_derivs {act} ({BATCH}, {width})", "impl": impl, "ms": t[0] * 1e3,
+             "cost ms": t[1] * 1e3, "speedup": t_ref[1] / t[1], "peak MB": t[2]}
+            for impl, t in (("torch composition", t_ref), ("act_derivs (op)", t_op))]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="a few small cases")
+    p.add_argument("--act", default="gelu", choices=["relu", "gelu", "tanh", "silu"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per row (default 3, 1.5 with --quick)")
+    p.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
+    p.add_argument("--name", default=None, help="JSON file name (default hvp_<device>)")
+    args = p.parse_args(argv)
+    device = args.device
+    cuda = device.startswith("cuda")
+    budget = args.budget or (1.5 if args.quick else 3.0)
+    info = machine_info(device)
+    info["build"] = landscape_ext.build_info()
+    if not cuda:
+        info["load_average_at_start"] = os.getloadavg()
+    print(f"# hvp family on {info['device_name']} ({device}), torch {info['torch']}, "
+          f"{info['cpu_threads']} threads" + ("" if cuda else
+                                             f", load average {os.getloadavg()[0]:.1f}"))
+
+    rows = []
+    acts = ["relu", "gelu", "tanh", "silu"] if not args.quick else [args.act]
+    for width in ((1024,) if args.quick else (256, 1024)):
+        for act in acts:
+            rows += bench_act(width, act, device, args.repeats)
+    xcases = XENT_GPU if cuda else (XENT_QUICK if args.quick else XENT_CPU)
+    for N, C, k in xcases:
+        rows += bench_xent(N, C, k, device, args.repeats, budget)
+        print(f"  xent N={N} C={C} k={k} done", flush=True)
+    mcases = GPU_CASES if cuda else (QUICK_CASES if args.quick else CPU_CASES)
+    for width, depth, k in mcases:
+        rows += bench_mlp(width, depth, k, args.act, device, args.repeats, budget)
+    if not cuda:
+        info["load_average_at_end"] = os.getloadavg()
+
+    columns = ["case", "impl", "ms", "cost ms", "ms/dir", "x grad/dir", "x floor", "peak MB",
+               "speedup", "mem ratio", "timed calls"]
+    print()
+    print(markdown_table(rows, columns))
+    name = args.name or f"hvp_{device.split(':')[0]}" + ("_quick" if args.quick else "")
+    path = write_results(name, {"machine": info, "columns": columns, "rows": rows}, args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+// sketch op family, CPU backend: the fused direct sketch kernel (see sketch.h) and the
+// registration of linear_grad_sketch / linear_grad_project for the CPU dispatch key.
+//
+// y_row[r, j] = e_r^T V_j a_r for rows r of A (R, n_in), E (R, n_out) and directions V (l, n_out,
+// n_in) is a GEMM  C_j = A V_j^T  (R x n_out, inner dimension n_in) whose epilogue reduces each
+// row of C_j against the same row of E. The plain-PyTorch composition writes all of C (R x l x
+// n_out) to memory and reads it back; here each C tile lives in registers only:
+//
+//   pack      V_j is transposed once per call into panels Vp[j][ob] of n_in x NR (NR = two
+//             64-byte vectors of columns o, zero-padded past n_out), so the micro-kernel reads one
+//             contiguous 128-byte line per step of the inner dimension.
+//   task      (row block of kRowBlock = 48 rows, direction j): the A block (48 x n_in) stays in
+//             L2 while the panels of V_j stream through it once; consecutive tasks of a thread
+//             share the row block (directions vary fastest).
+//   micro     6 rows x NR columns of C in 12 vector registers, inner loop over n_in with one
+//             broadcast of a[m][i] and two vector FMAs per row; epilogue: part[m] += c (*) e, a
+//             lane-wise partial sum per row that is reduced once per (row, j) at the end.
+//
+// Every y entry is produced by exactly one task, in a fixed order: results do not depend on the
+// thread count. Inner loops use GCC/Clang vector extensions, compiled three times: AVX-512
+// (64-byte vectors), AVX2+FMA (32-byte) and baseline x86-64 (16-byte), each with a 6 x 2-vector
+// micro-tile that fits its register file (12 accumulators), and picked at run time by CPU
+// *features* (__builtin_cpu_supports). Not target_clones("arch=..."): GCC resolves those by CPU
+// *model*, so an AMD CPU with AVX-512 would run the baseline clone. LANDSCAPE_EXT_SKETCH_ISA=
+// avx512|avx2|base forces a variant (tests run all three).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "sketch.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LANDSCAPE_SKETCH_X86 1
+#define LANDSCAPE_SKETCH_AVX512 \
+  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#define LANDSCAPE_SKETCH_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define LANDSCAPE_SKETCH_X86 0
+#endif
+// Force-inlined into each ISA-specific entry so every variant is compiled for its own ISA.
+#define LANDSCAPE_SKETCH_INLINE inline __attribute__((always_inline))
+
+namespace landscape_ext {
+namespace sketch {
+namespace {
+
+// Vector of VB bytes of T. Spelled out per (T, VB): GCC does not apply vector_size to a typedef
+// whose size depends on a template parameter.
+template <typename T, int VB>
+struct Vec;
+#define LANDSCAPE_SKETCH_VEC(T, VB)                                 \
+  template <>                                                       \
+  struct Vec<T, VB> {                                               \
+    static constexpr int L = VB / static_cast<int>(sizeof(T));      \
+    typedef T type __attribute__((vector_size(VB)));                \
+  };
+LANDSCAPE_SKETCH_VEC(float, 64)
+LANDSCAPE_SKETCH_VEC(float, 32)
+LANDSCAPE_SKETCH_VEC(float, 16)
+LANDSCAPE_SKETCH_VEC(double, 64)
+LANDSCAPE_SKETCH_VEC(double, 32)
+LANDSCAPE_SKETCH_VEC(double, 16)
+#undef LANDSCAPE_SKETCH_VEC
+
+constexpr int kMR = 6;          // rows per micro-tile
+constexpr int kRowBlock = 48;   // rows per task (a multiple of kMR)
+
+template <typename T, int VB>
+LANDSCAPE_SKETCH_INLINE typename Vec<T, VB>::type loadu(const T* p) {
+  typename Vec<T, VB>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// One micro-tile: rows [0, M) of A/E (row strides n_in / n_out), columns [o0, o0 + NR) of C_j
+// from the packed panel P (n_in x NR). Adds the lane-wise products c (*) e into part[0..M).
+template <int M, typename T, int VB>
+LANDSCAPE_SKETCH_INLINE void micro_tile(const T* A, int64_t n_in, const T* P, const T* E,
+                                        int64_t n_out, int64_t o0,
+                                        typename Vec<T, VB>::type* part) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = Vec<T, VB>::L;
+  constexpr int NR = 2 * L;
+  V c0[M], c1[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    c0[m] = V{};
+    c1[m] = V{};
+  }
+  for (int64_t i = 0; i < n_in; ++i) {
+    const V p0 = loadu<T, VB>(P + i * NR);
+    const V p1 = loadu<T, VB>(P + i * NR + L);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const T s = A[m * n_in + i];
+      c0[m] += s * p0;
+      c1[m] += s * p1;
+    }
+  }
+  const int64_t valid = n_out - o0;
+  if (valid >= NR) {
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const T* e = E + m * n_out + o0;
+      part[m] += c0[m] * loadu<T, VB>(e) + c1[m] * loadu<T, VB>(e + L);
+    }
+  } else {
+    for (int m = 0; m < M; ++m) {
+      T buf[NR];
+      std::memcpy(buf, &c0[m], sizeof(V));
+      std::memcpy(buf + L, &c1[m], sizeof(V));
+      const T* e = E + m * n_out + o0;
+      T s = 0;
+      for (int64_t c = 0; c < valid; ++c) s += buf[c] * e[c];
+      part[m][0] += s;
+    }
+  }
+}
+
+struct TaskArgs {
+  const void* A;   // first row of the row block
+  const void* E;   // first row of the row block
+  const void* P;   // packed panels of direction j: (nob, n_in, NR)
+  void* y;         // y_row + first row * l + j
+  int64_t rows;    // rows in this block (<= kRowBlock)
+  int64_t n_in, n_out, nob, l;
+};
+
+template <typename T, int VB>
+LANDSCAPE_SKETCH_INLINE void sketch_task_impl(const TaskArgs& a) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = Vec<T, VB>::L;
+  constexpr int NR = 2 * L;
+  const T* A = static_cast<const T*>(a.A);
+  const T* E = static_cast<const T*>(a.E);
+  const T* P = static_cast<const T*>(a.P);
+  T* y = static_cast<T*>(a.y);
+  const int64_t rows = a.rows, n_in = a.n_in, n_out = a.n_out;
+  V part[kRowBlock];
+  for (int64_t r = 0; r < rows; ++r) part[r] = V{};
+  for (int64_t ob = 0; ob < a.nob; ++ob) {
+    const T* panel = P + ob * n_in * NR;
+    const int64_t o0 = ob * NR;
+    int64_t r = 0;
+    for (; r + kMR <= rows; r += kMR)
+      micro_tile<kMR, T, VB>(A + r * n_in, n_in, panel, E + r * n_out, n_out, o0, part + r);
+    const T* Ar = A + r * n_in;
+    const T* Er = E + r * n_out;
+    switch (rows - r) {
+      case 5: micro_tile<5, T, VB>(Ar, n_in, panel, Er, n_out, o0, part + r); break;
+      case 4: micro_tile<4, T, VB>(Ar, n_in, panel, Er, n_out, o0, part + r); break;
+      case 3: micro_tile<3, T, VB>(Ar, n_in, panel, Er, n_out, o0, part + r); break;
+      case 2: micro_tile<2, T, VB>(Ar, n_in, panel, Er, n_out, o0, part + r); break;
+      case 1: micro_tile<1, T, VB>(Ar, n_in, panel, Er, n_out, o0, part + r); break;
+      default: break;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T s = 0;
+    for (int c = 0; c < L; ++c) s += part[r][c];
+    y[r * a.l] = s;
+  }
+}
+
+using TaskFn = void (*)(const TaskArgs&);
+
+#if LANDSCAPE_SKETCH_X86
+LANDSCAPE_SKETCH_AVX512 void task_f_avx512(const TaskArgs& a) { sketch_task_impl<float, 64>(a); }
+LANDSCAPE_SKETCH_AVX512 void task_d_avx512(const TaskArgs& a) { sketch_task_impl<double, 64>(a); }
+LANDSCAPE_SKETCH_AVX2 void task_f_avx2(const TaskArgs& a) { sketch_task_impl<float, 32>(a); }
+LANDSCAPE_SKETCH_AVX2 void task_d_avx2(const TaskArgs& a) { sketch_task_impl<double, 32>(a); }
+#endif
+void task_f_base(const TaskArgs& a) { sketch_task_impl<float, 16>(a); }
+void task_d_base(const TaskArgs& a) { sketch_task_impl<double, 16>(a); }
+
+enum class Isa { kAvx512, kAvx2, kBase };
+
+// The widest variant this CPU runs, or the one LANDSCAPE_EXT_SKETCH_ISA asks for (never one the
+// CPU lacks).
+Isa pick_isa() {
+  Isa best = Isa::kBase;
+#if LANDSCAPE_SKETCH_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+    best = Isa::kAvx512;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = Isa::kAvx2;
+  }
+#endif
+  const char* env = std::getenv("LANDSCAPE_EXT_SKETCH_ISA");
+  if (env != nullptr) {
+    if (std::strcmp(env, "base") == 0) return Isa::kBase;
+    if (std::strcmp(env, "avx2") == 0 && best != Isa::kBase) return Isa::kAvx2;
+  }
+  return best;
+}
+
+// Vp[j][ob][i][c] = V[j][ob * NR + c][i], zero where ob * NR + c >= n_out.
+template <typename T, int NR>
+void pack_directions(const T* V, int64_t s0, int64_t l, int64_t n_out, int64_t n_in, T* Vp) {
+  const int64_t nob = (n_out + NR - 1) / NR;
+  at::parallel_for(0, l * nob, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j = t / nob, ob = t % nob;
+      T* dst = Vp + t * n_in * NR;
+      const int64_t o0 = ob * NR, valid = std::min<int64_t>(NR, n_out - o0);
+      const T* src = V + j * s0 + o0 * n_in;
+      // in strips of 64 i so the destination strip (64 x NR) stays in L1 while columns fill it
+      for (int64_t i0 = 0; i0 < n_in; i0 += 64) {
+        const int64_t i1 = std::min<int64_t>(n_in, i0 + 64);
+        for (int64_t c = 0; c < valid; ++c) {
+          const T* row = src + c * n_in;
+          for (int64_t i = i0; i < i1; ++i) dst[i * NR + c] = row[i];
+        }
+        for (int64_t c = valid; c < NR; ++c)
+          for (int64_t i = i0; i < i1; ++i) dst[i * NR + c] = T(0);
+      }
+    }
+  });
+}
+
+template <typename T, int VB>
+at::Tensor direct_sketch_typed(const at::Tensor& A, const at::Tensor& E, const at::Tensor& V,
+                               TaskFn task) {
+  constexpr int NR = 2 * Vec<T, VB>::L;
+  const int64_t R = A.size(0), n_in = A.size(1), n_out = E.size(1), l = V.size(0);
+  const int64_t nob = (n_out + NR - 1) / NR;
+  at::Tensor Vp = at::empty({l, nob, n_in, NR}, A.options());
+  pack_directions<T, NR>(V.data_ptr<T>(), V.stride(0), l, n_out, n_in, Vp.data_ptr<T>());
+  at::Tensor y = at::empty({R, l}, A.options());
+  const T* Ap = A.data_ptr<T>();
+  const T* Ep = E.data_ptr<T>();
+  const T* Pp = Vp.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t nrb = (R + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, nrb * l, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t rb = t / l, j = t % l;
+      const int64_t r0 = rb * kRowBlock;
+      TaskArgs a;
+      a.A = Ap + r0 * n_in;
+      a.E = Ep + r0 * n_out;
+      a.P = Pp + j * nob * n_in * NR;
+      a.y = yp + r0 * l + j;
+      a.rows = std::min<int64_t>(kRowBlock, R - r0);
+      a.n_in = n_in;
+      a.n_out = n_out;
+      a.nob = nob;
+      a.l = l;
+      task(a);
+    }
+  });
+  return y;
+}
+
+at::Tensor direct_sketch_cpu(const at::Tensor& A, const at::Tensor& E, const at::Tensor& V) {
+  const bool dbl = A.scalar_type() == at::kDouble;
+  switch (pick_isa()) {
+#if LANDSCAPE_SKETCH_X86
+    case Isa::kAvx512:
+      return dbl ? direct_sketch_typed<double, 64>(A, E, V, &task_d_avx512)
+                 : direct_sketch_typed<float, 64>(A, E, V, &task_f_avx512);
+    case Isa::kAvx2:
+      return dbl ? direct_sketch_typed<double, 32>(A, E, V, &task_d_avx2)
+                 : direct_sketch_typed<float, 32>(A, E, V, &task_f_avx2);
+#endif
+    default:
+      return dbl ? direct_sketch_typed<double, 16>(A, E, V, &task_d_base)
+                 : direct_sketch_typed<float, 16>(A, E, V, &task_f_base);
+  }
+}
+
+at::Tensor linear_grad_sketch_cpu(const at::Tensor& acts, const at::Tensor& out_grads,
+                                  const at::Tensor& directions) {
+  return linear_grad_sketch_impl(&direct_sketch_cpu, acts, out_grads, directions);
+}
+
+at::Tensor linear_grad_project_cpu(const at::Tensor& acts, const at::Tensor& out_grads,
+                                   const at::Tensor& weights) {
+  return linear_grad_project_impl(acts, out_grads, weights);
+}
+
+}  // namespace
+}  // namespace sketch
+}  // namespace landscape_ext
+
+TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
+  m.impl("linear_grad_sketch", &landscape_ext::sketch::linear_grad_sketch_cpu);
+  m.impl("linear_grad_project", &landscape_ext::sketch::linear_grad_project_cpu);
+}

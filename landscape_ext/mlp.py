@@ -1,0 +1,684 @@
+r"""Exact Hessian and GGN products of MLPs for k directions at once (Pearlmutter, batched).
+
+For a stack of ``nn.Linear`` layers and pointwise activations (ReLU, exact GELU, tanh, SiLU,
+identity) ending in cross-entropy or MSE, :func:`mlp_hvp` computes :math:`HV` or :math:`GV` for
+``V`` of shape ``(d, k)`` without autograd: one forward pass (storing :math:`z_l`, :math:`a_l`,
+:math:`\sigma'`, :math:`\sigma''`), for the Hessian one first-order backward pass (storing
+:math:`\delta_l` and :math:`g_{a_l} \odot \sigma''_l`), then Pearlmutter's R-forward and R-backward
+with the k directions stacked into every matrix product. With :math:`a_0 = x`,
+:math:`z_l = a_{l-1} W_l^\top + b_l`, :math:`a_l = \sigma_l(z_l)` and a direction
+:math:`(\dot W_l, \dot b_l)`:
+
+.. math::
+    R z_l &= R a_{l-1} W_l^\top + a_{l-1} \dot W_l^\top + \dot b_l, \qquad
+    R a_l = \sigma_l' \odot R z_l \\
+    R g_{a_L} &= \nabla^2_f \ell \; R f \quad (\text{cross-entropy: } p \odot r - p\,(p^\top r);
+    \ \text{MSE: } 2 r / \text{numel}) \\
+    R\delta_l &= \sigma_l' \odot R g_{a_l} + [\,g_{a_l} \odot \sigma_l'' \odot R z_l\,] \\
+    R g_{W_l} &= R\delta_l^\top a_{l-1} + [\,\delta_l^\top R a_{l-1}\,], \qquad
+    R g_{b_l} = \textstyle\sum_{\text{batch}} R\delta_l \\
+    R g_{a_{l-1}} &= R\delta_l W_l + [\,\delta_l \dot W_l\,]
+
+The bracketed terms are the Hessian's and are dropped for the GGN
+:math:`G = J^\top \nabla^2_f \ell\, J`. Directions are kept in the layout ``(k, batch, width)``:
+products with a shared weight are one GEMM over all ``k B`` rows (``(k B, n_in) @ (n_in, n_out)``),
+products with the per-direction :math:`\dot W_j` one batched GEMM (``bmm`` with the activations
+broadcast over the directions, reading :math:`\dot W_j` in place from the direction rows).
+Per layer and direction that is
+6 matrix products of the size of the forward one for the Hessian (R-forward 2, R-backward 4) and
+4 for the GGN, against 3 for a gradient.
+
+The activation derivatives come from the fused op :func:`landscape_ext.ops.act_derivs` and the
+cross-entropy Hessian from :func:`landscape_ext.ops.xent_hvp` when ``fused=True``; ``fused=False``
+composes plain torch ops. The default, :data:`FUSED_DEFAULT`, is what ``bench/bench_hvp.py``
+measured faster (see its notes).
+
+Engine interface: :func:`mlp_structure` recognises the model (``None`` otherwise) and
+:func:`mlp_matmat` / :func:`mlp_apply_rows` multiply flat directions laid out in
+``model.named_parameters()`` order (the parameters given in ``params``, in that mapping's order).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+
+__all__ = [
+    "NotAnMLP",
+    "MLPLayer",
+    "MLPStructure",
+    "mlp_structure",
+    "mlp_matmat",
+    "mlp_apply_rows",
+    "mlp_hvp",
+    "FUSED_DEFAULT",
+]
+
+#: Whether :func:`mlp_hvp` uses the fused ops (act_derivs, xent_hvp) by default. Set from the
+#: measurements of bench/bench_hvp.py (bench/results/hvp_cpu.json): see the README of bench/.
+FUSED_DEFAULT = True
+
+_ACT_TYPES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}
+_SKIP_TYPES = (nn.Identity, nn.Dropout)
+
+
+class NotAnMLP(ValueError):
+    """The model, loss or targets are outside what the MLP path handles (the message says why):
+    use the generic (autograd) path instead."""
+
+
+@dataclass(frozen=True)
+class MLPLayer:
+    """One ``nn.Linear`` and the activation after it.
+
+    Attributes
+    ----------
+    weight : str
+        Name of the weight in ``model.named_parameters()``.
+    bias : str or None
+        Name of the bias (None when the layer has none).
+    act : str
+        ``identity``, ``relu``, ``gelu``, ``tanh`` or ``silu``.
+    in_features, out_features : int
+    """
+
+    weight: str
+    bias: Optional[str]
+    act: str
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class MLPStructure:
+    """A model recognised as an MLP (see :func:`mlp_structure`).
+
+    Attributes
+    ----------
+    layers : tuple of MLPLayer
+    flatten_input : bool
+        The model starts with ``nn.Flatten()``: inputs ``(B, ...)`` are flattened to ``(B, n0)``.
+    model : nn.Module
+        The model (parameters not given to :func:`mlp_matmat` are read from it).
+    verified : bool
+        The layer list reproduces the model's forward: true by construction for (nested)
+        ``nn.Sequential``; for another container it is checked against ``model(inputs)`` on the
+        first product and a mismatch raises :class:`NotAnMLP`.
+    """
+
+    layers: Tuple[MLPLayer, ...]
+    flatten_input: bool
+    model: nn.Module = field(repr=False)
+    verified: bool = True
+
+    @property
+    def param_names(self) -> List[str]:
+        """Parameter names in layer order (weight, bias)."""
+        out: List[str] = []
+        for layer in self.layers:
+            out.append(layer.weight)
+            if layer.bias is not None:
+                out.append(layer.bias)
+        return out
+
+    def describe(self) -> str:
+        """E.g. ``"MLP 64-256(relu)-10"``."""
+        dims = [str(self.layers[0].in_features)]
+        for layer in self.layers:
+            dims.append(f"{layer.out_features}" + ("" if layer.act == "identity"
+                                                   else f"({layer.act})"))
+        return "MLP " + "-".join(dims)
+
+
+# ---- recognising an MLP --------------------------------------------------------------------------
+
+
+def _leaves(module: nn.Module, prefix: str, out: List[Tuple[str, nn.Module]]) -> bool:
+    """Collect the leaf modules in order; returns False when a non-Sequential container was
+    traversed (its forward must then be checked)."""
+    plain = True
+    children = list(module.named_children())
+    if not children:
+        out.append((prefix, module))
+        return True
+    if not isinstance(module, nn.Sequential):
+        plain = False
+    if any(True for _ in module.named_parameters(recurse=False)) or \
+            any(True for _ in module.named_buffers(recurse=False)):
+        raise NotAnMLP(f"module {prefix or type(module).__name__!r} ({type(module).__name__}) "
+                       f"holds its own parameters or buffers")
+    for name, child in children:
+        plain &= _leaves(child, f"{prefix}.{name}" if prefix else name, out)
+    return plain
+
+
+def _act_name(m: nn.Module) -> Optional[str]:
+    for t, name in _ACT_TYPES.items():
+        if type(m) is t:
+            return name
+    if type(m) is nn.GELU:
+        if m.approximate != "none":
+            raise NotAnMLP("nn.GELU(approximate='tanh') is not supported (only the exact GELU)")
+        return "gelu"
+    return None
+
+
+def _parse(model: nn.Module) -> MLPStructure:
+    leaves: List[Tuple[str, nn.Module]] = []
+    plain = _leaves(model, "", leaves)
+    layers: List[MLPLayer] = []
+    flatten = False
+    pending: Optional[Tuple[str, nn.Linear]] = None  # a Linear waiting for its activation
+    act_seen = False
+    for name, m in leaves:
+        if isinstance(m, _SKIP_TYPES):
+            continue
+        if type(m) is nn.Flatten:
+            if layers or pending is not None or flatten:
+                raise NotAnMLP(f"nn.Flatten at {name!r} is not at the front of the model")
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise NotAnMLP(f"nn.Flatten at {name!r} must flatten dims 1..-1, got "
+                               f"start_dim={m.start_dim}, end_dim={m.end_dim}")
+            flatten = True
+            continue
+        if type(m) is nn.Linear:
+            if pending is not None:
+                layers.append(_layer(*pending, "identity"))
+            pending = (name, m)
+            act_seen = False
+            continue
+        act = _act_name(m)
+        if act is None:
+            raise NotAnMLP(f"module {name!r} ({type(m).__name__}) is not nn.Linear, a supported "
+                           f"activation (ReLU, GELU, Tanh, SiLU), Identity, Dropout or a leading "
+                           f"Flatten")
+        if pending is None:
+            raise NotAnMLP(f"activation {name!r} ({type(m).__name__}) "
+                           + ("follows another activation" if act_seen else
+                              "comes before the first nn.Linear"))
+        layers.append(_layer(*pending, act))
+        pending = None
+        act_seen = True
+    if pending is not None:
+        layers.append(_layer(*pending, "identity"))
+    if not layers:
+        raise NotAnMLP("the model has no nn.Linear layer")
+    for prev, nxt in zip(layers, layers[1:]):
+        if prev.out_features != nxt.in_features:
+            raise NotAnMLP(f"layer {nxt.weight!r} takes {nxt.in_features} features but the "
+                           f"previous layer gives {prev.out_features}")
+    names = {n for n, _ in model.named_parameters()}
+    used = {n for layer in layers for n in (layer.weight, layer.bias) if n is not None}
+    if names != used:
+        raise NotAnMLP(f"parameters outside the Linear layers: {sorted(names - used)}")
+    return MLPStructure(tuple(layers), flatten, model, verified=plain)
+
+
+def _layer(name: str, m: nn.Linear, act: str) -> MLPLayer:
+    return MLPLayer(weight=f"{name}.weight" if name else "weight",
+                    bias=None if m.bias is None else (f"{name}.bias" if name else "bias"),
+                    act=act, in_features=m.in_features, out_features=m.out_features)
+
+
+def mlp_structure(model: nn.Module, strict: bool = False) -> Optional[MLPStructure]:
+    """Recognise an MLP: ``nn.Sequential`` (nested allowed) of ``nn.Linear`` layers, each
+    optionally followed by one activation (``nn.ReLU``, ``nn.GELU()`` exact, ``nn.Tanh``,
+    ``nn.SiLU``), with ``nn.Identity`` / ``nn.Dropout`` (the engine runs in eval mode: dropout is
+    the identity) anywhere and one ``nn.Flatten()`` allowed at the front. A module that is not a
+    Sequential but whose children in order form such a stack (e.g. ``self.net = Sequential(...)``)
+    is accepted too; its forward is checked against the stack on the first product.
+
+    Parameters
+    ----------
+    model : nn.Module
+    strict : bool
+        Raise :class:`NotAnMLP` (with the reason) instead of returning None.
+
+    Returns
+    -------
+    MLPStructure or None
+    """
+    try:
+        if not isinstance(model, nn.Module):
+            raise NotAnMLP(f"expected an nn.Module, got {type(model).__name__}")
+        return _parse(model)
+    except NotAnMLP:
+        if strict:
+            raise
+        return None
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Loss:
+    kind: str  # "ce" or "mse"
+    reduction: str
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+
+
+def _loss_config(loss: Any, reduction: str, ignore_index: int, label_smoothing: float) -> _Loss:
+    F = nn.functional
+    if isinstance(loss, str):
+        name = loss.lower().replace("-", "_")
+        if name in ("cross_entropy", "ce", "crossentropy"):
+            kind = "ce"
+        elif name in ("mse", "mse_loss"):
+            kind = "mse"
+        else:
+            raise NotAnMLP(f"loss {loss!r} is not supported by the MLP path (use "
+                           f"'cross_entropy' or 'mse')")
+    elif isinstance(loss, nn.CrossEntropyLoss):
+        if loss.weight is not None:
+            raise NotAnMLP("CrossEntropyLoss with class weights is not supported by the MLP path")
+        kind, reduction = "ce", loss.reduction
+        ignore_index, label_smoothing = loss.ignore_index, loss.label_smoothing
+    elif isinstance(loss, nn.MSELoss):
+        kind, reduction = "mse", loss.reduction
+    elif loss is F.cross_entropy:
+        kind = "ce"
+    elif loss is F.mse_loss:
+        kind = "mse"
+    else:
+        raise NotAnMLP(f"loss {loss!r} is not supported by the MLP path (use 'cross_entropy', "
+                       f"'mse' or their nn / functional forms)")
+    if reduction not in ("mean", "sum"):
+        raise NotAnMLP(f"reduction {reduction!r} is not supported by the MLP path ('mean' or "
+                       f"'sum')")
+    return _Loss(kind, reduction, int(ignore_index), float(label_smoothing))
+
+
+# ---- the products ----------------------------------------------------------------------------
+
+
+def _act(z: Tensor, act: str, fused: bool, order: int):
+    """(a, s1, s2) with s1/s2 None where they are 1/0 (identity, ReLU's s2, or order 1)."""
+    if act == "identity":
+        return z, None, None
+    if fused:
+        a, s1, s2 = ops.act_derivs(z, act)
+        if act == "relu" or order < 2:
+            s2 = None
+        return a, s1, s2
+    return reference.act_derivs(z, act, order=order)
+
+
+def _loss_grad(f: Tensor, y: Tensor, cfg: _Loss) -> Tensor:
+    """d loss / d f (first order; the Hessian products need it)."""
+    if cfg.kind == "mse":
+        denom = f.numel() if cfg.reduction == "mean" else 1
+        return (f - y) * (2.0 / denom)
+    C = f.shape[1]
+    p = torch.softmax(f, dim=1)
+    mask = y != cfg.ignore_index
+    safe = torch.where(mask, y, torch.zeros_like(y))
+    # p - ((1 - eps) onehot(y) + eps / C): the gradient of cross_entropy with label smoothing eps
+    g = p - cfg.label_smoothing / C if cfg.label_smoothing else p.clone()
+    g.scatter_add_(1, safe.unsqueeze(1), torch.full_like(p[:, :1], -(1.0 - cfg.label_smoothing)))
+    g = g * mask.unsqueeze(1).to(g.dtype)
+    if cfg.reduction == "mean":
+        g = g / max(int(mask.sum()), 1)
+    return g
+
+
+def _loss_hvp(f: Tensor, y: Tensor, Rf: Tensor, cfg: _Loss, fused: bool) -> Tensor:
+    """Loss Hessian w.r.t. the outputs applied to Rf (k, B, n) -> (k, B, n)."""
+    if cfg.kind == "mse":
+        denom = f.numel() if cfg.reduction == "mean" else 1
+        return Rf * (2.0 / denom)
+    if fused:
+        U = ops.xent_hvp(f, y, Rf, cfg.label_smoothing, cfg.ignore_index)
+    else:
+        U = reference.xent_hvp(f, y, Rf, cfg.label_smoothing, cfg.ignore_index)
+    if cfg.reduction == "sum":
+        U = U * int((y != cfg.ignore_index).sum())
+    return U
+
+
+class _Plan:
+    """Per-call data shared by all chunks of directions: weights, forward and first-order
+    backward results, where each parameter's direction lives in the rows of X."""
+
+    def __init__(self, structure: MLPStructure, params: Mapping[str, Tensor]):
+        model_params = dict(structure.model.named_parameters())
+        unknown = [n for n in params if n not in model_params]
+        if unknown:
+            raise ValueError(f"mlp_matmat: {unknown[:3]} are not parameters of the model "
+                             f"(names as in model.named_parameters())")
+        self.offsets: Dict[str, Tuple[int, int]] = {}
+        off = 0
+        for n, p in params.items():
+            size = model_params[n].numel()
+            if tuple(p.shape) != tuple(model_params[n].shape):
+                raise ValueError(f"mlp_matmat: params[{n!r}] has shape {tuple(p.shape)}, the model's "
+                                 f"has {tuple(model_params[n].shape)}")
+            self.offsets[n] = (off, off + size)
+            off += size
+        self.d = off
+        self.order = list(params)
+
+        def value(n):
+            return (params[n] if n in params else model_params[n]).detach()
+
+        self.W = [value(layer.weight) for layer in structure.layers]
+        self.b = [None if layer.bias is None else value(layer.bias) for layer in structure.layers]
+        dtypes = {w.dtype for w in self.W} | {b.dtype for b in self.b if b is not None}
+        if len(dtypes) != 1:
+            raise NotAnMLP(f"the MLP's parameters have several dtypes {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop()
+        self.device = self.W[0].device
+        self.acts = [layer.act for layer in structure.layers]
+        self.layers = structure.layers
+        # first layer whose parameters have directions: nothing varies below it
+        has = [layer.weight in self.offsets or (layer.bias is not None and layer.bias in self.offsets)
+               for layer in structure.layers]
+        self.first = has.index(True) if any(has) else len(has)
+
+
+def _view(T: Tensor, plan: _Plan, name: Optional[str],
+          shape: Tuple[int, ...]) -> Optional[Tensor]:
+    """The columns of T (k, d) that belong to parameter `name`, as a (k, *shape) view."""
+    if name is None or name not in plan.offsets:
+        return None
+    s, e = plan.offsets[name]
+    return T[:, s:e].view((T.shape[0],) + shape)
+
+
+def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
+              S2: List[Optional[Tensor]], D: List[Optional[Tensor]], C2: List[Optional[Tensor]],
+              f: Tensor, y: Tensor, X: Tensor, cfg: _Loss, hessian: bool, fused: bool) -> Tensor:
+    """Rows X (k, d) -> rows (k, d) of H X^T or G X^T for one chunk of directions.
+
+    Layout (k, B, n): products with the shared weight are one GEMM over all k B rows
+    (``(k B, n_in) @ (n_in, n_out)``); products with the per-direction dW_j are one batched GEMM
+    (``bmm``) that reads dW_j in place from the rows of X, with the activations broadcast (no
+    copies). Memory: the only per-direction tensors kept across layers are R z_l (k, B, n_l), for
+    the Hessian only (R a_{l-1} is recomputed from R z_{l-1} in the backward sweep); results go
+    straight into the output rows.
+    """
+    k = X.shape[0]
+    L = len(plan.layers)
+    B = A[0].shape[0]
+    dims = [(layer.out_features, layer.in_features) for layer in plan.layers]
+    dW = [_view(X, plan, layer.weight, dims[l]) for l, layer in enumerate(plan.layers)]
+    db = [_view(X, plan, layer.bias, dims[l][:1]) for l, layer in enumerate(plan.layers)]
+
+    # ---- R-forward ---------------------------------------------------------------------------
+    Ra: Optional[Tensor] = None     # R a_{l-1} (k, B, n_in); None = 0
+    RZ: List[Optional[Tensor]] = [None] * L
+    for l in range(plan.first, L):
+        W, (n_out, n_in) = plan.W[l], dims[l]
+        Rz: Optional[Tensor] = None
+        if Ra is not None:           # R a_{l-1} W^T: one GEMM over k B rows
+            Rz = (Ra.view(k * B, n_in) @ W.t()).view(k, B, n_out)
+        if dW[l] is not None:        # a_{l-1} dW_j^T: one bmm, a broadcast over j
+            Aj = A[l].expand(k, B, n_in)
+            if Rz is None:
+                Rz = torch.bmm(Aj, dW[l].transpose(1, 2))
+            else:
+                Rz.baddbmm_(Aj, dW[l].transpose(1, 2))
+        if db[l] is not None:
+            if Rz is None:
+                Rz = db[l].unsqueeze(1).expand(k, B, n_out).contiguous()
+            else:
+                Rz.add_(db[l].unsqueeze(1))
+        if hessian:
+            RZ[l] = Rz
+        if Rz is None:
+            Ra = None
+        else:
+            Ra = Rz * S1[l] if S1[l] is not None else Rz
+    if Ra is None:
+        return X.new_zeros((k, plan.d))
+
+    # ---- loss Hessian and R-backward ------------------------------------------------------------
+    out = X.new_empty((k, plan.d))  # every column belongs to a layer >= plan.first: all written
+    Rga = _loss_hvp(f, y, Ra, cfg, fused)
+    del Ra
+    for l in range(L - 1, plan.first - 1, -1):
+        W, (n_out, n_in) = plan.W[l], dims[l]
+        Rd = Rga * S1[l] if S1[l] is not None else Rga.contiguous()
+        del Rga
+        if hessian and S2[l] is not None and RZ[l] is not None:
+            Rd.addcmul_(RZ[l], C2[l])
+        RZ[l] = None
+        # R a_{l-1} for the Hessian's cross term, recomputed from R z_{l-1}
+        Ra_in: Optional[Tensor] = None
+        if hessian and l > plan.first and RZ[l - 1] is not None:
+            Ra_in = RZ[l - 1] * S1[l - 1] if S1[l - 1] is not None else RZ[l - 1]
+        slot = _view(out, plan, plan.layers[l].weight, dims[l])
+        if slot is not None:
+            # R g_W_j = R delta_j^T a_{l-1} (+ delta^T R a_{l-1, j}): bmm (+ baddbmm)
+            gW = torch.bmm(Rd.transpose(1, 2), A[l].expand(k, B, n_in))
+            if Ra_in is not None:
+                gW.baddbmm_(D[l].t().expand(k, n_out, B), Ra_in)
+            slot.copy_(gW)
+            del gW
+        del Ra_in
+        bslot = _view(out, plan, plan.layers[l].bias, (n_out,))
+        if bslot is not None:
+            bslot.copy_(Rd.sum(1))
+        if l > plan.first:
+            # R g_a_{l-1} = R delta W (+ delta dW_j): one GEMM (+ one baddbmm)
+            Rga = (Rd.view(k * B, n_out) @ W).view(k, B, n_in)
+            if hessian and dW[l] is not None:
+                Rga.baddbmm_(D[l].expand(k, B, n_out), dW[l])
+        del Rd
+    return out
+
+
+def _forward(plan: _Plan, x: Tensor, hessian: bool, fused: bool):
+    A: List[Tensor] = []
+    S1: List[Optional[Tensor]] = []
+    S2: List[Optional[Tensor]] = []
+    a = x
+    for l in range(len(plan.layers)):
+        A.append(a)
+        z = torch.addmm(plan.b[l], a, plan.W[l].t()) if plan.b[l] is not None else a @ plan.W[l].t()
+        a, s1, s2 = _act(z, plan.acts[l], fused, 2 if hessian else 1)
+        S1.append(s1)
+        S2.append(s2)
+    return a, A, S1, S2
+
+
+def _first_order_backward(plan: _Plan, g: Tensor, S1, S2):
+    """delta_l = g_{a_l} * s1 and C2_l = g_{a_l} * s2 for every layer."""
+    L = len(plan.layers)
+    D: List[Optional[Tensor]] = [None] * L
+    C2: List[Optional[Tensor]] = [None] * L
+    ga = g
+    for l in range(L - 1, plan.first - 1, -1):
+        d = ga * S1[l] if S1[l] is not None else ga
+        D[l] = d
+        if S2[l] is not None:
+            C2[l] = ga * S2[l]
+        if l > plan.first:
+            ga = d @ plan.W[l]
+    return D, C2
+
+
+def _prepare_inputs(structure: MLPStructure, plan: _Plan, inputs: Any) -> Tensor:
+    if not isinstance(inputs, Tensor):
+        raise NotAnMLP(f"inputs must be one tensor for the MLP path, got {type(inputs).__name__}")
+    x = inputs.to(device=plan.device)
+    if structure.flatten_input:
+        x = x.flatten(1)
+    n0 = structure.layers[0].in_features
+    if x.dim() != 2 or x.shape[1] != n0:
+        raise NotAnMLP(f"inputs of shape {tuple(inputs.shape)} do not give (batch, {n0}) rows"
+                       + (" after flattening" if structure.flatten_input else "")
+                       + " (the MLP path needs 2-D inputs)")
+    return x.to(plan.dtype)
+
+
+def _check_targets(f: Tensor, y: Tensor, cfg: _Loss) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise NotAnMLP(f"targets must be a tensor, got {type(y).__name__}")
+    y = y.to(f.device)
+    if cfg.kind == "ce":
+        if y.dtype != torch.int64 or y.shape != (f.shape[0],):
+            raise NotAnMLP(f"cross-entropy targets must be int64 class indices of shape "
+                           f"({f.shape[0]},) for the MLP path, got {y.dtype} {tuple(y.shape)}")
+        return y
+    if y.shape != f.shape:
+        raise NotAnMLP(f"MSE targets of shape {tuple(y.shape)} do not match the outputs "
+                       f"{tuple(f.shape)} (torch would broadcast; the MLP path does not)")
+    return y.to(f.dtype)
+
+
+def mlp_apply_rows(structure: MLPStructure, params: Mapping[str, Tensor], inputs: Tensor,
+                   targets: Tensor, X: Tensor, loss: Any = "cross_entropy",
+                   curvature: str = "hessian", reduction: str = "mean", *,
+                   ignore_index: int = -100, label_smoothing: float = 0.0,
+                   chunk_size: Optional[int] = None, fused: Optional[bool] = None) -> Tensor:
+    """Rows version of :func:`mlp_matmat`: ``X (k, d) -> (k, d)`` (``X @ A``, ``A`` symmetric),
+    the layout of ``CurvatureOperator.apply_rows``."""
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"mlp_matmat: curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    cfg = _loss_config(loss, reduction, ignore_index, label_smoothing)
+    fused = FUSED_DEFAULT if fused is None else bool(fused)
+    hessian = curvature == "hessian"
+    plan = _Plan(structure, params)
+    if X.dim() != 2 or X.shape[1] != plan.d:
+        raise ValueError(f"mlp_matmat: expected directions of shape (k, {plan.d}) as rows, got "
+                         f"{tuple(X.shape)}")
+    k = X.shape[0]
+    with torch.no_grad():
+        x = _prepare_inputs(structure, plan, inputs)
+        f, A, S1, S2 = _forward(plan, x, hessian, fused)
+        y = _check_targets(f, targets, cfg)
+        if not structure.verified:
+            _verify(structure, plan, params, inputs, f)
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"mlp_matmat: the model outputs non-finite values "
+                             f"({structure.describe()})")
+        if k == 0 or plan.d == 0:
+            return X.new_zeros((k, plan.d), dtype=plan.dtype)
+        D: List[Optional[Tensor]] = []
+        C2: List[Optional[Tensor]] = []
+        if hessian:
+            D, C2 = _first_order_backward(plan, _loss_grad(f, y, cfg), S1, S2)
+        X = X.to(device=plan.device, dtype=plan.dtype)
+        step = k if chunk_size is None else max(1, int(chunk_size))
+        outs = [_products(plan, A, S1, S2, D, C2, f, y, X[s:s + step], cfg, hessian, fused)
+                for s in range(0, k, step)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def mlp_matmat(structure: MLPStructure, params: Mapping[str, Tensor], inputs: Tensor,
+               targets: Tensor, V: Tensor, loss: Any = "cross_entropy",
+               curvature: str = "hessian", reduction: str = "mean", *,
+               ignore_index: int = -100, label_smoothing: float = 0.0,
+               chunk_size: Optional[int] = None, fused: Optional[bool] = None) -> Tensor:
+    r"""Hessian or GGN of the batch loss of an MLP times ``V``, all columns in one pass.
+
+    Parameters
+    ----------
+    structure : MLPStructure
+        From :func:`mlp_structure`.
+    params : mapping of str to Tensor
+        The parameters the rows of ``V`` refer to, by their ``model.named_parameters()`` names,
+        **in the order of V's rows** (the engine passes its selected parameters in
+        ``named_parameters()`` order). Their values are used; parameters of the model not in
+        ``params`` are held fixed at the model's current values.
+    inputs : Tensor
+        ``(B, n0)`` (or ``(B, ...)`` when the model starts with ``nn.Flatten()``).
+    targets : Tensor
+        Cross-entropy: ``(B,)`` int64. MSE: the shape of the outputs.
+    V : Tensor
+        ``(d, k)`` or ``(d,)``, ``d`` = total size of ``params``.
+    loss : str, nn.CrossEntropyLoss, nn.MSELoss, F.cross_entropy or F.mse_loss
+        ``"cross_entropy"`` or ``"mse"``; module forms carry their own reduction, ignore_index
+        and label_smoothing.
+    curvature : {"hessian", "ggn"}
+    reduction : {"mean", "sum"}
+        Of the batch loss (as torch's).
+    ignore_index, label_smoothing
+        Cross-entropy options (as ``F.cross_entropy``).
+    chunk_size : int, optional
+        At most this many directions per pass (bounds the ``(B, k, width)`` intermediates).
+    fused : bool, optional
+        Use the fused ops (:func:`ops.act_derivs`, :func:`ops.xent_hvp`); default
+        :data:`FUSED_DEFAULT`.
+
+    Returns
+    -------
+    Tensor
+        Shape of ``V``, dtype of the parameters.
+
+    Raises
+    ------
+    NotAnMLP
+        Loss, inputs or targets outside this path (use the generic path), or a non-Sequential
+        model whose forward does not match its layers.
+    """
+    one = V.dim() == 1
+    X = V.reshape(1, -1) if one else V.t()
+    out = mlp_apply_rows(structure, params, inputs, targets, X, loss, curvature, reduction,
+                         ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         chunk_size=chunk_size, fused=fused)
+    return out[0] if one else out.t()
+
+
+def _verify(structure: MLPStructure, plan: _Plan, params: Mapping[str, Tensor], inputs: Tensor,
+            f: Tensor) -> None:
+    from torch.func import functional_call
+    full = {n: p.detach() for n, p in structure.model.named_parameters()}
+    full.update({n: p.detach() for n, p in params.items()})
+    out = functional_call(structure.model, full, (inputs,), strict=False)
+    if not isinstance(out, Tensor) or out.shape != f.shape:
+        raise NotAnMLP(f"the model's forward does not return the output of its layer stack "
+                       f"({structure.describe()})")
+    eps = torch.finfo(f.dtype).eps
+    scale = float(out.abs().max()) if out.numel() else 0.0
+    if not torch.allclose(out.to(f.dtype), f, rtol=1e3 * eps, atol=1e3 * eps * max(scale, 1.0)):
+        raise NotAnMLP(f"the model's forward is not the composition of its children in order "
+                       f"({structure.describe()}): use the generic path")
+    structure.verified = True
+
+
+def mlp_hvp(model: nn.Module, inputs: Tensor, targets: Tensor, directions: Tensor,
+            loss: Any = "cross_entropy", curvature: str = "hessian", *,
+            reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
+            chunk_size: Optional[int] = None, fused: Optional[bool] = None) -> Tensor:
+    r"""Exact Hessian (``curvature="hessian"``) or GGN (``"ggn"``) of an MLP's batch loss times
+    ``k`` directions, in one fused Pearlmutter pass (see the module docstring for the math).
+
+    Parameters
+    ----------
+    model : nn.Module
+        An MLP as :func:`mlp_structure` accepts; not modified.
+    inputs, targets : Tensor
+        One batch (cross-entropy targets: int64 class indices).
+    directions : Tensor
+        ``(d,)`` or ``(d, k)`` over the parameters with ``requires_grad`` in
+        ``model.named_parameters()`` order (the engine's layout).
+    loss, curvature, reduction, ignore_index, label_smoothing, chunk_size, fused
+        As :func:`mlp_matmat`.
+
+    Returns
+    -------
+    Tensor
+        Shape of ``directions``.
+
+    Raises
+    ------
+    NotAnMLP
+        When the model / loss / data are outside the MLP path.
+
+    Shapes
+    ------
+    directions (d, k) -> (d, k)
+    """
+    structure = mlp_structure(model, strict=True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return mlp_matmat(structure, params, inputs, targets, directions, loss, curvature, reduction,
+                      ignore_index=ignore_index, label_smoothing=label_smoothing,
+                      chunk_size=chunk_size, fused=fused)

@@ -1,0 +1,7 @@
+"""``python -m landscape_lab`` runs the ``landscape-lab`` command line."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
