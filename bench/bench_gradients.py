@@ -234,7 +234,7 @@ def reference_values(model, n, k, device):
 
 def bench_svd(args, rows, info):
     k, p, q = 32, args.p, args.q
-    cases = ([("mlp-quick", 1024, True)] if args.quick else
+    cases = ([("mlp-quick", 512, True)] if args.quick else
              [("mlp300k", 4096, True), ("mlp1.5M", 4096, False)])
     mem_total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     info["ram_GB"] = mem_total_gb

@@ -27,6 +27,20 @@ _ENGINE_EXPORTS = [
     "SpectralDensityResult", "DensityCurve", "spectral_density",
 ]
 
+from .ops import act_derivs, linear_grad_project, linear_grad_sketch, xent_hvp  # noqa: E402
+from .mlp import mlp_hvp, mlp_structure  # noqa: E402
+from .gradients import (  # noqa: E402
+    compare_covariance_to_hessian_diagonal, gradient_covariance_svd,
+    gradient_in_top_hessian_subspace, gradient_rank, per_sample_gradients, subspace_overlap,
+)
+
+_ENGINE_EXPORTS += [
+    "xent_hvp", "act_derivs", "linear_grad_sketch", "linear_grad_project", "mlp_hvp",
+    "mlp_structure", "per_sample_gradients", "gradient_covariance_svd", "gradient_rank",
+    "subspace_overlap", "gradient_in_top_hessian_subspace",
+    "compare_covariance_to_hessian_diagonal",
+]
+
 # ---- end of engine exports -------------------------------------------------------------------
 
 __version__ = "0.1.0"
@@ -38,4 +52,4 @@ __all__ = [
     "block_orthonormalize",
     "orthogonalize_batched",
     "numerical_rank",
-]
+] + _ENGINE_EXPORTS

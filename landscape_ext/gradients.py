@@ -38,7 +38,9 @@ Methods of :func:`gradient_covariance_svd`
     :func:`landscape_ext.ops.linear_grad_project`; one forward and one backward of the summed
     losses per batch per pass give all factors (the output gradients of the summed loss are
     per-sample because samples do not interact in eval mode). Parameters of other layers (norm
-    affines, embeddings, ...) get per-sample gradients by ``vmap(grad)`` restricted to them.
+    affines, embeddings, ...) get per-sample gradients by ``vmap(grad)`` restricted to them. The
+    factors (``O(n * layer widths)``) are kept across passes while they fit in 256 MiB, so later
+    passes skip the forward and backward.
 ``"jvp"``
     Any model: ``G Z^T`` by forward-mode products of the per-sample loss vector in ``l``
     directions (``vmap`` of ``jvp``; double backward where forward AD is missing), ``G^T W`` by
@@ -110,6 +112,7 @@ _MATERIALIZE_MAX = 1 << 22       # n * d elements for auto -> materialize
 _GRAM_MAX_N = 8192               # samples for auto -> gram
 _GRAM_MAX_FACTOR_BYTES = 1 << 30  # stored factors for gram
 _SAMPLE_CHUNK_ELEMENTS = 1 << 24  # per-sample gradient elements held at once (vmap(grad) chunks)
+_FACTOR_CACHE_BYTES = 1 << 28     # layer factors kept across passes by the kronecker engine
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,6 +646,10 @@ class _Engine:
     def prepare(self, inputs: Any, targets: Tensor, b: int, where: str) -> Any:
         raise NotImplementedError
 
+    def prepare_indexed(self, i: int, inputs: Any, targets: Tensor, b: int, where: str) -> Any:
+        """``prepare`` for batch ``i`` of a pass (engines may reuse work across passes)."""
+        return self.prepare(inputs, targets, b, where)
+
     def forward(self, ctx: Any, Z: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -887,6 +894,10 @@ class _KronEngine(_Engine):
             raise _KronUnsupported("no Linear/Conv2d layer holds a selected parameter")
         self.sketch_impl = sketch_impl
         self._sketch = ops.linear_grad_sketch if sketch_impl == "fused" else _composite_sketch
+        # factors of each batch, kept across passes while they fit in _FACTOR_CACHE_BYTES (the
+        # samples are checked to be the same on every pass): later passes skip forward/backward
+        self._cache: Optional[Dict[int, Any]] = {}
+        self._cache_bytes = 0
 
     @property
     def kron_fraction(self) -> float:
@@ -977,6 +988,21 @@ class _KronEngine(_Engine):
             self.all_2d = all(L.kind == "linear" and len(factors[id(L)]) == 1
                               and factors[id(L)][0][0].dim() == 2 for L in self.layers)
             return
+
+    def prepare_indexed(self, i, inputs, targets, b, where):
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        ctx = self.prepare(inputs, targets, b, where)
+        if self._cache is not None:
+            factors, G_o, _ = ctx
+            tensors = [t for fs in factors.values() for pair in fs for t in pair]
+            tensors += [G_o] if G_o is not None else []
+            self._cache_bytes += sum(t.numel() * t.element_size() for t in tensors)
+            if self._cache_bytes <= _FACTOR_CACHE_BYTES:
+                self._cache[i] = ctx
+            else:
+                self._cache = None
+        return ctx
 
     def prepare(self, inputs, targets, b, where):
         factors = self.capture(inputs, targets, b, where)
@@ -1144,7 +1170,7 @@ def _iter(pb: _Problem, eng: _Engine, progress: bool, desc: str):
         it = tqdm(it, desc=desc, leave=False)
     for i, inputs, targets, b in it:
         where = f"on batch {i}"
-        yield eng.prepare(inputs, targets, b, where), b, where
+        yield eng.prepare_indexed(i, inputs, targets, b, where), b, where
 
 
 def _forward_pass(pb: _Problem, eng: _Engine, Z: Tensor, progress: bool) -> Tensor:

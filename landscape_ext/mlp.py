@@ -23,10 +23,9 @@ The bracketed terms are the Hessian's and are dropped for the GGN
 :math:`G = J^\top \nabla^2_f \ell\, J`. Directions are kept in the layout ``(k, batch, width)``:
 products with a shared weight are one GEMM over all ``k B`` rows (``(k B, n_in) @ (n_in, n_out)``),
 products with the per-direction :math:`\dot W_j` one batched GEMM (``bmm`` with the activations
-broadcast over the directions, reading :math:`\dot W_j` in place from the direction rows).
-Per layer and direction that is
-6 matrix products of the size of the forward one for the Hessian (R-forward 2, R-backward 4) and
-4 for the GGN, against 3 for a gradient.
+broadcast over the directions, reading :math:`\dot W_j` in place from the direction rows). Per
+layer and direction that is 6 matrix products of the size of the forward one for the Hessian
+(R-forward 2, R-backward 4) and 4 for the GGN, against 3 for a gradient.
 
 The activation derivatives come from the fused op :func:`landscape_ext.ops.act_derivs` and the
 cross-entropy Hessian from :func:`landscape_ext.ops.xent_hvp` when ``fused=True``; ``fused=False``

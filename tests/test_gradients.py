@@ -482,3 +482,88 @@ def test_result_prints_and_serialises(mlp_problem):
     d = res.to_dict()
     assert d["k"] == 3 and len(d["singular_values"]) == 3 and d["n_passes"] == 4
     assert d["n_forward_products"] == 2 * 13 and d["n_reverse_products"] == 13 + 14
+
+
+# ---- method selection and the layer-factor engine's fallbacks ----------------------------------
+
+class FunctionalHead(nn.Module):
+    """``fc`` is never called: its weight is used through F.linear (like MultiheadAttention's
+    out_proj). The factor engine must notice and hand it to per-sample gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(6, 10)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.inner(x)), self.fc.weight, self.fc.bias)
+
+
+class DoubleUse(nn.Module):
+    """``fc`` is called *and* its weight is used functionally: the factors miss a term, which
+    only the first-batch check against jvp can see."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) + 0.5 * torch.tanh(x @ self.fc.weight.T)
+        return self.head(h)
+
+
+@pytest.fixture
+def force_streaming(monkeypatch):
+    """Make 'auto' skip materialize and gram so that small models exercise the other branches."""
+    import landscape_ext.gradients as gm
+    monkeypatch.setattr(gm, "_MATERIALIZE_MAX", 0)
+    monkeypatch.setattr(gm, "_GRAM_MAX_N", 0)
+
+
+def test_layer_never_called_goes_to_per_sample_gradients():
+    torch.manual_seed(20)
+    model = FunctionalHead().double()
+    x, y = cls_data(64, 6, 3, 21)
+    G = autograd_rows(model, CE, x, y)
+    exact = exact_svdvals(G, True)[:5]
+    res = gradient_covariance_svd(model, CE, batches(x, y, 30), 5, method="kronecker",
+                                  n_power_iter=4, seed=1)
+    assert ((res.singular_values - exact).abs() / exact).max().item() <= 1e-2
+
+
+def test_auto_falls_back_to_jvp_when_factors_miss_a_use(force_streaming):
+    torch.manual_seed(22)
+    model = DoubleUse().double()
+    x, y = cls_data(64, 6, 3, 23)
+    G = autograd_rows(model, CE, x, y)
+    exact = exact_svdvals(G, True)[:4]
+    res = gradient_covariance_svd(model, CE, batches(x, y, 30), 4, method="auto", n_power_iter=4)
+    assert res.method_used == "jvp"
+    assert ((res.singular_values - exact).abs() / exact).max().item() <= 1e-2
+
+
+def test_auto_picks_kronecker_and_gram(force_streaming, monkeypatch, mlp_problem):
+    import landscape_ext.gradients as gm
+    model, x, y, G = mlp_problem
+    res = gradient_covariance_svd(model, CE, batches(x, y, 60), 4, n_power_iter=3)
+    assert res.method_used == "kronecker" and res.sketch_impl == "fused"
+    monkeypatch.setattr(gm, "_GRAM_MAX_N", 10_000)
+    res = gradient_covariance_svd(model, CE, batches(x, y, 60), 4)
+    assert res.method_used == "gram"
+    torch.testing.assert_close(res.singular_values, exact_svdvals(G, True)[:4], rtol=1e-9, atol=0)
+    # a conv model cannot use gram: auto takes the randomized factor route
+    torch.manual_seed(24)
+    conv = ConvNet().double()
+    xc, yc = cls_data(40, 0, 3, 25, shape=(2, 5, 5))
+    assert gradient_covariance_svd(conv, CE, (xc, yc), 3).method_used == "kronecker"
+
+
+def test_gram_with_parameters_outside_linear_layers():
+    model, (x, y) = bn_model(seed=26), cls_data(90, 8, 4, 27)
+    G = autograd_rows(model, CE, x, y)
+    for centered in (True, False):
+        res = gradient_covariance_svd(model, CE, batches(x, y, 40), 6, method="gram",
+                                      centered=centered)
+        torch.testing.assert_close(res.singular_values, exact_svdvals(G, centered)[:6],
+                                   rtol=1e-9, atol=0)

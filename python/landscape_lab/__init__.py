@@ -3,6 +3,15 @@
 It calls only the public functions of :mod:`landscape_ext`.
 """
 from .barriers import BarrierPath, barrier_height, barrier_location, interpolate
+from .data import (DataFileNotFoundError, Dataset, gaussian_mixture, get_dataset, load_cifar,
+                   load_digits, load_wikitext2)
+from .models import (MLP, CausalTransformerLM, ResNet, ViT, build_model, model_spec, n_params,
+                     sequence_cross_entropy)
+from .report import ReportConfig, ReportResult, example_report, model_report, sweep_report
+from .sweep import SweepConfig, SweepSummary, fit_sweep, load_results, parse_shard, run_sweep
+from .training import (Callback, CheckpointCallback, CurvatureCallback, MetricsCallback,
+                       TrainConfig, TrainResult, curvature_stats, evaluate, load_checkpoint,
+                       read_jsonl, save_checkpoint, train)
 from .optim import (CurvatureAdaptiveLR, HybridHessianAdam, HybridHessianSGD, SharpnessTracker,
                     hessian_closure, hvp_operator)
 from .rmt import (MarchenkoPasturFit, SemicircleFit, SpikeReport, bbp_threshold, detect_spikes,
@@ -19,4 +28,11 @@ __all__ = [
     "interpolate", "barrier_height", "barrier_location", "BarrierPath",
     "CurvatureAdaptiveLR", "HybridHessianSGD", "HybridHessianAdam", "SharpnessTracker",
     "hessian_closure", "hvp_operator",
+    "MLP", "ResNet", "ViT", "CausalTransformerLM", "build_model", "model_spec", "n_params",
+    "sequence_cross_entropy", "Dataset", "DataFileNotFoundError", "gaussian_mixture",
+    "load_digits", "load_cifar", "load_wikitext2", "get_dataset", "TrainConfig", "TrainResult",
+    "Callback", "MetricsCallback", "CurvatureCallback", "CheckpointCallback", "train", "evaluate",
+    "curvature_stats", "save_checkpoint", "load_checkpoint", "read_jsonl", "SweepConfig",
+    "SweepSummary", "run_sweep", "fit_sweep", "load_results", "parse_shard", "ReportConfig",
+    "ReportResult", "model_report", "sweep_report", "example_report",
 ]
