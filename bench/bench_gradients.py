@@ -52,7 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 MODELS = {
     "mlp300k": [784, 320, 128, 10],      # d = 293,578
-    "mlp1.5M": [784, 1152, 512, 10],     # d = 1,499,786
+    "mlp2M": [784, 1536, 512, 10],       # d = 1,997,834
     "mlp-quick": [784, 320, 128, 10],
 }
 
@@ -235,12 +235,12 @@ def reference_values(model, n, k, device):
 def bench_svd(args, rows, info):
     k, p, q = 32, args.p, args.q
     cases = ([("mlp-quick", 512, True)] if args.quick else
-             [("mlp300k", 4096, True), ("mlp1.5M", 4096, False)])
+             [("mlp300k", 4096, True), ("mlp2M", 4096, False)])
     mem_total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     info["ram_GB"] = mem_total_gb
     for model_name, n, baselines in cases:
         model = make_model(model_name)
-        train_briefly(model, 4096, steps=300 if model_name != "mlp1.5M" else 150)
+        train_briefly(model, 4096, steps=300 if model_name != "mlp2M" else 150)
         d = n_params(model)
         with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
             state = f.name
@@ -251,7 +251,7 @@ def bench_svd(args, rows, info):
         need_gb = n * d * 4 / 2**30
         fits = need_gb < 0.6 * mem_total_gb
         impls = ["ours-kronecker", "ours-jvp", "ours-gram"]
-        if model_name == "mlp1.5M":
+        if model_name == "mlp2M":
             impls = ["ours-kronecker", "ours-gram"]
         if baselines and fits:
             impls += ["vmap+svd_lowrank", "vmap+sklearn"]

@@ -567,3 +567,32 @@ def test_gram_with_parameters_outside_linear_layers():
                                       centered=centered)
         torch.testing.assert_close(res.singular_values, exact_svdvals(G, centered)[:6],
                                    rtol=1e-9, atol=0)
+
+
+def test_jvp_falls_back_to_double_backward(monkeypatch, mlp_problem):
+    # a model with an op lacking forward-mode AD (SDPA attention): G z by double backward instead
+    import landscape_ext.gradients as gm
+    model, x, y, G = mlp_problem
+
+    def no_forward_ad(self, ctx, Z):
+        raise RuntimeError("derivative for aten::foo is not implemented for forward AD (jvp)")
+
+    monkeypatch.setattr(gm._JvpEngine, "_forward_jvp", no_forward_ad)
+    res = gradient_covariance_svd(model, CE, batches(x, y, 70), 5, method="jvp", n_power_iter=3,
+                                  chunk_size=4)
+    assert res.forward_mode_used == "double-backward"
+    exact = exact_svdvals(G, True)[:5]
+    assert ((res.singular_values - exact).abs() / exact).max().item() <= 1e-2
+
+
+def test_gram_top_eigenpairs_by_lanczos_match_eigh():
+    # n > 1024, k <= n / 8: the gram method's eigen-solve runs block Lanczos on K
+    from landscape_ext.gradients import _top_eigh
+    g = torch.Generator().manual_seed(30)
+    X = torch.randn(1100, 300, generator=g, dtype=torch.float64) / torch.arange(
+        1, 301, dtype=torch.float64)
+    K = X @ X.T
+    w, U = _top_eigh(K, 10, seed=0)
+    w_ref = torch.linalg.eigvalsh(K).flip(0)[:10]
+    torch.testing.assert_close(w, w_ref, rtol=1e-11, atol=0)
+    torch.testing.assert_close(K @ U, U * w, rtol=0, atol=1e-9 * w_ref[0].item())
