@@ -58,8 +58,10 @@ __all__ = [
     "FUSED_DEFAULT",
 ]
 
-#: Whether :func:`mlp_hvp` uses the fused ops (act_derivs, xent_hvp) by default. Set from the
-#: measurements of bench/bench_hvp.py (bench/results/hvp_cpu.json): see the README of bench/.
+#: Whether :func:`mlp_hvp` uses the fused ops (act_derivs, xent_hvp) by default. Measured by
+#: bench/bench_hvp.py (bench/results/hvp_cpu.json, CPU): act_derivs beats the torch composition
+#: 1.05x (ReLU) to 4.2x (GELU, SiLU) on (512, 1024), xent_hvp beats the closed form in torch ops
+#: 2.7-3.8x, and whole products are 1.0-1.3x faster fused than composite.
 FUSED_DEFAULT = True
 
 _ACT_TYPES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}

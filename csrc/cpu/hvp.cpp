@@ -14,7 +14,7 @@
 // functions (exact to libm's accuracy; float64 is the precision of tests, not of speed).
 //
 // Inner loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per
-// instruction set (target_clones), as in cpu/krylov.cpp.
+// instruction-set level (target_clones, see LANDSCAPE_MULTIVERSION).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -32,9 +32,12 @@
 
 #include "hvp.h"
 
+// Clones by ISA level (x86-64-v4: AVX-512 F/BW/CD/DQ/VL; v3: AVX2 + FMA + F16C), which GCC's
+// resolver picks by CPU features. (Clones named by CPU, "arch=skylake-avx512" / "arch=haswell",
+// are picked by CPU *model*: every AMD CPU and newer Intel ones would get the SSE2 default.)
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define LANDSCAPE_MULTIVERSION \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LANDSCAPE_MULTIVERSION
 #endif
