@@ -28,7 +28,7 @@ _ENGINE_EXPORTS = [
 ]
 
 from .ops import act_derivs, linear_grad_project, linear_grad_sketch, xent_hvp  # noqa: E402
-from .mlp import mlp_hvp, mlp_structure  # noqa: E402
+from .mlp import MLPStructure, NotAnMLP, mlp_apply_rows, mlp_hvp, mlp_matmat, mlp_structure  # noqa: E402,E501
 from .gradients import (  # noqa: E402
     compare_covariance_to_hessian_diagonal, gradient_covariance_svd,
     gradient_in_top_hessian_subspace, gradient_rank, per_sample_gradients, subspace_overlap,
@@ -36,10 +36,15 @@ from .gradients import (  # noqa: E402
 
 _ENGINE_EXPORTS += [
     "xent_hvp", "act_derivs", "linear_grad_sketch", "linear_grad_project", "mlp_hvp",
-    "mlp_structure", "per_sample_gradients", "gradient_covariance_svd", "gradient_rank",
+    "mlp_structure", "mlp_matmat", "mlp_apply_rows", "NotAnMLP", "MLPStructure", "per_sample_gradients", "gradient_covariance_svd", "gradient_rank",
     "subspace_overlap", "gradient_in_top_hessian_subspace",
     "compare_covariance_to_hessian_diagonal",
 ]
+
+from . import distributed  # noqa: E402
+from .distributed import RankFailure, is_main_process  # noqa: E402
+
+_ENGINE_EXPORTS += ["distributed", "RankFailure", "is_main_process"]
 
 # ---- end of engine exports -------------------------------------------------------------------
 

@@ -240,7 +240,8 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
     pbar = None
     if progress:
         from tqdm.auto import tqdm
-        pbar = tqdm(total=n_steps, desc="SLQ", unit="step")
+        from .distributed import is_main_process
+        pbar = tqdm(total=n_steps, desc="SLQ", unit="step", disable=not is_main_process())
     try:
         for j in range(n_steps):
             qj = B[:, j] if reorthogonalize else cur

@@ -26,6 +26,8 @@ Conventions of the model operators
   ``track_running_stats`` on return, also after an exception.
 * Dropout is off (modules in eval mode). BatchNorm runs in eval mode (running statistics) by
   default; ``batch_norm="train"`` uses batch statistics without updating the running ones.
+* ``process_group=`` makes the model operators data parallel over :mod:`torch.distributed`
+  (see :mod:`landscape_ext.distributed`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import distributed as _dist
 from . import ops as _ops
 
 __all__ = [
@@ -390,10 +393,20 @@ class ModelOperator(CurvatureOperator):
                  params: Optional[Iterable[Union[str, Tensor]]] = None, *, mode: str = "auto",
                  batch_norm: str = "eval", accumulate_dtype: Optional[torch.dtype] = None,
                  chunk_size: Optional[int] = None, check_data: bool = True,
-                 cache_graph: Union[bool, str] = "auto"):
+                 cache_graph: Union[bool, str] = "auto", process_group: Any = None):
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
+        # a DDP-wrapped model: differentiate its module (DDP's forward hooks are for training)
+        # and reduce over DDP's group unless another one is given
+        unwrapped_ddp = False
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            if process_group is None:
+                process_group = model.process_group
+            model = model.module
+            unwrapped_ddp = True
+        self.process_group = _dist.resolve_group(process_group, name)
+        self.n_input_syncs = 0
         if mode not in HVP_MODES:
             raise ValueError(f"{name}: mode must be one of {HVP_MODES}, got {mode!r}")
         if batch_norm not in ("eval", "train"):
@@ -415,6 +428,8 @@ class ModelOperator(CurvatureOperator):
             names = {n for n, _ in named}
             sel_set = set()
             for p in params:
+                if isinstance(p, str) and unwrapped_ddp and p.startswith("module."):
+                    p = p[len("module."):]
                 if isinstance(p, str):
                     if p not in names:
                         raise ValueError(f"{name}: no parameter named {p!r} in the model")
@@ -525,6 +540,38 @@ class ModelOperator(CurvatureOperator):
     # -- products -------------------------------------------------------------------------------
     def _apply_rows(self, X: Tensor) -> Tensor:
         X = X.to(self.param_dtype)
+        group = self.process_group
+        owner = type(self).__name__
+        if group is None:
+            acc, n_total, n_batches = self._local_sum(X)
+            if acc is None or n_total == 0:
+                raise ValueError(f"{owner}: data contains no batches")
+            self.n_samples = n_total
+            # a single batch is returned unscaled (it already is the mean)
+            return acc.div_(n_total) if n_batches > 1 else acc
+
+        # data parallel: identical inputs on every rank, local sums, one all-reduce
+        X = self._sync_replicas(X)
+        try:
+            acc, n_local, n_batches = self._local_sum(X)
+        except Exception as exc:  # every rank raises, none hangs in the all-reduce
+            _dist.exchange_status(group, exc, (0.0,), "in a product")
+            raise
+        counts = _dist.exchange_status(group, None, (float(n_local),), "in a product")
+        n_total = int(round(float(counts.sum())))
+        if n_total == 0:
+            raise ValueError(f"{owner}: no rank of the process group has data (0 samples)")
+        if acc is None:  # this rank holds no samples: it contributes zeros
+            acc = X.new_zeros(X.shape, dtype=self.dtype)
+        elif n_batches == 1:
+            acc.mul_(n_local)
+        _dist.all_reduce_sum_(acc, group)
+        self.n_samples = n_total
+        return acc.div_(n_total)
+
+    def _local_sum(self, X: Tensor) -> Tuple[Optional[Tensor], int, int]:
+        """This process's products over its batches: ``(acc, n, n_batches)`` where ``acc`` is
+        ``sum_b n_b P_b`` — except for a single batch, where it is ``P_0`` unscaled."""
         acc = None
         n_total = 0
         n_batches = 0
@@ -540,7 +587,7 @@ class ModelOperator(CurvatureOperator):
                 P = self._batch_rows(X, inputs, targets, where)
                 _check_finite(P, "the product", where, type(self).__name__)
                 P = P.to(self.dtype)
-                if acc is None:  # a single batch is returned unscaled
+                if acc is None:
                     acc = P if P.data_ptr() != X.data_ptr() else P.clone()
                     first_nb = nb
                 else:
@@ -549,9 +596,7 @@ class ModelOperator(CurvatureOperator):
                     acc.add_(P, alpha=nb)
                 n_batches += 1
                 n_total += nb
-        if acc is None or n_total == 0:
-            raise ValueError(f"{type(self).__name__}: data contains no batches")
-        if self.check_data:
+        if self.check_data and n_batches > 0:
             if self._fp_ref is None:
                 self._fp_ref = self._fp
                 self._fp = _Fingerprint()
@@ -562,8 +607,45 @@ class ModelOperator(CurvatureOperator):
                     f"now, {self._fp_ref.n} in the first pass, or different values): data "
                     f"augmentation or a random transform makes the operator change from product to "
                     f"product. Use fixed data (no augmentation) or check_data=False.")
-        self.n_samples = n_total
-        return acc.div_(n_total) if n_batches > 1 else acc
+        return acc, n_total, n_batches
+
+    def _sync_replicas(self, X: Tensor) -> Tensor:
+        """Check that every rank has the same parameters and the same input directions.
+
+        One tiny collective: each rank contributes (d, parameter checksum, input checksum).
+        Different parameter counts or values are an error on every rank; different inputs (a
+        user's ``v0`` that differs per rank, or a nondeterministic kernel upstream) are replaced
+        by rank 0's, so the reduced product is a product of one set of directions."""
+        owner = type(self).__name__
+        pd = dict(self.model.named_parameters())
+        f64 = torch.float64
+        with torch.no_grad():
+            p_sums = [pd[n].detach().sum(dtype=f64) * (i + 1) +
+                      torch.linalg.vector_norm(pd[n].detach(), dtype=f64)
+                      for i, n in enumerate(self.param_names)]
+            p_check = torch.stack(p_sums).sum()
+            x_check = X.sum(dtype=f64) + torch.linalg.vector_norm(X, dtype=f64)
+            vals = torch.stack([p_check, x_check]).cpu().tolist()
+        table = _dist.exchange_status(self.process_group, None, [float(self.d)] + vals,
+                                      "checking the replicas")
+        rank, world = _dist.rank_and_world(self.process_group)
+        if bool((table[:, 0] != table[0, 0]).any()):
+            sizes = ", ".join(f"rank {r}: {int(v)}" for r, v in enumerate(table[:, 0].tolist()))
+            raise ValueError(f"{owner}: the ranks have different parameter counts ({sizes}); "
+                             f"every rank must hold the same model")
+        pc = table[:, 1]
+        if bool(((pc - pc[0]).abs() > 1e-9 * (pc[0].abs() + 1.0)).any()):
+            raise ValueError(f"{owner}: the model parameters differ between ranks (checksums "
+                             f"{[f'{v:.12g}' for v in pc.tolist()]}); seed the model identically "
+                             f"or broadcast rank 0's parameters (DDP does this at construction)")
+        if bool((table[:, 2] != table[0, 2]).any()):
+            X = X.contiguous().clone()
+            _dist.broadcast_(X, self.process_group, src=0)
+            self.n_input_syncs += 1
+            if self.n_input_syncs == 1:
+                log.warning("%s: the input directions differ between ranks (rank %d of %d); using "
+                            "rank 0's", owner, rank, world)
+        return X
 
     def _split_rows(self, X: Tensor) -> Dict[str, Tensor]:
         k = X.shape[0]
@@ -667,6 +749,16 @@ class HessianOperator(ModelOperator):
         For double backward: keep the first-order graph between products while the parameters
         are unchanged (``auto``: when ``data`` is a single batch). Saves one forward + backward
         per product at the cost of keeping the activations.
+    process_group : torch.distributed group, optional
+        Data parallel: each rank passes its own shard of the data and the same model; every
+        product is the mean over the samples of all ranks (local sums all-reduced, weighted by
+        each rank's sample count, so uneven shards are exact). Every rank must call every
+        product (the solvers do so when they run on every rank with the same seed). Before each
+        product the ranks compare parameter and input checksums: different parameters are an
+        error, different inputs are replaced by rank 0's. A rank whose local product fails
+        makes every rank raise (:class:`landscape_ext.distributed.RankFailure` on the others).
+        A model wrapped in ``DistributedDataParallel`` is unwrapped and reduces over DDP's group
+        by default. See :mod:`landscape_ext.distributed` for the bytes sent per product.
 
     Shapes
     ------

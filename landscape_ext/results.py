@@ -14,7 +14,8 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -106,6 +107,18 @@ class Result:
     def to_json(self, **kwargs: Any) -> str:
         """``json.dumps(self.to_dict(), **kwargs)``."""
         return json.dumps(self.to_dict(), **kwargs)
+
+    def save(self, path: Any, **kwargs: Any) -> Optional[Path]:
+        """Write :meth:`to_json` to ``path`` (parents created). In a :mod:`torch.distributed` run
+        only rank 0 writes (every rank holds the same result); the others return ``None``."""
+        from .distributed import is_main_process
+        if not is_main_process():
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("indent", 1)
+        path.write_text(self.to_json(**kwargs) + "\n")
+        return path
 
     def __str__(self) -> str:
         lines = [f"{type(self).__name__}("]

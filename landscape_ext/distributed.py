@@ -1,0 +1,210 @@
+r"""Data-parallel curvature on :mod:`torch.distributed`.
+
+The engine's operators take ``process_group=`` (a :mod:`torch.distributed` group, e.g.
+``dist.group.WORLD``). Every rank holds a shard of the data and the same parameters; a product
+``op @ V`` computes the local sum over the rank's samples and all-reduces it, so every rank gets
+the mean over all samples of all ranks — the single-process result up to the order of the
+floating-point sums. The Krylov solvers and estimators then run redundantly on every rank: their
+random probes come from seeded CPU generators (identical everywhere), their inputs are the
+all-reduced products (bitwise identical everywhere), so their state stays identical and no
+solver-level communication is needed.
+
+This module holds the small collective helpers the engine uses:
+
+* :func:`resolve_group` — validate a ``process_group`` argument.
+* :func:`exchange_status` / :func:`collective_errors` — every rank reports whether its local work
+  failed; if any did, **every** rank raises (the failing rank its own exception, the others a
+  :class:`RankFailure` naming it) instead of the healthy ranks hanging in the next collective.
+* :func:`all_reduce_sum_`, :func:`broadcast_` — collectives that also work for CUDA tensors on a
+  gloo group (staged through the CPU) and for CPU tensors on an NCCL group (staged through the
+  current GPU).
+* :func:`is_main_process` — rank 0 of the default group (or no distributed run): the process
+  that writes results and shows progress bars.
+
+What a product communicates
+---------------------------
+Per product of ``k`` directions (``d`` parameters, element size ``s`` bytes): two tiny
+collectives (a status exchange of 3 float64 values per rank before the product — parameter
+count, parameter checksum, input checksum — and a 2-value all-reduce after it — failure flag and
+sample count) and one all-reduce of the ``k x d`` product. A ring all-reduce sends and receives
+``2 (W - 1) / W * k * d * s`` bytes per rank (``W`` ranks), e.g. 1.2 MB per direction for a
+301k-parameter MLP in float32 on 2 ranks, 45 MB per direction for ResNet-18 (11.2M) on 8 ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RankFailure",
+    "resolve_group",
+    "is_distributed",
+    "is_main_process",
+    "rank_and_world",
+    "exchange_status",
+    "collective_errors",
+    "all_reduce_sum_",
+    "broadcast_",
+]
+
+log = logging.getLogger(__name__)
+
+
+class RankFailure(RuntimeError):
+    """Raised on the healthy ranks when another rank's local work failed (the failing rank
+    raises its own exception). ``failed`` maps rank -> error message."""
+
+    def __init__(self, message: str, failed: dict):
+        super().__init__(message)
+        self.failed = failed
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def is_distributed() -> bool:
+    """``torch.distributed`` is available and a default process group is initialized."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process(group: Any = None) -> bool:
+    """True on rank 0 of the default group, and in a non-distributed run. Results are written
+    and progress bars are shown only there."""
+    if not is_distributed():
+        return True
+    return _dist().get_rank() == 0
+
+
+def resolve_group(process_group: Any, owner: str) -> Any:
+    """Validate a ``process_group`` argument: ``None`` (single process) or a group of an
+    initialized :mod:`torch.distributed`. Returns the group (``None`` stays ``None``)."""
+    if process_group is None:
+        return None
+    if not is_distributed():
+        raise RuntimeError(f"{owner}: process_group was given but torch.distributed is not "
+                           f"initialized; call torch.distributed.init_process_group(...) first "
+                           f"(torchrun sets up the environment for it)")
+    dist = _dist()
+    try:
+        dist.get_world_size(process_group)
+    except Exception as exc:  # noqa: BLE001 - anything that is not a usable group
+        raise TypeError(f"{owner}: process_group must be a torch.distributed process group "
+                        f"(e.g. torch.distributed.group.WORLD), got {type(process_group).__name__}"
+                        ) from exc
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(f"{owner}: this process (global rank {dist.get_rank()}) is not a member "
+                         f"of process_group")
+    return process_group
+
+
+def rank_and_world(group: Any) -> tuple:
+    """``(rank in group, group size)``; ``(0, 1)`` for ``None``."""
+    if group is None:
+        return 0, 1
+    dist = _dist()
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _comm_device(group: Any, like: Optional[Tensor] = None) -> torch.device:
+    """Device a collective of this group needs: the current GPU for NCCL, else the CPU."""
+    backend = str(_dist().get_backend(group)).lower()
+    if "nccl" in backend:
+        if like is not None and like.is_cuda:
+            return like.device
+        return torch.device("cuda", torch.cuda.current_device())
+    if like is not None and like.is_cuda and "gloo" not in backend:
+        return like.device
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(t: Tensor, group: Any) -> Tensor:
+    """Sum ``t`` over the ranks of ``group`` in place (a no-op for ``group=None``); returns
+    ``t``. Stages through the device the backend needs."""
+    if group is None:
+        return t
+    dist = _dist()
+    dev = _comm_device(group, t)
+    if dev == t.device and t.is_contiguous():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+    buf = t.detach().to(dev).contiguous()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    t.copy_(buf)
+    return t
+
+
+def broadcast_(t: Tensor, group: Any, src: int = 0) -> Tensor:
+    """Overwrite ``t`` on every rank with its value on rank ``src`` of ``group`` (in place)."""
+    if group is None:
+        return t
+    dist = _dist()
+    src_global = dist.get_global_rank(group, src) if group is not dist.group.WORLD else src
+    dev = _comm_device(group, t)
+    if dev == t.device and t.is_contiguous():
+        dist.broadcast(t, src=src_global, group=group)
+        return t
+    buf = t.detach().to(dev).contiguous()
+    dist.broadcast(buf, src=src_global, group=group)
+    t.copy_(buf)
+    return t
+
+
+def _describe(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"[:500]
+
+
+def exchange_status(group: Any, error: Optional[BaseException], values: Sequence[float] = (),
+                    where: str = "") -> Tensor:
+    """Collective status exchange: every rank of ``group`` must call it.
+
+    Each rank contributes ``[failed, *values]`` (float64). If any rank failed, every rank raises:
+    the failing rank re-raises ``error``, the others raise :class:`RankFailure` naming the failed
+    ranks and their messages. Otherwise returns the gathered values, shape ``(W, len(values))``
+    (row ``r`` from rank ``r`` of the group). With ``group=None``: re-raises ``error`` if given,
+    else returns ``values`` as one row.
+    """
+    if group is None:
+        if error is not None:
+            raise error
+        return torch.tensor([list(values)], dtype=torch.float64)
+    dist = _dist()
+    rank, world = rank_and_world(group)
+    dev = _comm_device(group)
+    mine = torch.tensor([1.0 if error is not None else 0.0] + [float(v) for v in values],
+                        dtype=torch.float64, device=dev)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    table = torch.stack(parts).cpu()
+    if bool((table[:, 0] > 0).any()):
+        messages: List[Any] = [None] * world
+        dist.all_gather_object(messages, None if error is None else _describe(error), group=group)
+        failed = {r: m for r, m in enumerate(messages) if table[r, 0] > 0}
+        if error is not None:
+            raise error
+        at = f" {where}" if where else ""
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+        raise RankFailure(f"rank(s) {sorted(failed)} of {world} failed{at} ({detail}); stopping "
+                          f"rank {rank} too", failed)
+    return table[:, 1:]
+
+
+@contextlib.contextmanager
+def collective_errors(group: Any, where: str = "") -> Iterator[None]:
+    """Run a block of local work; on leaving it all ranks of ``group`` agree whether any rank
+    failed and, if so, all raise (see :func:`exchange_status`). Every rank must enter it."""
+    error: Optional[BaseException] = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - propagated to every rank below
+        if group is None:
+            raise
+        error = exc
+    exchange_status(group, error, (), where)

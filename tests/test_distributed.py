@@ -1,0 +1,218 @@
+"""Data-parallel curvature on torch.distributed: two CPU processes (gloo) spawned by the test.
+
+Every scenario runs in one spawned pair of processes (starting them costs seconds); rank 0 saves
+what it computed, every rank saves the text of an error it raised, and the parent compares
+against the single-process results on all of the data.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import landscape_ext as le
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
+
+N, D_IN, C = 100, 5, 3
+# uneven split: rank 0 holds samples [0, 70) in batches of 32, 32, 6; rank 1 [70, 100) in one
+SPLIT = 70
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, C)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    return x, y
+
+
+def _shard(rank: int):
+    x, y = _data()
+    if rank == 0:
+        return [(x[s:min(s + 32, SPLIT)], y[s:min(s + 32, SPLIT)]) for s in range(0, SPLIT, 32)]
+    return [(x[SPLIT:], y[SPLIT:])]
+
+
+def _directions(d: int) -> torch.Tensor:
+    return torch.randn(d, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def _compute(model, data, group=None, ddp=None):
+    """Everything the main scenario compares; the same code runs in one process and on ranks."""
+    kw = dict(process_group=group) if group is not None else {}
+    target = ddp if ddp is not None else model
+    H = le.HessianOperator(target, F.cross_entropy, data, **kw)
+    G = le.GGNOperator(target, F.cross_entropy, data, **kw)
+    V = _directions(H.d)
+    out = {
+        "hv": H @ V,
+        "gv": G @ V,
+        "n_samples": H.n_samples,
+        "eig": le.eigsh(H, k=4, which="both", tol=1e-10, block_size=2, max_basis=24).eigenvalues,
+        "eig_ggn": le.eigsh(G, k=3, tol=1e-10).eigenvalues,
+        "trace": le.trace(H, 24, method="hutch++", seed=3).estimate,
+        "diag": le.diagonal(H, 16, seed=4).estimate,
+    }
+    dens = le.spectral_density(H, n_steps=8, n_probes=3, seed=5)
+    out["density_nodes"] = dens.nodes
+    out["density_weights"] = dens.weights
+    return out
+
+
+def _init(rank: int, world: int, tmp: str):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    return dist
+
+
+def _worker(rank: int, world: int, tmp: str, scenario: str):
+    dist = _init(rank, world, tmp)
+    try:
+        if scenario == "main":
+            model = _model()
+            before = [p.detach().clone() for p in model.parameters()]
+            res = _compute(model, _shard(rank), dist.group.WORLD)
+            ddp = nn.parallel.DistributedDataParallel(_model())
+            H = le.HessianOperator(ddp, F.cross_entropy, _shard(rank))  # DDP's group by default
+            res["hv_ddp"] = H @ _directions(H.d)
+            res["ddp_group_used"] = H.process_group is not None
+            # a v0 that differs per rank is replaced by rank 0's directions
+            Hs = le.HessianOperator(model, F.cross_entropy, _shard(rank),
+                                    process_group=dist.group.WORLD)
+            res["hv_rank0_input"] = Hs @ (_directions(Hs.d) + rank)
+            res["input_syncs"] = Hs.n_input_syncs
+            r = le.eigsh(Hs, k=2, tol=1e-8)
+            res["saved"] = r.save(Path(tmp) / f"eig_rank{rank}.json") is not None
+            res["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            torch.save(res, Path(tmp) / f"result{rank}.pt")
+        elif scenario == "raise":
+            def loss_fn(out, t):
+                if rank == 1:
+                    raise ValueError("rank 1's loss is broken")
+                return F.cross_entropy(out, t)
+            H = le.HessianOperator(_model(), loss_fn, _shard(rank),
+                                   process_group=dist.group.WORLD)
+            le.eigsh(H, k=2)
+        elif scenario == "nan":
+            data = _shard(rank)
+            if rank == 0:
+                data[1][0][3, 0] = float("nan")
+            H = le.HessianOperator(_model(), F.cross_entropy, data, process_group=dist.group.WORLD)
+            le.trace(H, 12)
+        elif scenario == "mismatch":
+            H = le.HessianOperator(_model(seed=rank), F.cross_entropy, _shard(rank),
+                                   process_group=dist.group.WORLD)
+            H @ _directions(H.d)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        (Path(tmp) / f"error{rank}.txt").write_text(
+            f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path: Path, scenario: str, world: int = 2, timeout: float = 150.0):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path), scenario))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    hung = []
+    for r, p in enumerate(procs):
+        p.join(timeout)
+        if p.is_alive():
+            hung.append(r)
+            p.kill()
+            p.join()
+    assert not hung, f"rank(s) {hung} hung in scenario {scenario!r}"
+    return {r: (tmp_path / f"error{r}.txt").read_text() if (tmp_path / f"error{r}.txt").exists()
+            else None for r in range(world)}
+
+
+def _close(a, b, rtol=1e-9):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return torch.allclose(a, b, rtol=rtol, atol=rtol * float(b.abs().max().clamp_min(1e-30)))
+
+
+def test_distributed_equals_single_process_uneven_split(tmp_path):
+    errors = _spawn(tmp_path, "main")
+    assert errors == {0: None, 1: None}, errors
+    x, y = _data()
+    ref = _compute(_model(), (x, y))
+    got = torch.load(tmp_path / "result0.pt")
+    got1 = torch.load(tmp_path / "result1.pt")
+    assert got["n_samples"] == N
+    for key in ("hv", "gv", "eig", "eig_ggn", "trace", "diag", "density_nodes",
+                "density_weights"):
+        assert _close(got[key], ref[key]), (key, got[key], ref[key])
+        # the Krylov state is the same on every rank: identical results everywhere
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(got1[key])), key
+    assert _close(got["hv_ddp"], ref["hv"])
+    assert got["ddp_group_used"]
+    assert _close(got["hv_rank0_input"], ref["hv"])
+    assert torch.equal(got1["hv_rank0_input"], got["hv_rank0_input"])
+    assert got["input_syncs"] == 1 and got1["input_syncs"] == 1
+    assert got["saved"] and not got1["saved"]  # only rank 0 writes
+    assert (tmp_path / "eig_rank0.json").exists() and not (tmp_path / "eig_rank1.json").exists()
+    assert got["unchanged"]
+
+
+def test_exact_mean_matches_dense_hessian():
+    # the single-process reference itself against the dense Hessian of the mean loss
+    x, y = _data()
+    model = _model()
+    params = dict(model.named_parameters())
+    names = list(params)
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def loss_of(v):
+        parts, off = {}, 0
+        for n in names:
+            m = params[n].numel()
+            parts[n] = v[off:off + m].reshape(params[n].shape)
+            off += m
+        return F.cross_entropy(torch.func.functional_call(model, parts, (x,)), y)
+
+    Hd = torch.autograd.functional.hessian(loss_of, flat)
+    H = le.HessianOperator(model, F.cross_entropy, _shard(0) + _shard(1))
+    V = _directions(H.d)
+    assert _close(H @ V, Hd @ V, 1e-10)
+
+
+@pytest.mark.parametrize("scenario,rank_with_error,own", [
+    ("raise", 1, "ValueError: rank 1's loss is broken"),
+    ("nan", 0, "FloatingPointError"),
+])
+def test_a_failing_rank_stops_all_ranks(tmp_path, scenario, rank_with_error, own):
+    errors = _spawn(tmp_path, scenario)
+    other = 1 - rank_with_error
+    assert errors[rank_with_error] is not None and errors[rank_with_error].startswith(own), errors
+    assert errors[other] is not None and errors[other].startswith("RankFailure"), errors
+    assert f"rank(s) [{rank_with_error}]" in errors[other]
+
+
+def test_parameters_that_differ_between_ranks_are_an_error(tmp_path):
+    errors = _spawn(tmp_path, "mismatch")
+    for r in (0, 1):
+        assert errors[r] is not None and "parameters differ between ranks" in errors[r], errors
+
+
+def test_process_group_without_init_is_a_clear_error():
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match="not initialized"):
+        le.HessianOperator(_model(), F.cross_entropy, _data(), process_group=object())
