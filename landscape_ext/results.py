@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-__all__ = ["Result", "to_builtin"]
+__all__ = ["Result", "to_builtin", "format_float"]
 
 
 def to_builtin(obj: Any) -> Any:
@@ -51,18 +51,32 @@ def to_builtin(obj: Any) -> Any:
         return {str(k): to_builtin(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_builtin(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # other array scalars
+        try:
+            return to_builtin(obj.item())
+        except (TypeError, ValueError):
+            pass
     return repr(obj)
 
 
-def _fmt_float(x: float) -> str:
+def format_float(x: Any, digits: int = 6, exp_digits: int = 4) -> str:
+    """Short human-readable float: ``digits`` significant digits, scientific notation with
+    ``exp_digits`` decimals outside ``[1e-3, 1e5)``; ``None`` -> ``'n/a'``."""
+    if x is None:
+        return "n/a"
+    x = float(x)
     if x == 0.0:
         return "0"
     if not math.isfinite(x):
         return str(x)
     ax = abs(x)
     if ax >= 1e5 or ax < 1e-3:
-        return f"{x:.4e}"
-    return f"{x:.6g}"
+        return f"{x:.{exp_digits}e}"
+    return f"{x:.{digits}g}"
+
+
+def _fmt_float(x: float) -> str:
+    return format_float(x, 6, 4)
 
 
 def _fmt_value(v: Any, max_items: int = 6) -> str:

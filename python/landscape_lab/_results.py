@@ -18,48 +18,15 @@ from typing import Any
 
 import numpy as np
 
+# one converter for the engine's and the science layer's results
+from landscape_ext.results import format_float as _format_float
+from landscape_ext.results import to_builtin
+
 __all__ = ["ResultMixin", "to_builtin", "as_float_array", "as_float", "format_float"]
 
 
 def _is_torch_tensor(x: Any) -> bool:
-    # Avoids importing torch in modules that only need numpy.
     return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "cpu")
-
-
-def to_builtin(obj: Any) -> Any:
-    """Convert ``obj`` recursively to JSON-serialisable Python builtins.
-
-    numpy/torch arrays become (nested) lists of floats/ints, numpy/torch scalars become Python
-    scalars, dataclasses and objects with ``to_dict`` become dicts, tuples become lists.
-    Non-finite floats are kept as ``float`` (``json.dumps`` writes them as ``NaN``/``Infinity``);
-    result classes never store them.
-    """
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return to_builtin(obj.tolist())
-    if _is_torch_tensor(obj):
-        return to_builtin(obj.detach().cpu().tolist())
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return to_builtin(obj.to_dict())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_builtin(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_builtin(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_builtin(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            return to_builtin(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return repr(obj)
 
 
 class ResultMixin:
@@ -85,17 +52,7 @@ class ResultMixin:
 
 def format_float(x: Any, digits: int = 4) -> str:
     """Short human-readable float (``None`` -> ``'n/a'``)."""
-    if x is None:
-        return "n/a"
-    x = float(x)
-    if x == 0.0:
-        return "0"
-    if not math.isfinite(x):
-        return str(x)
-    ax = abs(x)
-    if ax >= 1e5 or ax < 1e-3:
-        return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}"
+    return _format_float(x, digits, digits - 1)
 
 
 def as_float_array(

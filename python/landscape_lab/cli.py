@@ -227,12 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="width x depth sweep with resume, sharding and the scaling-law fit",
         description="Train every (data set, optimizer, width, depth, seed) cell, measure "
                     "||H||_2, lambda_max, tr(H), gradient rank, train/test accuracy and Phi at "
-                    "the chosen epochs, one JSON line per measurement in OUT/results*.jsonl. "
-                    "Finished cells are skipped on a re-run (resume). --shard i/N runs every "
-                    "N-th cell into its own file (parallel processes or job-array tasks; "
-                    "--shard slurm reads SLURM_ARRAY_TASK_ID/COUNT). When the grid is complete "
-                    "(or with --fit-only) the scaling law ||H||_2 = c n^alpha exp(beta L) is "
-                    "fitted and OUT/sweep_report.md written with its figures.")
+                    "the chosen epochs, one JSON line per measurement in OUT/results.jsonl. "
+                    "Finished cells are skipped on a re-run (resume); an interrupted cell is "
+                    "run again. --shard i/N runs every N-th cell (parallel processes, torchrun "
+                    "ranks or job-array tasks); every shard appends to the one results file "
+                    "under a file lock. --shard auto takes i/N from torch.distributed, "
+                    "torchrun's RANK/WORLD_SIZE or a Slurm job array. When the grid is complete "
+                    "(or with --fit-only) one process fits the scaling law "
+                    "||H||_2 = c n^alpha exp(beta L) and writes OUT/sweep_report.md with its "
+                    "figures.")
     g = p.add_argument_group("grid")
     g.add_argument("--widths", type=_ints, default=[8, 16], help="comma-separated widths")
     g.add_argument("--depths", type=_ints, default=[1, 2], help="comma-separated depths")
@@ -265,12 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     _gaussian_opts(p.add_argument_group("Gaussian-mixture data (--datasets gaussian)"))
     g = p.add_argument_group("execution")
     g.add_argument("--shard", default=None,
-                   help="'i/N': run the cells with index %% N == i into "
-                        "results.shard{i}of{N}.jsonl; 'slurm': take i/N from a Slurm job array")
+                   help="'i/N': run the cells with index %% N == i (all shards append to "
+                        "OUT/results.jsonl); 'auto': i/N from torch.distributed, else "
+                        "torchrun's RANK/WORLD_SIZE, else a Slurm job array "
+                        "(SLURM_ARRAY_TASK_ID/COUNT), else 0/1; 'slurm': from a Slurm job "
+                        "array only (default: 'auto' without the Slurm array)")
     g.add_argument("--no-resume", action="store_true",
-                   help="recompute this shard's cells (its results file is started afresh)")
+                   help="recompute this shard's cells (the new lines supersede the old ones; "
+                        "other shards' results are kept)")
     g.add_argument("--fit-only", action="store_true",
-                   help="no training: fit the scaling law over OUT/results*.jsonl and write "
+                   help="no training: fit the scaling law over OUT/results.jsonl and write "
                         "the sweep report")
     g.add_argument("--no-fit", action="store_true", help="do not fit at the end")
     g.add_argument("--statistic", default="spectral_norm",
@@ -517,7 +524,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     dev = _setup(args)
-    from .sweep import SweepConfig, fit_sweep, parse_shard, run_sweep
+    from .sweep import ShardBusyError, SweepConfig, fit_sweep, parse_shard, run_sweep
 
     if args.fit_only:
         s = fit_sweep(args.out, statistic=args.statistic, n_bootstrap=args.bootstrap,
@@ -541,8 +548,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       grad_k=args.grad_k, tol=args.tol, max_train=args.max_train,
                       data_dir=args.data_dir, dataset_kwargs=dkw, device=dev)
     shard = parse_shard(args.shard)
-    s = run_sweep(cfg, args.out, shard=shard, resume=not args.no_resume, fit=not args.no_fit,
-                  progress=not args.quiet)
+    try:
+        s = run_sweep(cfg, args.out, shard=shard, resume=not args.no_resume,
+                      fit=not args.no_fit, progress=not args.quiet)
+    except ShardBusyError as e:
+        print(f"landscape-lab sweep: error: {e}", file=sys.stderr)
+        return 2
     print(f"cells: {s.n_cells} in the grid, {s.n_shard_cells} in shard {shard[0]}/{shard[1]}, "
           f"{s.n_run} run, {s.n_skipped} already finished")
     print(f"results: {s.results_path}")

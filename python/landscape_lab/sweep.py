@@ -17,23 +17,36 @@ and when the cell is complete ``{"kind": "cell_done", "cell": ..., "config_hash"
 
 Resume
 ------
-On start every ``results*.jsonl`` file of the output directory is read; cells with a
-``cell_done`` line of the same ``config_hash`` (a hash of every setting that changes a
-measurement: learning rate, batch size, measurement sizes, ... — not the grid lists) are skipped.
-A cell interrupted half-way is trained again from its seed (training is deterministic for a seed
-on one machine) and only its missing epochs are written. A line cut by a crash is skipped by the
-reader.
+On start the results file is read; cells with a ``cell_done`` line of the same ``config_hash`` (a
+hash of every setting that changes a measurement: learning rate, batch size, measurement sizes,
+... — not the grid lists) and a measurement at every epoch of ``measure_epochs`` are skipped. A
+cell whose record is incomplete (interrupted half-way, or asked for a new epoch) is trained again
+from its seed (training is deterministic for a seed on one machine) and only its missing epochs
+are written. A line cut by a crash is skipped by the reader with a warning, and the next append
+starts on a fresh line. Records written later supersede earlier ones of the same
+(cell, epoch, settings).
 
-Sharding (``--shard i/N``)
---------------------------
-Shard ``i`` of ``N`` runs the cells with ``index % N == i``. Each shard appends only to its own
-file, ``results.shard{i}of{N}.jsonl`` (``results.jsonl`` when unsharded), and holds an
-exclusive ``flock`` on it while running, so parallel shards never interleave writes in one
-file and an accidental second copy of the same shard stops with an error. Readers merge all
-``results*.jsonl`` files. ``--shard slurm`` takes ``i`` and ``N`` from a Slurm job array
-(``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` and ``SLURM_ARRAY_TASK_COUNT``). After all
-shards finish, ``landscape-lab sweep --fit-only --out DIR`` fits the scaling law over the
-merged results and writes the sweep report.
+One results file, shards (``--shard``)
+---------------------------------------
+Shard ``i`` of ``N`` runs the cells with ``index % N == i``. Every shard appends to the one
+``results.jsonl`` of the output directory: each line is written under an exclusive ``flock`` of
+that file (held for the write, flush and ``fsync`` only), so concurrent shards never interleave
+or tear lines. Each shard also holds a non-blocking lock ``.shard{i}of{N}.lock`` while it runs,
+so an accidental second copy of the same shard stops with an error. Readers also merge the
+``results.shard{i}of{N}.jsonl`` files of older versions.
+
+``--shard i/N`` is explicit; ``--shard slurm`` reads a Slurm job array
+(``SLURM_ARRAY_TASK_ID`` relative to ``SLURM_ARRAY_TASK_MIN``, over ``SLURM_ARRAY_TASK_COUNT``
+or ``MIN``/``MAX``/``STEP``); ``--shard auto`` takes ``i/N`` from an initialized
+``torch.distributed`` (rank, world size), else the ``RANK``/``WORLD_SIZE`` variables of
+``torchrun``, else a Slurm job array, else ``0/1``. Without ``--shard`` the first two are used
+when present (the Slurm array only when asked: a job array may index something else).
+
+The fit: under ``torch.distributed`` every rank waits at a barrier after its cells and rank 0
+alone fits the scaling law and writes the report. Otherwise the shard whose last ``cell_done``
+completes the grid does it (decided under the file lock, so exactly one), or, when the grid was
+already complete at start, shard 0. ``landscape-lab sweep --fit-only --out DIR`` fits the merged
+results at any time.
 """
 from __future__ import annotations
 
@@ -55,7 +68,7 @@ from .scaling import phi as phi_metric
 from .training import Callback, JsonlWriter, TrainConfig, TrainState, json_clean, read_jsonl
 
 __all__ = ["SweepConfig", "SweepSummary", "Cell", "run_sweep", "load_results",
-           "parse_shard", "results_path", "fit_sweep"]
+           "parse_shard", "results_path", "fit_sweep", "ShardBusyError"]
 
 log = logging.getLogger(__name__)
 
@@ -186,65 +199,228 @@ class SweepSummary:
     results_path: str
     time_s: float
     fit: Optional[Dict[str, Any]] = None
+    shard: Tuple[int, int] = (0, 1)
+
+
+class ShardBusyError(RuntimeError):
+    """This shard of this output directory is already running in another process."""
 
 
 def parse_shard(text: Optional[str]) -> Tuple[int, int]:
-    """``"i/N"`` -> ``(i, N)`` with ``0 <= i < N``; ``"slurm"`` reads a Slurm job array;
-    ``None`` -> ``(0, 1)``."""
+    """The shard ``(i, N)`` (``0 <= i < N``) a process runs.
+
+    ``"i/N"``: explicit. ``"slurm"``: from a Slurm job array (an error outside one). ``"auto"``:
+    from an initialized ``torch.distributed`` (rank, world size), else the ``RANK``/``WORLD_SIZE``
+    variables ``torchrun`` sets, else a Slurm job array, else ``(0, 1)``. ``None`` or ``""``:
+    like ``"auto"`` without the Slurm array (a job array may index something else than shards).
+    """
     if text is None or text == "":
-        return 0, 1
+        return _shard_from_env(slurm=False)
+    if text == "auto":
+        return _shard_from_env(slurm=True)
     if text == "slurm":
-        env = os.environ
-        if "SLURM_ARRAY_TASK_ID" not in env:
+        s = _slurm_shard()
+        if s is None:
             raise ValueError("--shard slurm: SLURM_ARRAY_TASK_ID is not set (not a job array)")
-        tid = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        n = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
-        return parse_shard(f"{tid}/{n}")
+        return s
     try:
         a, b = text.split("/")
         i, n = int(a), int(b)
     except ValueError:
-        raise ValueError(f"shard must look like 'i/N' (e.g. 0/4), got {text!r}") from None
+        raise ValueError(f"shard must look like 'i/N' (e.g. 0/4), 'auto' or 'slurm'; got "
+                         f"{text!r}") from None
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"shard {text!r}: need N >= 1 and 0 <= i < N")
     return i, n
 
 
+def _rank_sync(error: Optional[BaseException]) -> None:
+    """Barrier of the torch.distributed ranks that also propagates failures: if any rank's cells
+    raised, every rank raises (that rank its own error, the others a ``RankFailure`` naming it)
+    instead of the healthy ranks waiting at the barrier for ever."""
+    import torch.distributed as dist
+    from landscape_ext.distributed import exchange_status
+    exchange_status(dist.group.WORLD, error, (), "in the sweep")
+
+
+def _dist_shard() -> Optional[Tuple[int, int]]:
+    """(rank, world size) of an initialized ``torch.distributed`` process group, else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return None
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return None
+
+
+def _shard_from_env(slurm: bool) -> Tuple[int, int]:
+    s = _dist_shard()
+    if s is not None:
+        return s
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        try:
+            return parse_shard(f"{int(env['RANK'])}/{int(env['WORLD_SIZE'])}")
+        except ValueError as e:
+            raise ValueError(f"shard from RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}: "
+                             f"{e}") from None
+    if slurm:
+        s = _slurm_shard()
+        if s is not None:
+            return s
+    return 0, 1
+
+
+def _slurm_shard() -> Optional[Tuple[int, int]]:
+    """``(i, N)`` of a Slurm job-array task (``--array=MIN-MAX[:STEP]``), None outside one."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    try:
+        tid = int(env["SLURM_ARRAY_TASK_ID"])
+        lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = max(int(env.get("SLURM_ARRAY_TASK_STEP", "1")), 1)
+        if "SLURM_ARRAY_TASK_COUNT" in env:
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        elif "SLURM_ARRAY_TASK_MAX" in env:
+            n = (int(env["SLURM_ARRAY_TASK_MAX"]) - lo) // step + 1
+        else:
+            raise ValueError("neither SLURM_ARRAY_TASK_COUNT nor SLURM_ARRAY_TASK_MAX is set")
+    except ValueError as e:
+        raise ValueError(f"--shard from a Slurm job array: {e}") from None
+    i, r = divmod(tid - lo, step)
+    if r or not 0 <= i < n:
+        raise ValueError(f"--shard from a Slurm job array: task {tid} is not one of {n} tasks "
+                         f"{lo}, {lo + step}, ...; use a range array (--array=0-{n - 1}) or "
+                         f"--shard i/N")
+    return i, n
+
+
 def results_path(out_dir: PathLike, shard: Tuple[int, int] = (0, 1)) -> Path:
-    """This shard's results file in ``out_dir``."""
-    i, n = shard
-    name = "results.jsonl" if n == 1 else f"results.shard{i}of{n}.jsonl"
-    return Path(out_dir) / name
+    """The results file of ``out_dir``: ``results.jsonl``, shared by every shard (``shard`` is
+    kept for compatibility and does not change the name)."""
+    return Path(out_dir) / "results.jsonl"
+
+
+def _shard_lock_path(out_dir: PathLike, shard: Tuple[int, int]) -> Path:
+    return Path(out_dir) / f".shard{shard[0]}of{shard[1]}.lock"
 
 
 def load_results(out_dir: PathLike) -> List[Dict[str, Any]]:
-    """All records of all ``results*.jsonl`` files in ``out_dir`` (merged shards)."""
-    recs: List[Dict[str, Any]] = []
-    for p in sorted(Path(out_dir).glob("results*.jsonl")):
-        recs.extend(read_jsonl(p))
+    """All records of ``out_dir``: the legacy per-shard files ``results.shard*.jsonl`` of older
+    versions first, then ``results.jsonl`` (read under a shared lock, so a line being appended is
+    never seen half-written). Lines that do not parse (cut by a crash) are skipped with a
+    warning."""
+    out = Path(out_dir)
+    main = results_path(out)
+    recs = _legacy_results(out)
+    if main.exists():
+        with open(main, "rb") as f:
+            with _flocked(f, shared=True):
+                data = f.read()
+        recs.extend(_parse_jsonl(data, main))
     return recs
 
 
+def _parse_jsonl(data: bytes, path: PathLike, warn: bool = True) -> List[Dict[str, Any]]:
+    out = []
+    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            if warn:
+                log.warning("%s:%d: skipping a line that is not valid JSON (interrupted write?)",
+                            path, i)
+            continue
+        if isinstance(r, dict):
+            out.append(r)
+    return out
+
+
 @contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive, non-blocking ``flock`` on ``path.lock`` (POSIX; a no-op elsewhere)."""
+def _flocked(f: Any, shared: bool = False) -> Iterator[None]:
+    """Blocking ``flock`` of an open file (POSIX; a no-op elsewhere)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    lock = path.with_name(path.name + ".lock")
+    fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, what: Optional[str] = None) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``path.lock`` (POSIX; a no-op elsewhere);
+    :class:`ShardBusyError` if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock = path if path.suffix == ".lock" else path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise RuntimeError(f"{path} is in use by another process (lock {lock}); each "
-                               f"shard must run once at a time") from None
+            raise ShardBusyError(f"{what or path} is in use by another process (lock {lock}); "
+                                 f"each shard must run once at a time") from None
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _SharedResults:
+    """Appends JSON lines to the results file shared by every shard: each line is written under
+    an exclusive ``flock`` of the file (write, flush, ``fsync``, unlock), after a newline if the
+    file ends in a line cut by a crash. The same interface as
+    :class:`~landscape_lab.training.JsonlWriter`."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # unbuffered, O_APPEND: every write goes to the current end of the file
+        self._f = open(self.path, "a+b", buffering=0)
+
+    def write(self, record: Dict[str, Any], read_back: bool = False
+              ) -> Optional[List[Dict[str, Any]]]:
+        """Append ``record``; with ``read_back``, also return every record of the file, read
+        under the same lock (so no other shard's line falls between the two)."""
+        line = (json.dumps(json_clean(record), allow_nan=False) + "\n").encode("utf-8")
+        f = self._f
+        with _flocked(f):
+            size = os.fstat(f.fileno()).st_size
+            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                line = b"\n" + line   # the file ends in a torn line: do not extend it
+            view = memoryview(line)
+            while view:
+                view = view[f.write(view):]
+            f.flush()
+            os.fsync(f.fileno())
+            if read_back:
+                f.seek(0)
+                return _parse_jsonl(f.read(), self.path, warn=False)
+        return None
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "_SharedResults":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class _Measure(Callback):
@@ -326,87 +502,144 @@ def _run_cell(cfg: SweepConfig, cell: Cell, ds: Dataset, writer: JsonlWriter,
     return cb.n_written
 
 
-def run_sweep(cfg: SweepConfig, out_dir: PathLike, *, shard: Tuple[int, int] = (0, 1),
-              resume: bool = True, fit: bool = True, progress: bool = True,
-              report: bool = True) -> SweepSummary:
-    """Run this shard's cells of the grid, appending measurements to its results file.
+def run_sweep(cfg: SweepConfig, out_dir: PathLike, *,
+              shard: Union[Tuple[int, int], str, None] = None, resume: bool = True,
+              fit: bool = True, progress: bool = True, report: bool = True) -> SweepSummary:
+    """Run this shard's cells of the grid, appending measurements to ``out_dir/results.jsonl``
+    (shared by every shard; each line written under a file lock).
 
     Parameters
     ----------
     cfg : SweepConfig
     out_dir : path
-    shard : (i, N)
-        Run the cells with ``index % N == i``.
+    shard : (i, N), str or None
+        Run the cells with ``index % N == i``. A string or None goes through
+        :func:`parse_shard` (``"auto"``, ``"slurm"``, ``"i/N"``; None: ``torch.distributed``
+        or ``torchrun``'s ``RANK``/``WORLD_SIZE`` when present, else ``(0, 1)``).
     resume : bool
-        Skip cells already finished (in any ``results*.jsonl`` of ``out_dir``) with the same
-        settings. ``False`` starts this shard's file afresh.
+        Skip cells already finished (in the results file, or the per-shard files of older
+        versions) with the same settings. ``False`` recomputes this shard's cells; the new
+        records are appended and supersede the old ones (other shards' records are kept).
     fit : bool
         Fit the scaling law over all results at the end (and write the sweep report when
-        ``report``): done by the shard that finds every cell of the grid finished.
+        ``report``). Done by one process: rank 0 after a barrier under ``torch.distributed``
+        (when ``shard`` is its rank and world size), else the shard whose last cell completes
+        the grid, or shard 0 when the grid was complete at start.
     progress : bool
         tqdm bar over the cells.
 
     Returns
     -------
     SweepSummary
+        ``fit`` is None in the processes that did not fit.
+
+    Raises
+    ------
+    ShardBusyError
+        When the same shard of ``out_dir`` is running in another process.
     """
     t0 = time.perf_counter()
+    if shard is None or isinstance(shard, str):
+        shard = parse_shard(shard)
+    shard = (int(shard[0]), int(shard[1]))
+    if shard[1] < 1 or not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard {shard}: need N >= 1 and 0 <= i < N")
+    distributed = _dist_shard() == shard and shard[1] > 1
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = results_path(out, shard)
+    path = results_path(out)
     chash = cfg.measurement_hash()
     cells = cfg.cells()
+    keys = {c.key for c in cells}
     mine = [c for c in cells if c.index % shard[1] == shard[0]]
     _write_atomic(out / "sweep_config.json", json.dumps(
         {"config": json_clean(asdict(cfg)), "config_hash": chash, "n_cells": len(cells)},
         indent=2))
-    with _exclusive(path):
-        if not resume and path.exists():
-            path.unlink()
-        finished, measured = _progress_state(load_results(out) if resume else [], chash)
-        todo = [c for c in mine if c.key not in finished]
-        log.info("sweep: %d cells in the grid, %d in shard %d/%d, %d already finished",
-                 len(cells), len(mine), shard[0], shard[1], len(mine) - len(todo))
-        cache: Dict[str, Dataset] = {}
-        pbar = None
-        if progress:
-            from tqdm.auto import tqdm
-            pbar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sweep",
-                        unit="cell")
-        n_run = 0
-        try:
-            with JsonlWriter(path) as writer:
-                writer.write({"kind": "shard_start", "shard": f"{shard[0]}/{shard[1]}",
-                              "config_hash": chash, "n_todo": len(todo),
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                for c in todo:
-                    if pbar is not None:
-                        pbar.set_postfix_str(c.key, refresh=True)
-                    ds = _dataset(cfg, c.dataset, cache)
-                    done_epochs = set(measured.get(c.key, ()))
-                    tc0 = time.perf_counter()
-                    n_new = _run_cell(cfg, c, ds, writer, done_epochs, chash)
-                    writer.write({"kind": "cell_done", "cell": c.key, "cell_index": c.index,
-                                  "config_hash": chash, "n_new": n_new,
-                                  "time_s": time.perf_counter() - tc0})
-                    n_run += 1
-                    if pbar is not None:
-                        pbar.update(1)
-        finally:
-            if pbar is not None:
-                pbar.close()
+    completed_grid = False
+    n_run = 0
+    todo: List[Cell] = []
+    complete_at_start = False
+    error: Optional[BaseException] = None
+    try:
+        with _exclusive(_shard_lock_path(out, shard),
+                        what=f"shard {shard[0]}/{shard[1]} of {out}"):
+            finished, measured = _progress_state(load_results(out) if resume else [], chash,
+                                                 cfg.measure_epochs)
+            complete_at_start = keys <= finished
+            todo = [c for c in mine if c.key not in finished]
+            log.info("sweep: %d cells in the grid, %d in shard %d/%d, %d already finished",
+                     len(cells), len(mine), shard[0], shard[1], len(mine) - len(todo))
+            cache: Dict[str, Dataset] = {}
+            pbar = None
+            if progress:
+                from tqdm.auto import tqdm
+                pbar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sweep",
+                            unit="cell")
+            try:
+                with _SharedResults(path) as writer:
+                    writer.write({"kind": "shard_start", "shard": f"{shard[0]}/{shard[1]}",
+                                  "config_hash": chash, "n_todo": len(todo), "pid": os.getpid(),
+                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                    for j, c in enumerate(todo):
+                        if pbar is not None:
+                            pbar.set_postfix_str(c.key, refresh=True)
+                        ds = _dataset(cfg, c.dataset, cache)
+                        done_epochs = set(measured.get(c.key, ()))
+                        tc0 = time.perf_counter()
+                        n_new = _run_cell(cfg, c, ds, writer, done_epochs, chash)
+                        last = j == len(todo) - 1
+                        recs = writer.write({"kind": "cell_done", "cell": c.key,
+                                             "cell_index": c.index, "config_hash": chash,
+                                             "n_new": n_new, "time_s": time.perf_counter() - tc0},
+                                            read_back=last and fit and not distributed)
+                        if recs is not None:
+                            # under the lock: did this line complete the grid? (exactly one does)
+                            done, _ = _progress_state(_legacy_results(out) + recs, chash,
+                                                      cfg.measure_epochs, warn=False)
+                            completed_grid = keys <= done
+                        n_run += 1
+                        if pbar is not None:
+                            pbar.update(1)
+            finally:
+                if pbar is not None:
+                    pbar.close()
+    except Exception as exc:  # noqa: BLE001 - under torch.distributed: every rank stops
+        if not distributed:
+            raise
+        error = exc
     summary = SweepSummary(n_cells=len(cells), n_shard_cells=len(mine), n_run=n_run,
                            n_skipped=len(mine) - len(todo), results_path=str(path),
-                           time_s=time.perf_counter() - t0)
-    if fit:
-        finished, _ = _progress_state(load_results(out), chash)
-        if all(c.key in finished for c in cells):
-            summary.fit = fit_sweep(out, report=report)
-        else:
-            log.info("sweep: %d of %d cells finished over all shards; the fit runs when all "
-                     "are done (or with --fit-only)", len(finished & {c.key for c in cells}),
-                     len(cells))
+                           time_s=time.perf_counter() - t0, shard=shard)
+    if distributed:
+        _rank_sync(error)   # every rank's cells are written (or every rank raises)
+    if not fit:
+        return summary
+    if distributed:
+        fitter = shard[0] == 0
+    else:
+        fitter = completed_grid or (not todo and complete_at_start and shard[0] == 0)
+    if not fitter:
+        if not distributed and not completed_grid and not complete_at_start:
+            log.info("sweep: the grid is not complete yet; the shard that finishes it fits the "
+                     "scaling law (or run --fit-only)")
+        return summary
+    finished, _ = _progress_state(load_results(out), chash, cfg.measure_epochs, warn=False)
+    if keys <= finished:
+        summary.fit = fit_sweep(out, report=report)
+    else:
+        log.info("sweep: %d of %d cells finished over all shards; the fit runs when all "
+                 "are done (or with --fit-only)", len(finished & keys), len(cells))
     return summary
+
+
+def _legacy_results(out: Path) -> List[Dict[str, Any]]:
+    """Records of the per-shard files of older versions (``results.shard*.jsonl``)."""
+    recs: List[Dict[str, Any]] = []
+    main = results_path(out)
+    for p in sorted(out.glob("results*.jsonl")):
+        if p != main:
+            recs.extend(r for r in read_jsonl(p) if isinstance(r, dict))
+    return recs
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -417,9 +650,13 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _progress_state(records: Sequence[Dict[str, Any]], chash: str
+def _progress_state(records: Sequence[Dict[str, Any]], chash: str,
+                    measure_epochs: Optional[Sequence[int]] = None, warn: bool = True
                     ) -> Tuple[set, Dict[str, List[int]]]:
-    finished = set()
+    """(finished cell keys, measured epochs per cell) of the records with ``config_hash ==
+    chash``. A cell is finished when it has a ``cell_done`` line and (given ``measure_epochs``)
+    a measurement at each of those epochs; records missing their fields are ignored."""
+    done = set()
     measured: Dict[str, List[int]] = {}
     others = set()
     for r in records:
@@ -427,11 +664,22 @@ def _progress_state(records: Sequence[Dict[str, Any]], chash: str
             if r.get("config_hash") is not None:
                 others.add(r["config_hash"])
             continue
+        cell = r.get("cell")
+        if not isinstance(cell, str):
+            continue
         if r.get("kind") == "cell_done":
-            finished.add(r["cell"])
+            done.add(cell)
         elif r.get("kind") == "measurement":
-            measured.setdefault(r["cell"], []).append(int(r["epoch"]))
-    if others:
+            try:
+                measured.setdefault(cell, []).append(int(r["epoch"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+    if measure_epochs is not None:
+        want = set(int(e) for e in measure_epochs)
+        finished = {c for c in done if want <= set(measured.get(c, ()))}
+    else:
+        finished = done
+    if others and warn:
         log.warning("sweep: the results directory also holds records made with other settings "
                     "(config hashes %s); they are not reused", sorted(others))
     return finished, measured
@@ -469,7 +717,7 @@ def fit_sweep(out_dir: PathLike, *, statistic: str = "spectral_norm", epoch: Opt
         chash = json.loads(cfg_file.read_text()).get("config_hash")
     meas = measurements(recs, chash)
     if not meas:
-        raise ValueError(f"fit_sweep: no measurements in {out} (results*.jsonl)")
+        raise ValueError(f"fit_sweep: no measurements in {out} (results.jsonl)")
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in meas:
         groups.setdefault((r["dataset"], r["optimizer"]), []).append(r)
