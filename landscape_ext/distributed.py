@@ -15,9 +15,9 @@ This module holds the small collective helpers the engine uses:
 * :func:`exchange_status` / :func:`collective_errors` — every rank reports whether its local work
   failed; if any did, **every** rank raises (the failing rank its own exception, the others a
   :class:`RankFailure` naming it) instead of the healthy ranks hanging in the next collective.
-* :func:`all_reduce_sum_`, :func:`broadcast_` — collectives that also work for CUDA tensors on a
-  gloo group (staged through the CPU) and for CPU tensors on an NCCL group (staged through the
-  current GPU).
+* :func:`all_reduce_sum_`, :func:`broadcast_`, :func:`all_gather_rows` — collectives that also
+  work for CUDA tensors on a gloo group (staged through the CPU) and for CPU tensors on an NCCL
+  group (staged through the current GPU).
 * :func:`is_main_process` — rank 0 of the default group (or no distributed run): the process
   that writes results and shows progress bars.
 
@@ -49,6 +49,7 @@ __all__ = [
     "collective_errors",
     "all_reduce_sum_",
     "broadcast_",
+    "all_gather_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,28 @@ def broadcast_(t: Tensor, group: Any, src: int = 0) -> Tensor:
     dist.broadcast(buf, src=src_global, group=group)
     t.copy_(buf)
     return t
+
+
+def all_gather_rows(t: Tensor, counts: Sequence[int], group: Any) -> Tensor:
+    """Concatenate along dim 0 the tensors of all ranks of ``group``, in rank order; every rank
+    gets the whole. Rank ``r`` passes ``counts[r]`` rows (``counts`` identical on every rank, e.g.
+    from :func:`exchange_status`); the other dimensions and the dtype must agree. Rows are padded
+    to ``max(counts)`` for the collective. ``group=None``: returns ``t``."""
+    if group is None:
+        return t
+    dist = _dist()
+    rank, world = rank_and_world(group)
+    counts = [int(c) for c in counts]
+    if len(counts) != world or t.shape[0] != counts[rank]:
+        raise ValueError(f"all_gather_rows: rank {rank} has {t.shape[0]} rows but counts = "
+                         f"{counts} for {world} ranks")
+    m = max(counts)
+    dev = _comm_device(group, t)
+    buf = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+    buf[:counts[rank]] = t.detach()
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
 
 
 def _describe(exc: BaseException) -> str:
