@@ -14,7 +14,7 @@
 // functions (exact to libm's accuracy; float64 is the precision of tests, not of speed).
 //
 // Inner loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per
-// instruction-set level (target_clones, see LANDSCAPE_MULTIVERSION).
+// instruction-set level (target_clones, see LANDSCAPE_MULTIVERSION in cpu/simd.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -30,80 +30,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "hvp.h"
-
-// Clones by ISA level (x86-64-v4: AVX-512 F/BW/CD/DQ/VL; v3: AVX2 + FMA + F16C), which GCC's
-// resolver picks by CPU features. (Clones named by CPU, "arch=skylake-avx512" / "arch=haswell",
-// are picked by CPU *model*: every AMD CPU and newer Intel ones would get the SSE2 default.)
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define LANDSCAPE_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LANDSCAPE_MULTIVERSION
-#endif
-#define LANDSCAPE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace landscape_ext {
 namespace hvp {
 namespace {
 
-// ---- SIMD building blocks ------------------------------------------------------------------------
-template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  static constexpr int L = 16;  // lanes
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t itype __attribute__((vector_size(64)));
-  typedef double f64 __attribute__((vector_size(128)));
-  typedef float f32 __attribute__((vector_size(64)));
-  typedef uint16_t u16 __attribute__((vector_size(32)));
-  typedef uint32_t u32 __attribute__((vector_size(64)));
-  typedef _Float16 f16 __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  static constexpr int L = 8;
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t itype __attribute__((vector_size(64)));
-  typedef double f64 __attribute__((vector_size(64)));
-  typedef float f32 __attribute__((vector_size(32)));
-  typedef uint16_t u16 __attribute__((vector_size(16)));
-  typedef uint32_t u32 __attribute__((vector_size(32)));
-  typedef _Float16 f16 __attribute__((vector_size(16)));
-};
-
-// L consecutive elements of src_t widened (or narrowed, double -> float) to the accumulation type.
-template <typename acc_t, typename src_t>
-LANDSCAPE_ALWAYS_INLINE typename Vec<acc_t>::type load_vec(const src_t* p) {
-  using Tr = Vec<acc_t>;
-  using V = typename Tr::type;
-  if constexpr (std::is_same_v<src_t, acc_t>) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  } else if constexpr (std::is_same_v<src_t, double>) {
-    typename Tr::f64 s;
-    std::memcpy(&s, p, sizeof(s));
-    return __builtin_convertvector(s, V);
-  } else if constexpr (std::is_same_v<src_t, float>) {
-    typename Tr::f32 s;
-    std::memcpy(&s, p, sizeof(s));
-    return __builtin_convertvector(s, V);
-  } else if constexpr (std::is_same_v<src_t, c10::BFloat16>) {
-    typename Tr::u16 s;
-    std::memcpy(&s, p, sizeof(s));
-    typename Tr::u32 u = __builtin_convertvector(s, typename Tr::u32) << 16;
-    typename Tr::f32 f;
-    std::memcpy(&f, &u, sizeof(f));
-    return __builtin_convertvector(f, V);
-  } else {
-    static_assert(std::is_same_v<src_t, c10::Half>, "unsupported type");
-    typename Tr::f16 s;
-    std::memcpy(&s, p, sizeof(s));
-    return __builtin_convertvector(__builtin_convertvector(s, typename Tr::f32), V);
-  }
-}
+// ---- SIMD building blocks (cpu/simd.h: Vec, load_vec) -------------------------------------------
+using simd::load_vec;
+using simd::Vec;
 
 // Store L lanes as dst_t (round to nearest even for the narrowing conversions).
 template <typename dst_t, typename acc_t>

@@ -6,8 +6,9 @@
 // afterwards, so results are bitwise independent of the thread count. Inside a chunk, columns
 // go in tiles sized so that the basis tile stays in L2 between the two sweeps of a fused pass:
 // the basis is read from memory once per pass. The inner loops are written with GCC/Clang
-// vector extensions (64-byte vectors) and compiled once per instruction set (multiversioning),
-// with the per-block-row accumulators in registers (block rows go in groups of <= 8).
+// vector extensions (64-byte vectors) and compiled once per x86-64 ISA level (multiversioning:
+// LANDSCAPE_MULTIVERSION in cpu/simd.h), with the per-block-row accumulators in registers (block
+// rows go in groups of <= 8).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -20,84 +21,18 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "krylov.h"
-
-// Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time,
-// so one wheel is fast on every x86 CPU without -march=native.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define LANDSCAPE_MULTIVERSION \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define LANDSCAPE_MULTIVERSION
-#endif
-// Kernel bodies are force-inlined into each multiversioned entry so that every clone is
-// compiled for its own instruction set (a plain inline helper may stay a baseline-ISA call).
-#define LANDSCAPE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace landscape_ext {
 namespace krylov {
 namespace {
 
-// ---- SIMD building blocks (GCC/Clang vector extensions; lowered per multiversioned clone) ----
-template <typename T>
-struct Vec;
-// The vector types are spelled out per accumulation type: GCC does not apply vector_size to a
-// typedef whose size depends on a template parameter.
-template <>
-struct Vec<float> {
-  static constexpr int L = 16;  // lanes per vector
-  typedef float type __attribute__((vector_size(64)));
-  typedef double f64 __attribute__((vector_size(128)));
-  typedef float f32 __attribute__((vector_size(64)));
-  typedef uint16_t u16 __attribute__((vector_size(32)));
-  typedef uint32_t u32 __attribute__((vector_size(64)));
-  typedef _Float16 f16 __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  static constexpr int L = 8;
-  typedef double type __attribute__((vector_size(64)));
-  typedef double f64 __attribute__((vector_size(64)));
-  typedef float f32 __attribute__((vector_size(32)));
-  typedef uint16_t u16 __attribute__((vector_size(16)));
-  typedef uint32_t u32 __attribute__((vector_size(32)));
-  typedef _Float16 f16 __attribute__((vector_size(16)));
-};
+// ---- SIMD building blocks (cpu/simd.h: Vec, load_vec; lowered per multiversioned clone) ----
+using simd::load_vec;
+using simd::Vec;
 
-// L consecutive basis elements widened to the accumulation type. Half types are converted in
-// registers (bf16: a 16-bit shift; fp16: vcvtph2ps where available), so half storage really
-// reads half the bytes.
-template <typename acc_t, typename src_t>
-LANDSCAPE_ALWAYS_INLINE typename Vec<acc_t>::type load_vec(const src_t* p) {
-  using Tr = Vec<acc_t>;
-  using V = typename Tr::type;
-  if constexpr (std::is_same_v<src_t, acc_t>) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  } else if constexpr (std::is_same_v<src_t, double>) {
-    typename Tr::f64 s;
-    std::memcpy(&s, p, sizeof(s));
-    return __builtin_convertvector(s, V);
-  } else if constexpr (std::is_same_v<src_t, float>) {
-    typename Tr::f32 s;
-    std::memcpy(&s, p, sizeof(s));
-    return __builtin_convertvector(s, V);
-  } else if constexpr (std::is_same_v<src_t, c10::BFloat16>) {
-    typename Tr::u16 s;
-    std::memcpy(&s, p, sizeof(s));
-    typename Tr::u32 u = __builtin_convertvector(s, typename Tr::u32) << 16;
-    typename Tr::f32 f;
-    std::memcpy(&f, &u, sizeof(f));
-    return __builtin_convertvector(f, V);
-  } else {
-    static_assert(std::is_same_v<src_t, c10::Half>, "unsupported basis type");
-    typename Tr::f16 s;
-    std::memcpy(&s, p, sizeof(s));
-    return __builtin_convertvector(__builtin_convertvector(s, typename Tr::f32), V);
-  }
-}
-
+// L accumulation-type lanes in and out (output and block rows).
 template <typename acc_t>
 LANDSCAPE_ALWAYS_INLINE typename Vec<acc_t>::type load_acc(const acc_t* p) {
   typename Vec<acc_t>::type v;
