@@ -45,8 +45,10 @@ def build_info() -> Dict[str, Any]:
     dict
         ``torch_version`` (installed), ``built_torch_version``, ``cuda_kernels`` (CUDA kernels
         compiled in), ``cuda_arch_list`` (the ``TORCH_CUDA_ARCH_LIST`` they were built for),
-        ``cuda_available`` (a GPU is usable now), ``cpu_multiversioning`` and
-        ``kernels``: for each op, the dispatch keys that have a kernel registered.
+        ``cuda_available`` (a GPU is usable now), ``cpu_multiversioning`` (how the CPU
+        kernels pick an instruction set), ``cpu_isa_level`` (the x86-64 level this CPU selects:
+        ``x86-64-v4`` runs the AVX-512 clones, ``x86-64-v3`` the AVX2 ones) and ``kernels``: for
+        each op, the dispatch keys that have a kernel registered.
     """
     from . import _C
 
