@@ -18,17 +18,29 @@ This module holds the small collective helpers the engine uses:
 * :func:`all_reduce_sum_`, :func:`broadcast_`, :func:`all_gather_rows` — collectives that also
   work for CUDA tensors on a gloo group (staged through the CPU) and for CPU tensors on an NCCL
   group (staged through the current GPU).
-* :func:`is_main_process` — rank 0 of the default group (or no distributed run): the process
-  that writes results and shows progress bars.
+* :func:`is_main_process` — rank 0 of the default group (or of a given group; or no
+  distributed run): the process that writes results and shows progress bars.
 
 What a product communicates
 ---------------------------
 Per product of ``k`` directions (``d`` parameters, element size ``s`` bytes): two tiny
-collectives (a status exchange of 3 float64 values per rank before the product — parameter
-count, parameter checksum, input checksum — and a 2-value all-reduce after it — failure flag and
-sample count) and one all-reduce of the ``k x d`` product. A ring all-reduce sends and receives
+all-gathers (a status exchange of 10 float64 values per rank before the product — failure
+flag, parameter count, number of directions, dtypes, parameter checksum, norm and 4 partial
+sums of the input directions — and one of 2 values after it — failure flag and sample count)
+and one all-reduce of the ``k x d`` product. A ring all-reduce sends and receives
 ``2 (W - 1) / W * k * d * s`` bytes per rank (``W`` ranks), e.g. 1.2 MB per direction for a
-301k-parameter MLP in float32 on 2 ranks, 45 MB per direction for ResNet-18 (11.2M) on 8 ranks.
+301k-parameter MLP in float32 on 2 ranks, 78 MB per direction for ResNet-18 (11.2M) in float32
+on 8 ranks.
+
+Every rank must make the same calls: the same products in the same order, with the same number
+of directions and the same directions (so: the same ``seed`` and ``v0`` on every rank). A rank
+that skips a product (or a whole solver call) leaves the others waiting in a collective until the
+process group's ``timeout``; ranks that pass different numbers of directions, or directions that
+differ by more than rounding, get an error on every rank.
+
+NCCL: call ``torch.cuda.set_device(local_rank)`` before ``init_process_group`` (the status
+exchanges of an operator run on the operator's device; other small collectives on the current
+device).
 """
 from __future__ import annotations
 
@@ -76,11 +88,14 @@ def is_distributed() -> bool:
 
 
 def is_main_process(group: Any = None) -> bool:
-    """True on rank 0 of the default group, and in a non-distributed run. Results are written
-    and progress bars are shown only there."""
+    """True on rank 0 of ``group`` (default: the default group), and in a non-distributed run.
+    Results are written and progress bars are shown only there (on rank 0 of the default
+    group). A process outside ``group`` gets False."""
     if not is_distributed():
         return True
-    return _dist().get_rank() == 0
+    if group is None:
+        return _dist().get_rank() == 0
+    return _dist().get_rank(group) == 0
 
 
 def resolve_group(process_group: Any, owner: str) -> Any:
@@ -113,12 +128,18 @@ def rank_and_world(group: Any) -> tuple:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _comm_device(group: Any, like: Optional[Tensor] = None) -> torch.device:
-    """Device a collective of this group needs: the current GPU for NCCL, else the CPU."""
+def _comm_device(group: Any, like: Optional[Tensor] = None,
+                 device: Optional[torch.device] = None) -> torch.device:
+    """Device a collective of this group needs: for NCCL the GPU of ``like`` or ``device``, else
+    the current GPU; else the CPU."""
     backend = str(_dist().get_backend(group)).lower()
     if "nccl" in backend:
         if like is not None and like.is_cuda:
             return like.device
+        if device is not None and torch.device(device).type == "cuda":
+            device = torch.device(device)
+            return device if device.index is not None else \
+                torch.device("cuda", torch.cuda.current_device())
         return torch.device("cuda", torch.cuda.current_device())
     if like is not None and like.is_cuda and "gloo" not in backend:
         return like.device
@@ -184,15 +205,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:500]
 
 
+_MSG_BYTES = 512
+
+
+def _gather_messages(group: Any, error: Optional[BaseException], world: int,
+                     dev: torch.device) -> List[str]:
+    """The error messages of all ranks ("" for none), as a tensor all-gather of fixed-size UTF-8
+    buffers on ``dev`` (no pickling, no dependence on the current CUDA device)."""
+    dist = _dist()
+    raw = ("" if error is None else _describe(error)).encode("utf-8")[:_MSG_BYTES]
+    mine = torch.zeros(_MSG_BYTES, dtype=torch.uint8)
+    if raw:
+        mine[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    mine = mine.to(dev)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    return [bytes(p.cpu().tolist()).rstrip(b"\0").decode("utf-8", errors="replace")
+            for p in parts]
+
+
 def exchange_status(group: Any, error: Optional[BaseException], values: Sequence[float] = (),
-                    where: str = "") -> Tensor:
+                    where: str = "", device: Optional[torch.device] = None) -> Tensor:
     """Collective status exchange: every rank of ``group`` must call it.
 
     Each rank contributes ``[failed, *values]`` (float64). If any rank failed, every rank raises:
     the failing rank re-raises ``error``, the others raise :class:`RankFailure` naming the failed
     ranks and their messages. Otherwise returns the gathered values, shape ``(W, len(values))``
     (row ``r`` from rank ``r`` of the group). With ``group=None``: re-raises ``error`` if given,
-    else returns ``values`` as one row.
+    else returns ``values`` as one row. ``device``: where an NCCL group's exchange runs (e.g. the
+    operator's GPU; default the current GPU). Every rank must pass the same number of
+    ``values``.
     """
     if group is None:
         if error is not None:
@@ -200,15 +242,14 @@ def exchange_status(group: Any, error: Optional[BaseException], values: Sequence
         return torch.tensor([list(values)], dtype=torch.float64)
     dist = _dist()
     rank, world = rank_and_world(group)
-    dev = _comm_device(group)
+    dev = _comm_device(group, None, device)
     mine = torch.tensor([1.0 if error is not None else 0.0] + [float(v) for v in values],
                         dtype=torch.float64, device=dev)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     table = torch.stack(parts).cpu()
     if bool((table[:, 0] > 0).any()):
-        messages: List[Any] = [None] * world
-        dist.all_gather_object(messages, None if error is None else _describe(error), group=group)
+        messages = _gather_messages(group, error, world, dev)
         failed = {r: m for r, m in enumerate(messages) if table[r, 0] > 0}
         if error is not None:
             raise error
@@ -220,7 +261,8 @@ def exchange_status(group: Any, error: Optional[BaseException], values: Sequence
 
 
 @contextlib.contextmanager
-def collective_errors(group: Any, where: str = "") -> Iterator[None]:
+def collective_errors(group: Any, where: str = "",
+                      device: Optional[torch.device] = None) -> Iterator[None]:
     """Run a block of local work; on leaving it all ranks of ``group`` agree whether any rank
     failed and, if so, all raise (see :func:`exchange_status`). Every rank must enter it."""
     error: Optional[BaseException] = None
@@ -230,4 +272,4 @@ def collective_errors(group: Any, where: str = "") -> Iterator[None]:
         if group is None:
             raise
         error = exc
-    exchange_status(group, error, (), where)
+    exchange_status(group, error, (), where, device)

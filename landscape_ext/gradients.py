@@ -497,9 +497,22 @@ class _Problem:
             except Exception:  # noqa: BLE001 - a hint only
                 self.n_hint = None
         else:
+            # a DataLoader: the samples its sampler draws (a DistributedSampler: this rank's
+            # share, not the whole data set), else the data set's length
             ds = getattr(self._src, "dataset", None)
-            if ds is not None and hasattr(ds, "__len__"):
-                self.n_hint = len(ds)
+            sampler = getattr(self._src, "sampler", None)
+            bsampler = getattr(self._src, "batch_sampler", None)
+            try:
+                if sampler is not None and getattr(bsampler, "sampler", None) is sampler:
+                    n = len(sampler)
+                    bs = getattr(bsampler, "batch_size", None)
+                    if getattr(bsampler, "drop_last", False) and bs:
+                        n = n // int(bs) * int(bs)
+                    self.n_hint = int(n)
+                elif ds is not None and hasattr(ds, "__len__"):
+                    self.n_hint = len(ds)
+            except TypeError:  # a sampler or data set without a length
+                self.n_hint = None
         self._fp_ref: Optional[Tensor] = None
         self._fp_w: Dict[int, Tensor] = {}
         self.n_samples: Optional[int] = None
@@ -1180,6 +1193,7 @@ class _Comm:
         self.owner = owner
         self.rank, self.world = _dist.rank_and_world(group)
         self.counts: Optional[List[int]] = None
+        self.device: Optional[torch.device] = None   # where an NCCL group's status exchanges run
 
     @property
     def distributed(self) -> bool:
@@ -1206,7 +1220,7 @@ class _Comm:
                 raise
             error = exc
             vals = [0.0] * n_report
-        table = _dist.exchange_status(self.group, error, vals, where)
+        table = _dist.exchange_status(self.group, error, vals, where, self.device)
         return out, table
 
     def set_counts(self, table: Tensor) -> None:
@@ -1541,6 +1555,8 @@ def gradient_covariance_svd(model: nn.Module, loss_fn: Callable, data: Any, k: i
         process_group = model.process_group      # DDP's group unless another one is given
     group = _dist.resolve_group(process_group, owner)
     comm = _Comm(group, owner)
+    if group is not None and isinstance(model, nn.Module):
+        comm.device = next((p.device for p in model.parameters()), None)
     progress = bool(progress) and comm.rank == 0     # bars on one rank only
 
     def setup() -> _Problem:

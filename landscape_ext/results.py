@@ -122,11 +122,13 @@ class Result:
         """``json.dumps(self.to_dict(), **kwargs)``."""
         return json.dumps(self.to_dict(), **kwargs)
 
-    def save(self, path: Any, **kwargs: Any) -> Optional[Path]:
+    def save(self, path: Any, *, all_ranks: bool = False, **kwargs: Any) -> Optional[Path]:
         """Write :meth:`to_json` to ``path`` (parents created). In a :mod:`torch.distributed` run
-        only rank 0 writes (every rank holds the same result); the others return ``None``."""
+        only rank 0 writes (every rank holds the same result of a ``process_group=`` call); the
+        others return ``None``. ``all_ranks=True`` writes on every rank (results computed per
+        rank, without a process group: give each rank its own ``path``)."""
         from .distributed import is_main_process
-        if not is_main_process():
+        if not all_ranks and not is_main_process():
             return None
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,14 @@ def _init(rank: int, world: int, tmp: str):
     return dist
 
 
+def _error_text(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - compared by the parent
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _worker(rank: int, world: int, tmp: str, scenario: str):
     dist = _init(rank, world, tmp)
     try:
@@ -91,13 +99,29 @@ def _worker(rank: int, world: int, tmp: str, scenario: str):
             H = le.HessianOperator(ddp, F.cross_entropy, _shard(rank))  # DDP's group by default
             res["hv_ddp"] = H @ _directions(H.d)
             res["ddp_group_used"] = H.process_group is not None
-            # a v0 that differs per rank is replaced by rank 0's directions
+            # directions that differ between ranks by rounding are replaced by rank 0's
             Hs = le.HessianOperator(model, F.cross_entropy, _shard(rank),
                                     process_group=dist.group.WORLD)
-            res["hv_rank0_input"] = Hs @ (_directions(Hs.d) + rank)
+            res["hv_rank0_input"] = Hs @ (_directions(Hs.d) * (1.0 + 1e-9 * rank))
             res["input_syncs"] = Hs.n_input_syncs
+            # ... but a v0 or seed that differs per rank (the solvers' state would diverge, and
+            # with it their calls: a hang), or a different number of directions (a collective
+            # of different sizes), is an error on every rank
+            res["v0_error"] = _error_text(
+                lambda: le.eigsh(Hs, k=2, v0=_directions(Hs.d)[:, 0] + rank, max_basis=24))
+            res["seed_error"] = _error_text(lambda: le.trace(Hs, 6, seed=rank))
+            res["k_error"] = _error_text(lambda: Hs @ _directions(Hs.d)[:, :3 - rank])
+            res["input_syncs_after"] = Hs.n_input_syncs
+            # a rank without samples contributes zeros (and takes part in every collective)
+            Hz = le.HessianOperator(model, F.cross_entropy, _shard(0) + _shard(1) if rank == 0
+                                    else [], process_group=dist.group.WORLD)
+            res["hv_all_on_rank0"] = Hz @ _directions(Hz.d)
+            # rank 0 of a subgroup that does not hold global rank 0
+            g1 = dist.new_group([1])
+            res["main_of_g1"] = le.is_main_process(g1)
             r = le.eigsh(Hs, k=2, tol=1e-8)
             res["saved"] = r.save(Path(tmp) / f"eig_rank{rank}.json") is not None
+            res["saved_all"] = r.save(Path(tmp) / f"own{rank}.json", all_ranks=True) is not None
             res["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
             torch.save(res, Path(tmp) / f"result{rank}.pt")
         elif scenario == "raise":
@@ -114,6 +138,13 @@ def _worker(rank: int, world: int, tmp: str, scenario: str):
                 data[1][0][3, 0] = float("nan")
             H = le.HessianOperator(_model(), F.cross_entropy, data, process_group=dist.group.WORLD)
             le.trace(H, 12)
+        elif scenario == "replica_check_raises":
+            # an exception before the product's guarded local work (here: in the replica check)
+            H = le.HessianOperator(_model(), F.cross_entropy, _shard(rank),
+                                   process_group=dist.group.WORLD)
+            if rank == 1:
+                H.param_names = H.param_names + ["no.such.parameter"]
+            H @ _directions(H.d)
         elif scenario == "mismatch":
             H = le.HessianOperator(_model(seed=rank), F.cross_entropy, _shard(rank),
                                    process_group=dist.group.WORLD)
@@ -166,8 +197,16 @@ def test_distributed_equals_single_process_uneven_split(tmp_path):
     assert _close(got["hv_rank0_input"], ref["hv"])
     assert torch.equal(got1["hv_rank0_input"], got["hv_rank0_input"])
     assert got["input_syncs"] == 1 and got1["input_syncs"] == 1
+    for r, g in ((0, got), (1, got1)):
+        assert g["v0_error"] is not None and "multiply different directions" in g["v0_error"], r
+        assert g["seed_error"] is not None and "multiply different directions" in g["seed_error"]
+        assert g["k_error"] is not None and "different numbers of directions" in g["k_error"], r
+        assert g["input_syncs_after"] == 1
+    assert not got["main_of_g1"] and got1["main_of_g1"]
+    assert _close(got1["hv_all_on_rank0"], ref["hv"])
     assert got["saved"] and not got1["saved"]  # only rank 0 writes
     assert (tmp_path / "eig_rank0.json").exists() and not (tmp_path / "eig_rank1.json").exists()
+    assert got["saved_all"] and got1["saved_all"] and (tmp_path / "own1.json").exists()
     assert got["unchanged"]
 
 
@@ -196,6 +235,7 @@ def test_exact_mean_matches_dense_hessian():
 @pytest.mark.parametrize("scenario,rank_with_error,own", [
     ("raise", 1, "ValueError: rank 1's loss is broken"),
     ("nan", 0, "FloatingPointError"),
+    ("replica_check_raises", 1, "KeyError"),
 ])
 def test_a_failing_rank_stops_all_ranks(tmp_path, scenario, rank_with_error, own):
     errors = _spawn(tmp_path, scenario)

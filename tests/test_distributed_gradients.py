@@ -109,6 +109,13 @@ def _worker(rank: int, world: int, tmp: str):
         # a DDP-wrapped model: unwrapped, DDP's group by default
         ddp = nn.parallel.DistributedDataParallel(_model())
         out["ddp"] = _keep(_svd(ddp, _shard(rank), "kronecker", True))
+        # a DataLoader with a DistributedSampler: the sample count of auto's choice is the
+        # ranks' shares (not world x the data set's length)
+        x, y = _data()
+        ds = torch.utils.data.TensorDataset(x, y)
+        sampler = torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=False)
+        loader = torch.utils.data.DataLoader(ds, batch_size=25, sampler=sampler)
+        out["sampler"] = _keep(_svd(model, loader, "auto", True, process_group=group))
         # per-sample gradients are local: this rank's rows (DDP names with "module." accepted)
         out["psg"] = per_sample_gradients(ddp, CE, _shard(rank))
         out["psg_named"] = per_sample_gradients(ddp, CE, _shard(rank),
@@ -225,6 +232,14 @@ def test_ddp_model_and_model_unchanged(spawned, reference):
         torch.testing.assert_close(spawned[r]["psg_named"],
                                    torch.cat([G[rows[r], 30:36], G[rows[r], 36:54]], 1),
                                    rtol=1e-12, atol=1e-14)
+
+
+def test_distributed_sampler_counts_this_ranks_share(spawned, reference):
+    G, _ = reference
+    for r in (0, 1):
+        got = spawned[r]["sampler"]
+        assert got["n"] == N and got["used"] == "gram", got["used"]   # n = 100 <= 2 d
+        assert _rel(got["S"], _exact(G, True)[:K]) <= 1e-8
 
 
 def test_a_failing_rank_stops_all_ranks(spawned, reference):

@@ -260,6 +260,21 @@ def test_torch_distributed_ranks_barrier_and_rank0_fits(tmp_path, clean_env, mon
     assert len(count_training) == 4
 
 
+def test_sweep_ranks_of_a_node_get_their_own_gpu(monkeypatch):
+    import torch
+
+    from landscape_lab.cli import _rank_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(str(d)))
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert _rank_device("cuda") == "cuda:1" and chosen == ["cuda:1"]
+    assert _rank_device("cuda:0") == "cuda:0" and _rank_device("cpu") == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _rank_device("cuda") == "cuda"
+
+
 def test_second_copy_of_a_shard_fails_clearly(tmp_path, clean_env, capsys):
     from landscape_lab.cli import main
 
@@ -336,7 +351,7 @@ def test_locked_appends_from_processes_never_tear(tmp_path):
     assert len([r for r in load_results(tmp_path) if r["kind"] == "stress"]) == 120
 
 
-def _gloo_sweep_worker(rank, tmp, fail_rank):
+def _gloo_sweep_worker(rank, tmp, fail_rank, fail_in="cell"):
     import datetime
     import traceback
 
@@ -349,8 +364,11 @@ def _gloo_sweep_worker(rank, tmp, fail_rank):
     try:
         if rank == fail_rank:
             def broken(*a, **k):
-                raise RuntimeError(f"cell failed on rank {rank}")
-            sweep._run_cell = broken
+                raise RuntimeError(f"{fail_in} failed on rank {rank}")
+            if fail_in == "cell":
+                sweep._run_cell = broken
+            else:   # before the cells: writing sweep_config.json
+                sweep._write_atomic = broken
         s = run_sweep(_cfg(widths=[3], depths=[1, 2], measure_epochs=[0]), f"{tmp}/sweep",
                       progress=False, report=False)
         (Path(tmp) / f"ok{rank}").write_text(f"{s.shard} {s.n_run} {s.fit is not None}")
@@ -361,14 +379,14 @@ def _gloo_sweep_worker(rank, tmp, fail_rank):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fail_rank", [-1, 1])
-def test_gloo_ranks_share_one_file_and_a_failing_rank_stops_all(tmp_path, fail_rank):
+@pytest.mark.parametrize("fail_rank,fail_in", [(-1, "cell"), (1, "cell"), (0, "setup")])
+def test_gloo_ranks_share_one_file_and_a_failing_rank_stops_all(tmp_path, fail_rank, fail_in):
     """Two real torch.distributed ranks: cells split over ranks into one results file and rank 0
     fits; when a rank's cell raises, every rank stops with an error instead of hanging."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_gloo_sweep_worker, args=(r, str(tmp_path), fail_rank))
+    procs = [ctx.Process(target=_gloo_sweep_worker, args=(r, str(tmp_path), fail_rank, fail_in))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -385,5 +403,8 @@ def test_gloo_ranks_share_one_file_and_a_failing_rank_stops_all(tmp_path, fail_r
                 if r["kind"] == "cell_done"]
         assert len(done) == 2 and not list((tmp_path / "sweep").glob("results.shard*"))
     else:
-        assert read[1]["error"].startswith("RuntimeError: cell failed on rank 1"), read
-        assert read[0]["error"].startswith("RankFailure") and "[1]" in read[0]["error"], read
+        other = 1 - fail_rank
+        assert read[fail_rank]["error"].startswith(
+            f"RuntimeError: {fail_in} failed on rank {fail_rank}"), read
+        assert read[other]["error"].startswith("RankFailure"), read
+        assert f"[{fail_rank}]" in read[other]["error"], read

@@ -521,9 +521,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_device(dev: str) -> str:
+    """Under torchrun (``LOCAL_RANK`` set) a bare ``cuda`` is this rank's GPU,
+    ``cuda:{LOCAL_RANK % device_count}`` (made the current device), so the ranks of one node
+    do not all train on GPU 0; an explicit ``cuda:i`` or ``cpu`` is kept."""
+    import os
+
+    import torch
+
+    if dev != "cuda" or "LOCAL_RANK" not in os.environ:
+        return dev
+    n = torch.cuda.device_count()
+    if n < 2:
+        return dev
+    dev = f"cuda:{int(os.environ['LOCAL_RANK']) % n}"
+    torch.cuda.set_device(torch.device(dev))
+    return dev
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    dev = _setup(args)
+    dev = _rank_device(_setup(args))
     from .sweep import ShardBusyError, SweepConfig, fit_sweep, parse_shard, run_sweep
 
     if args.fit_only:

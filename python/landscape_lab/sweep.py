@@ -546,21 +546,23 @@ def run_sweep(cfg: SweepConfig, out_dir: PathLike, *,
         raise ValueError(f"shard {shard}: need N >= 1 and 0 <= i < N")
     distributed = _dist_shard() == shard and shard[1] > 1
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = results_path(out)
     chash = cfg.measurement_hash()
     cells = cfg.cells()
     keys = {c.key for c in cells}
     mine = [c for c in cells if c.index % shard[1] == shard[0]]
-    _write_atomic(out / "sweep_config.json", json.dumps(
-        {"config": json_clean(asdict(cfg)), "config_hash": chash, "n_cells": len(cells)},
-        indent=2))
     completed_grid = False
     n_run = 0
     todo: List[Cell] = []
     complete_at_start = False
     error: Optional[BaseException] = None
     try:
+        # inside the try: under torch.distributed a rank that cannot write here (a directory
+        # not mounted on its node, ...) must stop the others at the barrier, not hang them
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "sweep_config.json", json.dumps(
+            {"config": json_clean(asdict(cfg)), "config_hash": chash, "n_cells": len(cells)},
+            indent=2))
         with _exclusive(_shard_lock_path(out, shard),
                         what=f"shard {shard[0]}/{shard[1]} of {out}"):
             finished, measured = _progress_state(load_results(out) if resume else [], chash,
