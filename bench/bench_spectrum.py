@@ -448,6 +448,9 @@ def hvp_section(case, model, loss_fn, data, device, args, rows, detail):
         "double-backward (retained graph, batched)": dict(mode="double-backward"),
         "double-backward (graph rebuilt per product)": dict(mode="double-backward",
                                                             cache_graph=False),
+        # plain MLPs: the fused Pearlmutter products (landscape_ext.mlp), forward kept between
+        # products; other models: auto's autograd choice (mode_used in the JSON)
+        "auto (fused-mlp for MLPs)": dict(mode="auto"),
     }
     d = n_params(model)
     gen = torch.Generator().manual_seed(0)
@@ -466,6 +469,7 @@ def hvp_section(case, model, loss_fn, data, device, args, rows, detail):
             rows.append({"case": case, "task": f"HVP k={k}", "impl": name,
                          "seconds": t / k, "setting": f"{t / k / g:.2f} gradients/direction"})
         out["modes"][name] = res
+        out.setdefault("mode_used", {})[name] = op.mode_used
     # the loop of single products on a retained graph (what PyHessian does)
     X, y = data
     params = [p for p in model.parameters() if p.requires_grad]

@@ -23,7 +23,17 @@ Zhou & Saad (block thick restart):
 * Rank deficiency (an invariant subspace, a multiple eigenvalue) is deflated by the krylov op:
   a lost direction (``r[k, k] == 0``) is replaced by a fresh direction orthogonal to the basis.
 * For ``d <= max_basis + block_size`` the operator is formed densely (``d`` products) and solved
-  by ``torch.linalg.eigh``: cheaper and exact.
+  by ``torch.linalg.eigh``: cheaper and exact. A Lanczos run that has used ``d`` products
+  without converging on an operator with ``d <= 4096`` switches to the dense solve too (at most
+  ``2 d`` products in all): tiny operators with large clusters at a wanted end (the null space
+  of a GGN for ``which="smallest"`` / ``"both"``) converge slowly in a small basis.
+* The projected eigenproblem is solved only once the basis could hold the answer
+  (``m >= k + b``), at restarts and at the end; before that an iteration is one product and
+  one orthogonalization.
+* After an invariant subspace (a lost direction, replaced by a fresh one), the run does not stop
+  until multiplying the fresh directions leaves the wanted Ritz values unchanged: an invariant
+  subspace holds one copy of each eigenvalue per start direction, so further copies of a
+  wanted multiple eigenvalue (zeros of a low-rank operator) only come from fresh directions.
 """
 from __future__ import annotations
 
@@ -46,6 +56,9 @@ __all__ = ["EigshResult", "SpectralNormResult", "eigsh", "spectral_norm"]
 log = logging.getLogger(__name__)
 
 WHICH = ("largest", "smallest", "both", "magnitude")
+
+#: Largest dimension for which a non-converging Lanczos run falls back to a dense solve.
+DENSE_MAX_D = 4096
 
 
 @dataclass(repr=False)
@@ -158,13 +171,16 @@ def _keep_order(theta: Tensor, which: str, k: int, kk: int) -> Tensor:
 def _default_block_size(k: int, which: str) -> int:
     """Single-vector Lanczos needs the fewest products for small k (digits MLP, top-10: 30
     products at b=1, 34 at b=2, 44 at b=4 for the same accuracy) and single products run on
-    the cached first-order graph; for large k the batched products and the fewer passes over
-    the basis per product pay for the extra products."""
+    the cached first-order graph / fused state; for large k the passes over the basis (memory
+    bound: one orthogonalization of a block reads the whole basis three times) cost as much as
+    a product per direction at b=1, and batching pays for the extra products. Digits MLP,
+    top-100 at tol 1e-4 (fused products, float32): b=1 188 products / 16.9 s, b=2 202 / 15.0 s,
+    b=4 220 / 14.4 s, b=8 256 / 17.1 s."""
     if which == "both":
         k = (k + 1) // 2
     if k <= 16:
         return 1
-    return 4 if k <= 48 else 8
+    return 4 if k <= 128 else 8
 
 
 def _random_rows(n: int, d: int, gen: torch.Generator, device: torch.device) -> Tensor:
@@ -175,7 +191,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
           block_size: Optional[int] = None, max_basis: Optional[int] = None,
           basis_dtype: Optional[torch.dtype] = None, seed: int = 0, v0: Optional[Tensor] = None,
           max_matvecs: Optional[int] = None, return_eigenvectors: bool = True,
-          verify: bool = False, progress: bool = False) -> EigshResult:
+          verify: bool = False, progress: bool = False, warn: bool = True) -> EigshResult:
     r"""``k`` eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
     Parameters
@@ -192,7 +208,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         Converged when ``|A x - theta x| <= tol * max|theta|``. Default ``1e-8`` for float64
         operators, ``1e-4`` otherwise. Eigenvalue errors are about ``(tol |A|)^2 / gap``.
     block_size : int, optional
-        Directions per batched product (default 1 for ``k <= 16``, 4 up to 48, else 8; use at
+        Directions per batched product (default 1 for ``k <= 16``, 4 up to 128, else 8; use at
         least the multiplicity of a wanted eigenvalue cluster — Lanczos with a block smaller
         than a cluster can converge before it has found every member).
     max_basis : int, optional
@@ -200,16 +216,20 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         ``max(2k + 2b, k + 8b, 24)`` rounded to a multiple of ``b``.
     basis_dtype : torch.dtype, optional
         Storage of the basis (float64/float32/float16/bfloat16); default: the operator's dtype.
-        Recurrences and the projected eigenproblem are float64 whatever this is; the stored
-        basis is orthonormal only to its own precision, so eigenvalue errors are at least about
+        The projected eigenproblem is float64 whatever this is; the orthogonalization
+        accumulates in float64 unless both the operator and the basis are float32 or narrower
+        (then in float32: the products carry float32 rounding already). The stored basis is
+        orthonormal only to its own precision, so eigenvalue errors are at least about
         ``eps(basis_dtype) * |A|`` (float16/bfloat16: ~1e-3 / 1e-2 relative).
     seed : int
         Seed of the random start block.
     v0 : Tensor, optional
         ``(d,)`` or ``(d, j)`` start directions (warm start); the rest of the block is random.
     max_matvecs : int, optional
-        Budget of products (default ``max(200 * k, 2000)``, capped near ``50 d``); on exhaustion the
-        unconverged pairs are returned with ``converged=False`` and a warning is logged.
+        Budget of products (default ``max(200 * k, 2000)``); on exhaustion the unconverged pairs
+        are returned with ``converged=False`` and a warning is logged (``warn=False``: a debug
+        message). Operators with ``d <= 4096`` switch to a dense solve after ``d`` products when
+        the budget allows.
     return_eigenvectors : bool
     verify : bool
         Recompute the final residuals with one more batched product of the ``k`` Ritz vectors
@@ -217,6 +237,10 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         rounding with full reorthogonalization (tests hold this).
     progress : bool
         Show a tqdm progress bar.
+    warn : bool
+        Log a WARNING when the budget runs out before convergence (default). ``False`` logs it
+        at DEBUG level: for callers that run many short, budgeted estimates (training loops)
+        and read ``converged`` themselves.
 
     Returns
     -------
@@ -258,29 +282,15 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
 
     # ---- tiny problems: dense ------------------------------------------------------------------
     if d <= max_basis + b:
-        A = torch.empty(d, d, dtype=torch.float64)
-        eye = torch.eye(d, dtype=torch.float64)
-        for s in range(0, d, max(b, 64)):
-            e = min(s + max(b, 64), d)
-            A[s:e] = _finite(op.apply_rows(eye[s:e].to(op.device)), "eigsh").double().cpu()
-        A = 0.5 * (A + A.T)
-        theta, Y = torch.linalg.eigh(A)
-        sel = _wanted(theta, which, k)
-        vals = theta[sel]
-        vecs = Y[:, sel]
-        res = torch.linalg.vector_norm(A @ vecs - vecs * vals, dim=0)
-        snorm = float(theta.abs().max())
-        out_dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
-        return EigshResult(
-            eigenvalues=vals, eigenvectors=vecs.to(device=op.device, dtype=out_dtype)
-            if return_eigenvectors else None, residuals=res,
-            converged=res <= tol * max(snorm, 1e-300), n_matvecs=op.n_matvecs - n0,
-            max_basis=d, basis_dtype=str(torch.float64), spectral_norm_estimate=snorm,
-            residuals_verified=True, mode_used=mode_of(), method="dense",
-            time_s=time.perf_counter() - t0, **common)
+        return _dense_eigsh(op, k, which, tol, return_eigenvectors, n0, t0, mode_of(), common)
 
     # ---- block Lanczos --------------------------------------------------------------------------
     dev = op.device
+    # the orthogonalization accumulates in float64 unless both the products and the basis are
+    # float32 or narrower: their own rounding (~1e-7 relative) then dominates, and float32
+    # passes over the (memory-bound) basis cost about 0.6x of float64 ones
+    acc_dtype = (torch.float32 if op.dtype != torch.float64 and basis_dtype != torch.float64
+                 else torch.float64)
     Q = torch.empty(max_basis, d, dtype=basis_dtype, device=dev)
     T = torch.zeros(max_basis + b, max_basis + b, dtype=torch.float64)
     X0 = _random_rows(b, d, gen, dev)
@@ -303,17 +313,20 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     if progress:
         from tqdm.auto import tqdm
         pbar = tqdm(total=max_matvecs, desc=f"eigsh(k={k}, {which})", unit="matvec")
+    prev_wanted: Optional[Tensor] = None
+    pending_fresh = False   # fresh directions (after an invariant subspace) not yet multiplied
+    fresh_seen = False      # the block just multiplied held fresh directions
     try:
         while True:
             bs = m - p
-            W = _finite(op.apply_rows(Q[p:m]), "eigsh").to(torch.float64)
+            W = _finite(op.apply_rows(Q[p:m]), "eigsh").to(acc_dtype)
             n_iter += 1
             if pbar is not None:
                 pbar.update(bs)
             q, C, R = block_orthonormalize(Q, W, m)
             del W
-            C = C.cpu()
-            R = R.cpu()
+            C = C.cpu().double()
+            R = R.cpu().double()
             T[:p, p:m] = C[:p]
             T[p:m, :p] = C[:p].T
             T[p:m, p:m] = 0.5 * (C[p:m] + C[p:m].T)
@@ -321,23 +334,55 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
             T[p:m, m:m + bs] = R.T
             last = (p, m)
             p = m
+            # a lost direction, or one (numerically) decoupled from the basis, makes the basis an
+            # invariant subspace: the next block then holds fresh directions
+            fresh_seen, pending_fresh = pending_fresh, bool(
+                (torch.diagonal(R).abs() <= 1e-3 * tol * snorm).any()
+                or (torch.diagonal(R) == 0).any())
+            used = op.n_matvecs - n0
+            restart_due = m + bs > max_basis
+            budget_out = used + bs > max_matvecs
+            dense_due = (used + bs > d and d <= DENSE_MAX_D and used + d <= max_matvecs)
+            if m < min(k + bs, d) and not (restart_due or budget_out or dense_due):
+                # the basis cannot hold the answer yet: no Rayleigh-Ritz needed
+                Q[m:m + bs].copy_(q)
+                m += bs
+                continue
             theta, Y = torch.linalg.eigh(T[:m, :m])
             res_all = torch.linalg.vector_norm(R @ Y[last[0]:last[1]], dim=0)
             snorm = max(snorm, float(theta.abs().max()))
             sel = _wanted(theta, which, k)
             ok = res_all[sel] <= tol * max(snorm, 1e-300)
-            used = op.n_matvecs - n0
+            wanted = theta[sel]
+            # after an invariant subspace, stop only once the fresh directions left the wanted
+            # values unchanged (a further copy of a wanted multiple eigenvalue would move them)
+            if fresh_seen:
+                settled = prev_wanted is not None and bool(
+                    ((wanted - prev_wanted).abs() <= tol * max(snorm, 1e-300)).all())
+            else:
+                settled = not pending_fresh
+            prev_wanted = wanted
             if pbar is not None:
                 pbar.set_postfix(converged=f"{int(ok.sum())}/{k}")
             # an invariant subspace can make k Ritz pairs exact while missing eigenvalues outside
             # it: only declare convergence once the wanted pairs are chosen among > k values
-            if bool(ok.all()) and m >= min(k + bs, d):
+            if bool(ok.all()) and m >= min(k + bs, d) and settled:
                 break
-            if used + bs > max_matvecs:
-                log.warning("eigsh: %d of %d eigenpairs converged after %d products (max_matvecs)",
-                            int(ok.sum()), k, used)
+            if dense_due:
+                # a tiny operator that Lanczos has not solved in d products: form it densely
+                if pbar is not None:
+                    pbar.close()
+                    pbar = None
+                log.debug("eigsh: %d products without convergence on d = %d: dense solve",
+                          used, d)
+                return _dense_eigsh(op, k, which, tol, return_eigenvectors, n0, t0,
+                                    mode_of(), common, n_restarts)
+            if budget_out:
+                (log.warning if warn else log.debug)(
+                    "eigsh: %d of %d eigenpairs converged after %d products (max_matvecs)",
+                    int(ok.sum()), k, used)
                 break
-            if m + bs > max_basis:
+            if restart_due:
                 # thick restart: keep the wanted Ritz vectors and neighbours + the residual block
                 if kk is None:
                     room = max_basis - k - 2 * bs
@@ -345,7 +390,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
                 keep = _keep_order(theta, which, k, kk)
                 kk_now = keep.numel()
                 Yk = Y[:, keep]
-                _rotate_rows_(Q, Yk, m)
+                _rotate_rows_(Q, Yk, m, acc_dtype)
                 Q[kk_now:kk_now + bs].copy_(q)
                 coup = R @ Y[last[0]:last[1], keep]
                 T.zero_()
@@ -369,7 +414,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     vec_dtype = torch.float64 if op.dtype == torch.float64 else torch.float32
     X = None
     if return_eigenvectors or verify:
-        X = _combine_rows(Q, Y[:, sel], n_basis, vec_dtype)
+        X = _combine_rows(Q, Y[:, sel], n_basis, vec_dtype, acc_dtype)
     verified = False
     if verify:
         HX = _finite(op.apply_rows(X), "eigsh").to(torch.float64)
@@ -389,6 +434,35 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         time_s=time.perf_counter() - t0, **common)
 
 
+def _dense_eigsh(op: CurvatureOperator, k: int, which: str, tol: float,
+                 return_eigenvectors: bool, n0: int, t0: float, mode_used: Optional[str],
+                 common: dict, n_restarts: int = 0) -> EigshResult:
+    """Form the operator densely (``d`` products, in chunks) and solve by ``eigh``."""
+    d = op.d
+    b = common["block_size"]
+    A = torch.empty(d, d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64)
+    for s in range(0, d, max(b, 64)):
+        e = min(s + max(b, 64), d)
+        A[s:e] = _finite(op.apply_rows(eye[s:e].to(op.device)), "eigsh").double().cpu()
+    A = 0.5 * (A + A.T)
+    theta, Y = torch.linalg.eigh(A)
+    sel = _wanted(theta, which, k)
+    vals = theta[sel]
+    vecs = Y[:, sel]
+    res = torch.linalg.vector_norm(A @ vecs - vecs * vals, dim=0)
+    snorm = float(theta.abs().max())
+    out_dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
+    return EigshResult(
+        eigenvalues=vals, eigenvectors=vecs.to(device=op.device, dtype=out_dtype)
+        if return_eigenvectors else None, residuals=res,
+        converged=res <= tol * max(snorm, 1e-300), n_matvecs=op.n_matvecs - n0,
+        n_restarts=n_restarts, max_basis=d, basis_dtype=str(torch.float64),
+        spectral_norm_estimate=snorm, residuals_verified=True,
+        mode_used=getattr(op, "mode_used", None) or mode_used, method="dense",
+        time_s=time.perf_counter() - t0, **common)
+
+
 def _finite(W: Tensor, where: str) -> Tensor:
     if not bool(torch.isfinite(W).all()):
         raise FloatingPointError(f"{where}: the operator product contains "
@@ -401,27 +475,29 @@ def _col_chunk(d: int, rows: int) -> int:
     return max(1024, min(d, (4 << 20) // max(rows, 1)))
 
 
-def _rotate_rows_(Q: Tensor, Y: Tensor, m: int) -> None:
-    """In place ``Q[:kk] = Y^T Q[:m]`` (``Y (m, kk)``), column chunk by column chunk."""
+def _rotate_rows_(Q: Tensor, Y: Tensor, m: int, acc: torch.dtype = torch.float64) -> None:
+    """In place ``Q[:kk] = Y^T Q[:m]`` (``Y (m, kk)``), column chunk by column chunk, summed in
+    ``acc``."""
     d = Q.shape[1]
-    Yt = Y.T.to(device=Q.device, dtype=torch.float64).contiguous()
+    Yt = Y.T.to(device=Q.device, dtype=acc).contiguous()
     c = _col_chunk(d, m)
     kk = Y.shape[1]
     for s in range(0, d, c):
         e = min(s + c, d)
-        blk = Yt @ Q[:m, s:e].to(torch.float64)
+        blk = Yt @ Q[:m, s:e].to(acc)
         Q[:kk, s:e].copy_(blk)
 
 
-def _combine_rows(Q: Tensor, Y: Tensor, m: int, dtype: torch.dtype) -> Tensor:
-    """``Y^T Q[:m]`` as ``(kk, d)`` in ``dtype``."""
+def _combine_rows(Q: Tensor, Y: Tensor, m: int, dtype: torch.dtype,
+                  acc: torch.dtype = torch.float64) -> Tensor:
+    """``Y^T Q[:m]`` as ``(kk, d)`` in ``dtype``, summed in ``acc``."""
     d = Q.shape[1]
-    Yt = Y.T.to(device=Q.device, dtype=torch.float64).contiguous()
+    Yt = Y.T.to(device=Q.device, dtype=acc).contiguous()
     out = torch.empty(Y.shape[1], d, dtype=dtype, device=Q.device)
     c = _col_chunk(d, m)
     for s in range(0, d, c):
         e = min(s + c, d)
-        out[:, s:e] = Yt @ Q[:m, s:e].to(torch.float64)
+        out[:, s:e] = Yt @ Q[:m, s:e].to(acc)
     return out
 
 

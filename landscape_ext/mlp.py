@@ -54,6 +54,7 @@ __all__ = [
     "mlp_structure",
     "mlp_matmat",
     "mlp_apply_rows",
+    "MLPCurvature",
     "mlp_hvp",
     "FUSED_DEFAULT",
 ]
@@ -534,6 +535,83 @@ def _check_targets(f: Tensor, y: Tensor, cfg: _Loss) -> Tensor:
     return y.to(f.dtype)
 
 
+class MLPCurvature:
+    """The per-batch state of the fused products, reusable for any number of them.
+
+    Runs the forward pass (and, for the Hessian, the first-order backward) once; each
+    :meth:`apply_rows` then costs only the R-forward / R-backward sweeps. The engine keeps one of
+    these while the parameters are unchanged (single batch), so single-direction products do
+    not repeat the forward and backward.
+
+    Parameters
+    ----------
+    structure, params, inputs, targets, loss, curvature, reduction, ignore_index,
+    label_smoothing, fused
+        As :func:`mlp_matmat`. Parameter values are read (detached) at construction.
+    check_finite : bool
+        Raise ``ValueError`` when the outputs are not finite (the engine checks the loss
+        itself, with its own message, and passes False).
+
+    Attributes
+    ----------
+    f : Tensor
+        The model's outputs on the batch ``(B, n_out)``.
+    y : Tensor
+        The targets as used (on the outputs' device).
+
+    Raises
+    ------
+    NotAnMLP
+        Loss, inputs or targets outside this path.
+    """
+
+    def __init__(self, structure: MLPStructure, params: Mapping[str, Tensor], inputs: Any,
+                 targets: Tensor, loss: Any = "cross_entropy", curvature: str = "hessian",
+                 reduction: str = "mean", *, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, fused: Optional[bool] = None,
+                 check_finite: bool = True):
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"mlp_matmat: curvature must be 'hessian' or 'ggn', got "
+                             f"{curvature!r}")
+        self.cfg = _loss_config(loss, reduction, ignore_index, label_smoothing)
+        self.fused = FUSED_DEFAULT if fused is None else bool(fused)
+        self.hessian = curvature == "hessian"
+        self.plan = plan = _Plan(structure, params)
+        self.d = plan.d
+        with torch.no_grad():
+            x = _prepare_inputs(structure, plan, inputs)
+            f, self.A, self.S1, self.S2 = _forward(plan, x, self.hessian, self.fused)
+            self.y = _check_targets(f, targets, self.cfg)
+            if not structure.verified:
+                _verify(structure, plan, params, inputs, f)
+            if check_finite and not bool(torch.isfinite(f).all()):
+                raise ValueError(f"mlp_matmat: the model outputs non-finite values "
+                                 f"({structure.describe()})")
+            self.f = f
+            self.D: List[Optional[Tensor]] = []
+            self.C2: List[Optional[Tensor]] = []
+            if self.hessian and plan.d > 0:
+                self.D, self.C2 = _first_order_backward(
+                    plan, _loss_grad(f, self.y, self.cfg), self.S1, self.S2)
+
+    def apply_rows(self, X: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+        """``X (k, d) -> (k, d)``: the rows of ``X`` times the Hessian / GGN of the batch."""
+        plan = self.plan
+        if X.dim() != 2 or X.shape[1] != plan.d:
+            raise ValueError(f"mlp_matmat: expected directions of shape (k, {plan.d}) as rows, "
+                             f"got {tuple(X.shape)}")
+        k = X.shape[0]
+        if k == 0 or plan.d == 0:
+            return X.new_zeros((k, plan.d), dtype=plan.dtype)
+        with torch.no_grad():
+            X = X.to(device=plan.device, dtype=plan.dtype)
+            step = k if chunk_size is None else max(1, int(chunk_size))
+            outs = [_products(plan, self.A, self.S1, self.S2, self.D, self.C2, self.f, self.y,
+                              X[s:s + step], self.cfg, self.hessian, self.fused)
+                    for s in range(0, k, step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def mlp_apply_rows(structure: MLPStructure, params: Mapping[str, Tensor], inputs: Tensor,
                    targets: Tensor, X: Tensor, loss: Any = "cross_entropy",
                    curvature: str = "hessian", reduction: str = "mean", *,
@@ -543,34 +621,14 @@ def mlp_apply_rows(structure: MLPStructure, params: Mapping[str, Tensor], inputs
     the layout of ``CurvatureOperator.apply_rows``."""
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"mlp_matmat: curvature must be 'hessian' or 'ggn', got {curvature!r}")
-    cfg = _loss_config(loss, reduction, ignore_index, label_smoothing)
-    fused = FUSED_DEFAULT if fused is None else bool(fused)
-    hessian = curvature == "hessian"
-    plan = _Plan(structure, params)
-    if X.dim() != 2 or X.shape[1] != plan.d:
-        raise ValueError(f"mlp_matmat: expected directions of shape (k, {plan.d}) as rows, got "
+    _loss_config(loss, reduction, ignore_index, label_smoothing)
+    d = _Plan(structure, params).d
+    if X.dim() != 2 or X.shape[1] != d:
+        raise ValueError(f"mlp_matmat: expected directions of shape (k, {d}) as rows, got "
                          f"{tuple(X.shape)}")
-    k = X.shape[0]
-    with torch.no_grad():
-        x = _prepare_inputs(structure, plan, inputs)
-        f, A, S1, S2 = _forward(plan, x, hessian, fused)
-        y = _check_targets(f, targets, cfg)
-        if not structure.verified:
-            _verify(structure, plan, params, inputs, f)
-        if not bool(torch.isfinite(f).all()):
-            raise ValueError(f"mlp_matmat: the model outputs non-finite values "
-                             f"({structure.describe()})")
-        if k == 0 or plan.d == 0:
-            return X.new_zeros((k, plan.d), dtype=plan.dtype)
-        D: List[Optional[Tensor]] = []
-        C2: List[Optional[Tensor]] = []
-        if hessian:
-            D, C2 = _first_order_backward(plan, _loss_grad(f, y, cfg), S1, S2)
-        X = X.to(device=plan.device, dtype=plan.dtype)
-        step = k if chunk_size is None else max(1, int(chunk_size))
-        outs = [_products(plan, A, S1, S2, D, C2, f, y, X[s:s + step], cfg, hessian, fused)
-                for s in range(0, k, step)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    state = MLPCurvature(structure, params, inputs, targets, loss, curvature, reduction,
+                         ignore_index=ignore_index, label_smoothing=label_smoothing, fused=fused)
+    return state.apply_rows(X, chunk_size)
 
 
 def mlp_matmat(structure: MLPStructure, params: Mapping[str, Tensor], inputs: Tensor,

@@ -196,3 +196,57 @@ def test_result_printing_and_json():
     assert d["seed"] == 7 and d["n_matvecs"] == r.n_matvecs and len(d["eigenvalues"]) == 3
     assert "eigenvectors" not in d and d["type"] == "EigshResult"
     assert r.relative_residuals.shape == (3,)
+
+
+def _tiny_ggn(din, h, c, n):
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(din, h), nn.Tanh(), nn.Linear(h, c)).double()
+    X = torch.randn(n, din, dtype=torch.float64)
+    y = torch.randint(0, c, (n,))
+    op = le.GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    A = torch.stack([op @ e for e in torch.eye(op.d, dtype=torch.float64)])
+    op.n_matvecs = 0
+    return op, torch.linalg.eigvalsh(0.5 * (A + A.T))
+
+
+@pytest.mark.parametrize("which", ["both", "smallest"])
+def test_tiny_ggn_both_does_not_exhaust_the_budget(caplog, which):
+    # d = 123, rank 80: a 43-dimensional null space at the small end converges slowly in a small
+    # restarted basis; after d products the operator is solved densely (it used to run into
+    # max_matvecs = 2000 and return unconverged pairs with a warning)
+    op, ev = _tiny_ggn(6, 12, 3, 40)
+    with caplog.at_level("WARNING", logger="landscape_ext.lanczos"):
+        r = eigsh(op, 6, which)
+    assert not caplog.records
+    assert r.converged.all() and r.n_matvecs <= 2 * op.d and r.method == "dense"
+    scale = float(ev.abs().max())
+    torch.testing.assert_close(r.eigenvalues, _reference(ev, which, 6), rtol=0,
+                               atol=1e-12 * scale)
+
+
+def test_invariant_subspace_keeps_multiplicities():
+    # rank 32 (8 samples x 4): the Krylov space of one start vector is invariant at m = 33 and
+    # holds a single zero; the fresh directions after it supply the further zeros of "both"
+    op, ev = _tiny_ggn(10, 16, 5, 8)
+    r = eigsh(op, 20, "both")
+    scale = float(ev.abs().max())
+    assert r.method == "block-lanczos" and r.n_matvecs < 80
+    torch.testing.assert_close(r.eigenvalues, _reference(ev, "both", 20), rtol=0,
+                               atol=1e-12 * scale)
+    assert (r.eigenvalues[10:].abs() < 1e-12 * scale).all()
+
+
+def test_budget_warning_can_be_silenced(caplog):
+    A, _ = _matrix(_spectrum())
+    with caplog.at_level("DEBUG", logger="landscape_ext.lanczos"):
+        r = eigsh(A, 4, max_matvecs=6)
+    assert not r.converged.all()
+    assert [rec.levelname for rec in caplog.records if "max_matvecs" in rec.getMessage()] == \
+        ["WARNING"]
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="landscape_ext.lanczos"):
+        r2 = eigsh(A, 4, max_matvecs=6, warn=False)
+    assert [rec.levelname for rec in caplog.records if "max_matvecs" in rec.getMessage()] == \
+        ["DEBUG"]
+    torch.testing.assert_close(r2.eigenvalues, r.eigenvalues)

@@ -46,18 +46,174 @@ def test_hessian_products_match_dense(problem, exact_hessian, name, mode):
     assert op.n_matvecs == 5
     torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0], rtol=1e-10, atol=1e-12)
     assert op.n_matvecs == 6
-    assert op.mode_used in ("forward-over-reverse", "double-backward")
     if mode != "auto":
         assert op.mode_used == mode
+    else:  # plain MLPs (mlp: CE, negcurv: MSE) take the fused path, the CNN autograd
+        assert op.mode_used == ("double-backward" if name == "cnn" else "fused-mlp")
 
 
 def test_auto_mode_choice(problem):
-    model, loss, data = problem("mlp")
+    model, loss, data = problem("cnn")
     op = HessianOperator(model, loss, data)  # single batch: the first-order graph is cached
+    assert not op.fused_mlp and "Conv2d" in op.fused_mlp_reason
     op @ torch.randn(op.d, 2, dtype=torch.float64)
     assert op.mode_used == "double-backward"
     op @ torch.randn(op.d, 6, dtype=torch.float64)
     assert op.mode_used == "forward-over-reverse"
+    model, loss, data = problem("mlp")
+    op = HessianOperator(model, loss, data)
+    for k in (1, 2, 6):  # an MLP: the fused products for any number of directions
+        op @ torch.randn(op.d, k, dtype=torch.float64)
+        assert op.mode_used == "fused-mlp"
+
+
+# ---- the fused MLP path ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "negcurv"])
+@pytest.mark.parametrize("mode", ["auto", "fused-mlp"])
+def test_fused_mlp_matches_dense(problem, exact_hessian, name, mode):
+    model, loss, data = problem(name)
+    H = exact_hessian(name)
+    op = HessianOperator(model, loss, data, mode=mode)
+    assert op.fused_mlp and op.fused_mlp_reason is None
+    V = torch.randn(op.d, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op @ V, H @ V, rtol=1e-10, atol=1e-12)
+    assert op.mode_used == "fused-mlp"
+    torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0], rtol=1e-10, atol=1e-12)  # k = 1
+    chunked = HessianOperator(model, loss, data, mode=mode, chunk_size=2)
+    torch.testing.assert_close(chunked @ V, H @ V, rtol=1e-10, atol=1e-12)
+    assert op.n_matvecs == 6
+    # a loader of several batches: the mean of the batch products
+    X, y = data
+    batches = [(X[i:i + 7], y[i:i + 7]) for i in range(0, X.shape[0], 7)]
+    op2 = HessianOperator(model, loss, batches, mode=mode)
+    torch.testing.assert_close(op2 @ V, H @ V, rtol=1e-10, atol=1e-12)
+    assert op2.mode_used == "fused-mlp"
+    # the same eigenvalues as the dense Hessian
+    r = le.eigsh(op, 6, "both", tol=1e-10)
+    ev = torch.linalg.eigvalsh(H)
+    ref = torch.cat([ev.flip(0)[:3], ev[:3].flip(0)])
+    torch.testing.assert_close(r.eigenvalues, ref, rtol=0, atol=1e-9 * float(ev.abs().max()))
+    assert r.mode_used == "fused-mlp"
+
+
+def test_fused_mlp_parameter_subset_and_frozen(problem, exact_hessian):
+    model, loss, data = problem("mlp")
+    H = exact_hessian("mlp")
+    sizes = [p.numel() for p in model.parameters()]
+    offs = np.cumsum([0] + sizes)
+    names = [n for n, _ in model.named_parameters()]
+    pick = [names[1], names[4]]  # a bias and a later weight: the rest held fixed
+    idx = torch.cat([torch.arange(offs[1], offs[2]), torch.arange(offs[4], offs[5])])
+    op = HessianOperator(model, loss, data, params=pick, mode="fused-mlp")
+    V = torch.randn(op.d, 3, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, H[idx][:, idx] @ V, rtol=1e-10, atol=1e-12)
+    assert op.mode_used == "fused-mlp"
+    model[0].weight.requires_grad_(False)  # frozen: not in the operator
+    try:
+        keep = torch.cat([torch.arange(offs[1], offs[-1])])
+        op = HessianOperator(model, loss, data)
+        V = torch.randn(op.d, 2, dtype=torch.float64)
+        torch.testing.assert_close(op @ V, H[keep][:, keep] @ V, rtol=1e-10, atol=1e-12)
+        assert op.mode_used == "fused-mlp"
+    finally:
+        model[0].weight.requires_grad_(True)
+
+
+def test_fused_mlp_float32_with_float64_accumulation(problem, exact_hessian):
+    model, loss, (X, y) = problem("mlp")
+    H = exact_hessian("mlp")
+    m32 = model.float()
+    batches = [(X[i:i + 8].float(), y[i:i + 8]) for i in range(0, 40, 8)]
+    op = HessianOperator(m32, loss, batches, accumulate_dtype=torch.float64)
+    V = torch.randn(op.d, 3, dtype=torch.float64)
+    out = op @ V
+    assert out.dtype == torch.float64 and op.mode_used == "fused-mlp"
+    assert (out - H @ V).abs().max() / (H @ V).abs().max() < 1e-5
+
+
+def test_fused_mlp_cache_tracks_parameter_updates(problem, hessian_of):
+    model, loss, data = problem("mlp")
+    op = HessianOperator(model, loss, data)
+    V = torch.randn(op.d, 2, dtype=torch.float64)
+    op @ V
+    assert op._fused_state is not None  # single batch: forward + first backward kept
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    torch.testing.assert_close(op @ V, hessian_of(model, loss, data) @ V, rtol=1e-10,
+                               atol=1e-12)
+    nocache = HessianOperator(model, loss, data, cache_graph=False)
+    nocache @ V
+    assert nocache._fused_state is None and nocache.mode_used == "fused-mlp"
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
+def test_fused_mlp_not_applicable(problem, cls):
+    # a CNN: auto uses autograd, the explicit mode says why
+    model, loss, data = problem("cnn")
+    op = cls(model, loss, data)
+    op @ torch.randn(op.d, 2, dtype=torch.float64)
+    assert op.mode_used != "fused-mlp" and not op.fused_mlp
+    with pytest.raises(ValueError, match="fused-mlp.*not applicable.*Conv2d"):
+        cls(model, loss, data, mode="fused-mlp")
+    # an MLP with a loss outside the fused path
+    model, _, data = problem("mlp")
+    custom = lambda z, t: nn.functional.cross_entropy(z, t) + 0.1 * z.pow(2).mean()  # noqa: E731
+    op = cls(model, custom, data)
+    op @ torch.randn(op.d, dtype=torch.float64)
+    assert op.mode_used != "fused-mlp" and "not supported" in op.fused_mlp_reason
+    with pytest.raises(ValueError, match="fused-mlp"):
+        cls(model, custom, data, mode="fused-mlp")
+    # data outside it (probability targets) is found at the first product: auto falls back
+    X, y = data
+    P = nn.functional.one_hot(y, 3).double() * 0.8 + 0.2 / 3
+    ref = cls(model, nn.CrossEntropyLoss(), (X, P), mode="double-backward")
+    op = cls(model, nn.CrossEntropyLoss(), (X, P))
+    V = torch.randn(op.d, 2, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, ref @ V, rtol=1e-10, atol=1e-12)
+    assert op.mode_used != "fused-mlp" and "targets" in op.fused_mlp_reason
+    op = cls(model, nn.CrossEntropyLoss(), (X, P), mode="fused-mlp")
+    with pytest.raises(ValueError, match="fused-mlp.*not applicable.*targets"):
+        op @ V
+
+
+@pytest.mark.parametrize("loss_kind", ["ce", "ce_smooth", "mse"])
+def test_ggn_fused_mlp_matches_dense(problem, loss_kind):
+    model, _, (X, y) = problem("mlp")
+    if loss_kind == "mse":
+        loss = nn.MSELoss()
+        y = torch.randn(X.shape[0], 3, dtype=torch.float64)
+    else:
+        loss = nn.CrossEntropyLoss(label_smoothing=0.1 if loss_kind == "ce_smooth" else 0.0)
+    G = _dense_ggn(model, loss, (X, y))
+    op = GGNOperator(model, loss, (X, y))
+    V = torch.randn(op.d, 4, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, G @ V, rtol=1e-10, atol=1e-12)
+    assert op.mode_used == "fused-mlp"
+    op = GGNOperator(model, loss, (X, y), mode="fused-mlp", params=["2.weight"])
+    Gb = _dense_ggn(model, loss, (X, y))
+    offs = np.cumsum([0] + [p.numel() for p in model.parameters()])
+    idx = torch.arange(offs[2], offs[3])
+    torch.testing.assert_close(op @ V[:op.d], Gb[idx][:, idx] @ V[:op.d], rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_fused_mlp_model_state_and_nan(problem):
+    model, loss, (X, y) = problem("mlp")
+    model.train()
+    model[0].bias.requires_grad_(False)
+    st = _state(model)
+    op = HessianOperator(model, loss, (X, y))
+    op @ torch.randn(op.d, 3, dtype=torch.float64)
+    assert op.mode_used == "fused-mlp"
+    _assert_same_state(model, st)
+    batches = [(X[:20], y[:20]), (X[20:].clone().fill_(float("nan")), y[20:])]
+    op = HessianOperator(model, loss, batches, mode="fused-mlp")
+    with pytest.raises(FloatingPointError, match="loss.*batch 1"):
+        op @ torch.randn(op.d, dtype=torch.float64)
+    _assert_same_state(model, st)
 
 
 @pytest.mark.parametrize("mode", ["forward-over-reverse", "double-backward"])

@@ -197,7 +197,10 @@ def _top_eigenpair(op: CurvatureOperator, *, which: str, tol: float, max_matvecs
                          f"previous estimate had d = {v0.numel()}")
     t0 = time.perf_counter()
     try:
-        r = eigsh(op, k=1, which=which, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs)
+        # called every `every` steps with a small budget: an estimate that stops at the budget is
+        # normal and recorded (``converged``), not worth a warning each time
+        r = eigsh(op, k=1, which=which, tol=tol, seed=seed, v0=v0, max_matvecs=max_matvecs,
+                  warn=False)
     except FloatingPointError as exc:
         raise FloatingPointError(f"{owner}: the curvature estimate at step {step} is not finite "
                                  f"({exc})") from exc
