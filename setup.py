@@ -10,6 +10,7 @@ Always build against the installed torch: ``pip install --no-build-isolation .``
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -78,6 +79,14 @@ def make_extension():
         ("LANDSCAPE_EXT_CUDA_ARCH_LIST", f'"{arch}"'),
     ]
     cxx_flags = ["-O3", "-Wno-psabi"]
+    link_flags = []
+    # at::parallel_for is a header template: without -fopenmp in *this* build its OpenMP pragma
+    # is ignored and every CPU kernel runs on one thread. Linking with -fopenmp records the
+    # soname libgomp.so.1, which resolves to the libgomp torch already loaded (one runtime, so
+    # torch.set_num_threads applies to our kernels too).
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros.append(("LANDSCAPE_EXT_WITH_CUDA", "1"))
@@ -85,10 +94,11 @@ def make_extension():
                       "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "landscape_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=macros, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+            define_macros=macros, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags)
     return CppExtension(
         "landscape_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros, extra_compile_args={"cxx": cxx_flags})
+        define_macros=macros, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 setup(
