@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distributed import agree_all
 from .ops import orthogonalize_batched
 from .operators import as_operator
 from .results import Result
@@ -205,6 +206,7 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
     """
     t0 = time.perf_counter()
     op = as_operator(op)
+    group = getattr(op, "process_group", None)
     d = op.d
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"spectral_density: n_steps must be a positive integer, got {n_steps!r}")
@@ -275,7 +277,10 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
                 beta[:, j] = torch.where(active & ~broke, nrm, beta[:, j])
                 steps[broke] = j + 1
                 active &= ~broke
-                if not bool(active.any()):
+                stop = not bool(active.any())
+                if group is not None:  # data parallel: every rank stops at the same step
+                    stop = agree_all(group, stop, op.device)
+                if stop:
                     break
                 if reorthogonalize:
                     B[:, j + 1] = q

@@ -32,6 +32,9 @@ and one all-reduce of the ``k x d`` product. A ring all-reduce sends and receive
 301k-parameter MLP in float32 on 2 ranks, 78 MB per direction for ResNet-18 (11.2M) in float32
 on 8 ranks.
 
+The solvers add one 4-byte all-reduce per convergence check (:func:`agree_all`: every rank
+stops at the same product even if their floating-point decisions were to differ).
+
 Every rank must make the same calls: the same products in the same order, with the same number
 of directions and the same directions (so: the same ``seed`` and ``v0`` on every rank). A rank
 that skips a product (or a whole solver call) leaves the others waiting in a collective until the
@@ -60,6 +63,7 @@ __all__ = [
     "exchange_status",
     "collective_errors",
     "all_reduce_sum_",
+    "agree_all",
     "broadcast_",
     "all_gather_rows",
 ]
@@ -258,6 +262,20 @@ def exchange_status(group: Any, error: Optional[BaseException], values: Sequence
         raise RankFailure(f"rank(s) {sorted(failed)} of {world} failed{at} ({detail}); stopping "
                           f"rank {rank} too", failed)
     return table[:, 1:]
+
+
+def agree_all(group: Any, flag: bool, device: Optional[torch.device] = None) -> bool:
+    """True on every rank iff ``flag`` is True on every rank of ``group`` (``flag`` itself for
+    ``group=None``). The solvers run redundantly on every rank and decide to stop from floating
+    point (converged Ritz pairs, an SLQ breakdown); ranks that round differently (another
+    LAPACK thread count, another CPU) could decide differently and then wait in different
+    collectives. Agreeing on the decision keeps their control flow identical."""
+    if group is None:
+        return bool(flag)
+    dist = _dist()
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device(group, None, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(int(t.item()) == 1)
 
 
 @contextlib.contextmanager

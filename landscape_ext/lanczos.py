@@ -47,6 +47,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .distributed import agree_all, is_main_process
 from .ops import block_orthonormalize
 from .operators import CurvatureOperator, as_operator
 from .results import Result
@@ -286,6 +287,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
 
     # ---- block Lanczos --------------------------------------------------------------------------
     dev = op.device
+    group = getattr(op, "process_group", None)
     # the orthogonalization accumulates in float64 unless both the products and the basis are
     # float32 or narrower: their own rounding (~1e-7 relative) then dominates, and float32
     # passes over the (memory-bound) basis cost about 0.6x of float64 ones
@@ -312,7 +314,8 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     pbar = None
     if progress:
         from tqdm.auto import tqdm
-        pbar = tqdm(total=max_matvecs, desc=f"eigsh(k={k}, {which})", unit="matvec")
+        pbar = tqdm(total=max_matvecs, desc=f"eigsh(k={k}, {which})", unit="matvec",
+                    disable=not is_main_process())
     prev_wanted: Optional[Tensor] = None
     pending_fresh = False   # fresh directions (after an invariant subspace) not yet multiplied
     fresh_seen = False      # the block just multiplied held fresh directions
@@ -366,7 +369,10 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
                 pbar.set_postfix(converged=f"{int(ok.sum())}/{k}")
             # an invariant subspace can make k Ritz pairs exact while missing eigenvalues outside
             # it: only declare convergence once the wanted pairs are chosen among > k values
-            if bool(ok.all()) and m >= min(k + bs, d) and settled:
+            stop = bool(ok.all()) and m >= min(k + bs, d) and settled
+            if group is not None:  # data parallel: every rank stops at the same product
+                stop = agree_all(group, stop, op.device)
+            if stop:
                 break
             if dense_due:
                 # a tiny operator that Lanczos has not solved in d products: form it densely
