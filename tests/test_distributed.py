@@ -19,31 +19,17 @@ from torch.nn import functional as F
 
 import landscape_ext as le
 
+from _dist_common import N, tiny_data, tiny_model, uneven_shard
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
-N, D_IN, C = 100, 5, 3
-# uneven split: rank 0 holds samples [0, 70) in batches of 32, 32, 6; rank 1 [70, 100) in one
-SPLIT = 70
 
-
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, C)).double()
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=g)
-    return x, y
+_model, _data = tiny_model, tiny_data
 
 
 def _shard(rank: int):
-    x, y = _data()
-    if rank == 0:
-        return [(x[s:min(s + 32, SPLIT)], y[s:min(s + 32, SPLIT)]) for s in range(0, SPLIT, 32)]
-    return [(x[SPLIT:], y[SPLIT:])]
+    return uneven_shard(rank, 32)  # rank 0 in batches of 32
 
 
 def _directions(d: int) -> torch.Tensor:

@@ -24,11 +24,11 @@ from torch import nn
 import landscape_ext  # noqa: F401  (loads the ops)
 from landscape_ext.gradients import gradient_covariance_svd, per_sample_gradients
 
+from _dist_common import N, SPLIT, tiny_data, tiny_model, uneven_shard
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
-N, D_IN, C = 100, 5, 3
-SPLIT = 70                      # rank 0: [0, 70) in batches of 25, 25, 20; rank 1: [70, 100)
 K = 40                          # d = 57, rank(G) <= 50 (CE: the logit gradients sum to zero)
 CE = nn.CrossEntropyLoss(reduction="none")
 # (method, centered): exact methods and randomized ones with l = d (the range of G is captured
@@ -36,23 +36,11 @@ CE = nn.CrossEntropyLoss(reduction="none")
 RUNS = [(m, c) for m in ("kronecker", "jvp", "gram", "materialize", "auto") for c in (True, False)]
 
 
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, C)).double()
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=g)
-    return x, y
+_model, _data = tiny_model, tiny_data
 
 
 def _shard(rank: int):
-    x, y = _data()
-    if rank == 0:
-        return [(x[s:min(s + 25, SPLIT)], y[s:min(s + 25, SPLIT)]) for s in range(0, SPLIT, 25)]
-    return [(x[SPLIT:], y[SPLIT:])]
+    return uneven_shard(rank, 25)  # rank 0 in batches of 25
 
 
 def _svd(model, data, method, centered, **kw):
