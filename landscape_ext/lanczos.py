@@ -282,7 +282,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     common = dict(which=which, k=k, tol=float(tol), block_size=b, seed=int(seed))
 
     # ---- tiny problems: dense ------------------------------------------------------------------
-    if d <= max_basis + b:
+    if d <= max_basis + b and d <= max_matvecs:  # forming it densely costs d products
         return _dense_eigsh(op, k, which, tol, return_eigenvectors, n0, t0, mode_of(), common)
 
     # ---- block Lanczos --------------------------------------------------------------------------

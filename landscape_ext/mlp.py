@@ -144,11 +144,18 @@ def _leaves(module: nn.Module, prefix: str, out: List[Tuple[str, nn.Module]]) ->
     """Collect the leaf modules in order; returns False when a non-Sequential container was
     traversed (its forward must then be checked)."""
     plain = True
+    # hooks change the forward (or the gradients) in ways the layer stack does not see
+    if any(getattr(module, attr, None) for attr in ("_forward_hooks", "_forward_pre_hooks",
+                                                     "_backward_hooks", "_backward_pre_hooks")):
+        raise NotAnMLP(f"module {prefix or type(module).__name__!r} ({type(module).__name__}) "
+                       f"has forward or backward hooks")
     children = list(module.named_children())
     if not children:
         out.append((prefix, module))
         return True
-    if not isinstance(module, nn.Sequential):
+    # a Sequential subclass that overrides forward is checked like any other container
+    if not isinstance(module, nn.Sequential) or \
+            type(module).forward is not nn.Sequential.forward:
         plain = False
     if any(True for _ in module.named_parameters(recurse=False)) or \
             any(True for _ in module.named_buffers(recurse=False)):
@@ -178,7 +185,7 @@ def _parse(model: nn.Module) -> MLPStructure:
     pending: Optional[Tuple[str, nn.Linear]] = None  # a Linear waiting for its activation
     act_seen = False
     for name, m in leaves:
-        if isinstance(m, _SKIP_TYPES):
+        if type(m) in _SKIP_TYPES:  # exact types: a subclass may override forward
             continue
         if type(m) is nn.Flatten:
             if layers or pending is not None or flatten:
@@ -277,6 +284,11 @@ def _loss_config(loss: Any, reduction: str, ignore_index: int, label_smoothing: 
         else:
             raise NotAnMLP(f"loss {loss!r} is not supported by the MLP path (use "
                            f"'cross_entropy' or 'mse')")
+    elif (isinstance(loss, nn.CrossEntropyLoss)
+          and type(loss).forward is not nn.CrossEntropyLoss.forward) or \
+            (isinstance(loss, nn.MSELoss) and type(loss).forward is not nn.MSELoss.forward):
+        raise NotAnMLP(f"loss {type(loss).__name__} overrides forward() of its torch base class: "
+                       f"not supported by the MLP path")
     elif isinstance(loss, nn.CrossEntropyLoss):
         if loss.weight is not None:
             raise NotAnMLP("CrossEntropyLoss with class weights is not supported by the MLP path")

@@ -376,6 +376,20 @@ class _Fingerprint:
         return bool(((self.sums - other.sums).abs() <= tol).all())
 
 
+def _state_key(tensors: Iterable[Tensor]) -> Tuple[Any, ...]:
+    """Cache key of parameter or buffer values: identity, version counter, storage and a float64
+    sum per tensor. The version counter alone misses ``p.data = t`` (new storage) and
+    ``p.data.copy_(t)`` / ``p.data.add_(...)`` (``.data`` has its own counter), both common in
+    hand-written update loops; the sums catch those (one reduction per tensor, negligible
+    beside a product)."""
+    ts = list(tensors)
+    if not ts:
+        return ()
+    with torch.no_grad():
+        sums = torch.stack([t.detach().sum(dtype=torch.float64) for t in ts]).cpu().tolist()
+    return tuple((id(t), t._version, t.data_ptr(), s) for t, s in zip(ts, sums))
+
+
 def _check_finite(t: Tensor, what: str, where: str, owner: str):
     if not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
@@ -801,7 +815,7 @@ class _FusedMLPPath:
         return self._fused_structure is not None and self.mode in ("auto", FUSED_MLP_MODE)
 
     def _fused_key(self, inputs: Any, targets: Tensor) -> Any:
-        return (tuple((id(p), p._version) for p in self.model.parameters())
+        return (_state_key(self.model.parameters())
                 + (id(inputs), getattr(inputs, "_version", None),
                    id(targets), getattr(targets, "_version", None)))
 
@@ -953,8 +967,8 @@ class HessianOperator(_FusedMLPPath, ModelOperator):
     def _first_order_graph(self, inputs: Any, targets: Tensor, where: str):
         key = None
         if self.cache_graph:
-            key = tuple((id(p), p._version) for p in self.model.parameters()) + tuple(
-                (id(b), b._version) for b in self.model.buffers()) + (self.batch_norm,)
+            key = (_state_key(self.model.parameters()) + _state_key(self.model.buffers())
+                   + (self.batch_norm,))
             if self._graph_cache is not None and self._graph_cache[0] == key:
                 return self._graph_cache[1:]
             self._graph_cache = None
@@ -1016,6 +1030,10 @@ def _loss_kind(loss_fn: Any) -> Tuple[str, Dict[str, Any]]:
             return "mse", {"reduction": "mean"}
         raise ValueError(f"GGNOperator: unknown loss {loss_fn!r}; use 'cross_entropy', 'mse' or "
                          f"a callable")
+    if (isinstance(loss_fn, nn.CrossEntropyLoss)
+             and type(loss_fn).forward is not nn.CrossEntropyLoss.forward) or \
+            (isinstance(loss_fn, nn.MSELoss) and type(loss_fn).forward is not nn.MSELoss.forward):
+        return "generic", {}  # a subclass that overrides forward: not the torch loss
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None:
         return "ce", {"reduction": loss_fn.reduction, "ignore_index": loss_fn.ignore_index,
                       "label_smoothing": loss_fn.label_smoothing}

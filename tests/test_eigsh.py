@@ -250,3 +250,15 @@ def test_budget_warning_can_be_silenced(caplog):
     assert [rec.levelname for rec in caplog.records if "max_matvecs" in rec.getMessage()] == \
         ["DEBUG"]
     torch.testing.assert_close(r2.eigenvalues, r.eigenvalues)
+
+
+def test_tiny_operator_respects_max_matvecs():
+    """Review regression: the up-front dense solve of a tiny operator took d products even
+    when max_matvecs was smaller."""
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    A = (Q * torch.arange(1.0, 11.0, dtype=torch.float64)) @ Q.T
+    r = eigsh(A, k=3, max_matvecs=5, warn=False)
+    assert r.n_matvecs <= 5
+    r = eigsh(A, k=3)
+    assert r.n_matvecs == 10 and bool(r.converged.all())

@@ -387,3 +387,32 @@ def test_unsupported_losses_and_targets_raise_not_an_mlp():
         mlp_hvp(model, x, y, V, curvature="fisher")
     with pytest.raises(ValueError, match=r"expected directions of shape \(k, 79\)"):
         mlp_hvp(model, x, y, V[:-1])
+
+
+def test_structure_rejects_overridden_forwards_and_hooks():
+    """Review regressions: a Sequential subclass overriding forward must be verified (not taken
+    as plain); Identity/Dropout subclasses and hooked modules are not skipped; loss subclasses
+    that override forward are not taken as the torch loss."""
+    class MySeq(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class MyId(nn.Identity):
+        def forward(self, x):
+            return 3 * x
+
+    assert not mlp_structure(MySeq(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))).verified
+    assert mlp_structure(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))).verified
+    assert mlp_structure(nn.Sequential(nn.Linear(6, 8), MyId(), nn.Linear(8, 4))) is None
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    m[0].register_forward_hook(lambda mod, i, o: 2 * o)
+    with pytest.raises(NotAnMLP, match="hooks"):
+        mlp_structure(m, strict=True)
+
+    class Focal(nn.CrossEntropyLoss):
+        def forward(self, o, t):
+            return super().forward(o, t) ** 2
+
+    with pytest.raises(NotAnMLP, match="overrides forward"):
+        mlp._loss_config(Focal(), "mean", -100, 0.0)
+    mlp._loss_config(nn.CrossEntropyLoss(), "mean", -100, 0.0)

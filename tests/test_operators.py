@@ -545,3 +545,71 @@ def test_as_operator_and_scipy(problem, exact_hessian):
         as_operator(torch.randn(5, 5))
     with pytest.raises(TypeError):
         as_operator("matrix")
+
+
+def _review_dense_hvp(model, loss_fn, x, y, V):
+    named = dict(model.named_parameters())
+    names = list(named)
+    sizes = [named[n].numel() for n in names]
+    base = {n: p.detach().double() for n, p in named.items()}
+
+    def f(theta):
+        parts = torch.split(theta, sizes)
+        d = {n: t.reshape(named[n].shape) for n, t in zip(names, parts)}
+        return loss_fn(functional_call(model, d, (x.double(),)), y)
+
+    theta = torch.cat([base[n].reshape(-1) for n in names])
+    return torch.autograd.functional.hessian(f, theta) @ V.double()
+
+
+def test_auto_does_not_use_fused_path_for_overridden_forwards():
+    """Review regression: auto mode took a Sequential subclass with its own forward, a
+    CrossEntropyLoss subclass with its own forward and hooked modules for plain MLP / CE."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+
+    class MySeq(nn.Sequential):
+        def forward(self, inp):
+            return 2 * super().forward(inp)
+
+    class Focal(nn.CrossEntropyLoss):
+        def forward(self, o, t):
+            lp = torch.log_softmax(o, 1).gather(1, t[:, None]).squeeze(1)
+            return (-(1 - lp.exp()) ** 2 * lp).mean()
+
+    hooked = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    hooked[0].register_forward_hook(lambda mod, i, o: 2 * o)
+    cases = [(MySeq(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)), nn.CrossEntropyLoss()),
+             (nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)), Focal()),
+             (hooked, nn.CrossEntropyLoss())]
+    for model, loss_fn in cases:
+        op = HessianOperator(model, loss_fn, (x, y))
+        V = torch.randn(op.shape[0], 3)
+        out = (op @ V).double()
+        ref = _review_dense_hvp(model.double(), loss_fn, x, y, V)
+        model.float()
+        assert op.mode_used != "fused-mlp"
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_products_see_param_data_assignment():
+    """Review regression: ``p.data = t`` does not bump ``_version``; the single-batch caches
+    (fused MLP state, first-order graph) must still notice the new values."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    for mode in ("auto", "double-backward"):
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), mode=mode)
+        V = torch.randn(op.shape[0], 2)
+        op @ V
+        for p in model.parameters():
+            p.data = torch.randn_like(p)
+        fresh = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), mode="double-backward",
+                                cache_graph=False)
+        assert torch.allclose(op @ V, fresh @ V, rtol=1e-4, atol=1e-5)
+        # in place through .data (its own version counter): a hand-written SGD step
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p), alpha=0.5)
+        fresh = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), mode="double-backward",
+                                cache_graph=False)
+        assert torch.allclose(op @ V, fresh @ V, rtol=1e-4, atol=1e-5)
