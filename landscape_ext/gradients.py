@@ -116,7 +116,7 @@ from torch.utils import _pytree as pytree
 
 from . import distributed as _dist
 from . import ops, reference
-from .operators import model_state_guard
+from .operators import model_state_guard, select_parameter_names
 from .results import Result
 
 __all__ = [
@@ -438,28 +438,7 @@ class _Problem:
         self.model = model
         self.loss_fn = loss_fn
         named = list(model.named_parameters())
-        if params is None:
-            sel = [n for n, p in named if p.requires_grad]
-        else:
-            by_id = {id(p): n for n, p in named}
-            names = {n for n, _ in named}
-            chosen = set()
-            for p in params:
-                if isinstance(p, str) and p in names:
-                    chosen.add(p)
-                elif (isinstance(p, str) and p.startswith("module.") and p[7:] in names
-                      and getattr(self, "unwrapped_ddp", False)):
-                    chosen.add(p[7:])   # a name of the DDP wrapper's parameters
-                elif isinstance(p, Tensor) and id(p) in by_id:
-                    chosen.add(by_id[id(p)])
-                else:
-                    raise ValueError(f"{owner}: params must be parameter names or parameters of "
-                                     f"the model; {p if isinstance(p, str) else type(p).__name__}"
-                                     f" is not")
-            sel = [n for n, _ in named if n in chosen]
-        if not sel:
-            raise ValueError(f"{owner}: the model has no trainable parameters (none with "
-                             f"requires_grad=True{' among params' if params is not None else ''})")
+        sel = select_parameter_names(model, params, owner, ddp_prefix=self.unwrapped_ddp)
         pdict = dict(named)
         self.names: List[str] = sel
         self.shapes = {n: pdict[n].shape for n in sel}

@@ -402,6 +402,40 @@ def _check_finite(t: Tensor, what: str, where: str, owner: str):
 # ------------------------------------------------------------------------------------------------
 
 
+def select_parameter_names(model: nn.Module, params: Optional[Iterable[Union[str, Tensor]]],
+                           owner: str, ddp_prefix: bool = False) -> List[str]:
+    """Names of the selected parameters in ``model.named_parameters()`` order.
+
+    ``params``: names or parameters of ``model`` (``None``: all with ``requires_grad``). With
+    ``ddp_prefix`` (``model`` was unwrapped from ``DistributedDataParallel``), names of the
+    wrapper's parameters (``module.<name>``) are accepted too. Unknown entries and an empty
+    selection are errors naming ``owner``."""
+    named = list(model.named_parameters())
+    if params is None:
+        sel = [n for n, p in named if p.requires_grad]
+    else:
+        by_id = {id(p): n for n, p in named}
+        names = {n for n, _ in named}
+        chosen = set()
+        for p in params:
+            if isinstance(p, str) and ddp_prefix and p.startswith("module.") and p not in names:
+                p = p[len("module."):]
+            if isinstance(p, str):
+                if p not in names:
+                    raise ValueError(f"{owner}: no parameter named {p!r} in the model")
+                chosen.add(p)
+            elif isinstance(p, Tensor) and id(p) in by_id:
+                chosen.add(by_id[id(p)])
+            else:
+                raise ValueError(f"{owner}: params must be parameter names or parameters of "
+                                 f"the model, got {type(p).__name__}")
+        sel = [n for n, _ in named if n in chosen]
+    if not sel:
+        raise ValueError(f"{owner}: the model has no trainable parameters (none with "
+                         f"requires_grad=True{' among params' if params is not None else ''})")
+    return sel
+
+
 class ModelOperator(CurvatureOperator):
     """Common machinery of :class:`HessianOperator` and :class:`GGNOperator` (see those)."""
 
@@ -439,28 +473,7 @@ class ModelOperator(CurvatureOperator):
         self.check_data = bool(check_data)
 
         named = list(model.named_parameters())
-        if params is None:
-            sel = [n for n, p in named if p.requires_grad]
-        else:
-            by_id = {id(p): n for n, p in named}
-            names = {n for n, _ in named}
-            sel_set = set()
-            for p in params:
-                if isinstance(p, str) and unwrapped_ddp and p.startswith("module."):
-                    p = p[len("module."):]
-                if isinstance(p, str):
-                    if p not in names:
-                        raise ValueError(f"{name}: no parameter named {p!r} in the model")
-                    sel_set.add(p)
-                elif isinstance(p, Tensor) and id(p) in by_id:
-                    sel_set.add(by_id[id(p)])
-                else:
-                    raise ValueError(f"{name}: params must be parameter names or parameters of "
-                                     f"the model, got {type(p).__name__}")
-            sel = [n for n, _ in named if n in sel_set]
-        if not sel:
-            raise ValueError(f"{name}: the model has no trainable parameters (none with "
-                             f"requires_grad=True{' among params' if params is not None else ''})")
+        sel = select_parameter_names(model, params, name, ddp_prefix=unwrapped_ddp)
         pdict = dict(named)
         self.param_names: List[str] = sel
         self.param_shapes: List[torch.Size] = [pdict[n].shape for n in sel]
