@@ -48,13 +48,10 @@ struct Projected {
   at::Tensor G;   // (R, b, b) Gram matrix of W2
 };
 
-// CGS2 of W (R, b, d) against basis[:, :n] in three passes.
-Projected project_twice(const Passes& passes, const at::Tensor& basis, const at::Tensor& W,
+// First-pass coefficients C1 = basis[:, :n] W^T, checked finite.
+at::Tensor first_coeffs(const Passes& passes, const at::Tensor& basis, const at::Tensor& W,
                         int64_t n, const char* op, const char* basis_name) {
-  const int64_t R = W.size(0), b = W.size(1);
-  if (n == 0) {
-    return {W, at::zeros({R, 0, b}, W.options()), at::bmm(W, W.transpose(1, 2))};
-  }
+  const int64_t R = W.size(0);
   at::Tensor C1 = passes.coeffs(basis, W, n);
   // W was checked finite, so a non-finite coefficient can only come from the basis.
   at::Tensor bad = C1.isfinite().logical_not().flatten(1).any(1);
@@ -63,8 +60,49 @@ Projected project_twice(const Passes& passes, const at::Tensor& basis, const at:
     TORCH_CHECK(false, op, ": ", basis_name, " has non-finite values in its first n_basis = ", n,
                 " rows", (R > 1 ? " (run " + std::to_string(first) + ")" : std::string()));
   }
+  return C1;
+}
+
+// CGS2 of W (R, b, d) against basis[:, :n] in three passes.
+Projected project_twice(const Passes& passes, const at::Tensor& basis, const at::Tensor& W,
+                        int64_t n, const char* op, const char* basis_name) {
+  const int64_t R = W.size(0), b = W.size(1);
+  if (n == 0) {
+    return {W, at::zeros({R, 0, b}, W.options()), at::bmm(W, W.transpose(1, 2))};
+  }
+  at::Tensor C1 = first_coeffs(passes, basis, W, n, op, basis_name);
   at::Tensor W1, C2, W2, G;
   std::tie(W1, C2) = passes.project_coeffs(basis, W, C1, n);
+  std::tie(W2, G) = passes.project_gram(basis, W1, C2, n);
+  return {W2, C1.add_(C2), G};
+}
+
+// One round of CGS (two passes over the basis: coefficients, then subtraction fused with the
+// Gram matrix), and a second round only when some row kept less than 1/sqrt(2) of its norm
+// (the Daniel-Gragg-Kaufman-Stewart criterion: a round that removes little cannot lose
+// orthogonality, "twice is enough" covers the rest). For blocks that are already orthogonal
+// to the basis up to small components, e.g. a Lanczos block after its recurrence terms were
+// subtracted, this reads the basis twice instead of three times. R == 1 (W (1, b, d)).
+Projected project_adaptive(const Passes& passes, const at::Tensor& basis, const at::Tensor& W,
+                           int64_t n, const at::Tensor& norms0, const char* op,
+                           const char* basis_name) {
+  const int64_t b = W.size(1);
+  if (n == 0) {
+    return {W, at::zeros({1, 0, b}, W.options()), at::bmm(W, W.transpose(1, 2))};
+  }
+  at::Tensor C1 = first_coeffs(passes, basis, W, n, op, basis_name);
+  at::Tensor W1, G1;
+  std::tie(W1, G1) = passes.project_gram(basis, W, C1, n);
+  const at::Tensor kept = G1[0].diagonal().to(at::kCPU, at::kDouble);
+  auto kacc = kept.accessor<double, 1>();
+  auto nacc = norms0.accessor<double, 1>();
+  bool enough = true;
+  for (int64_t k = 0; k < b && enough; ++k) {
+    enough = std::isfinite(kacc[k]) && kacc[k] >= 0.5 * nacc[k] * nacc[k];
+  }
+  if (enough) return {W1, C1, G1};
+  at::Tensor C2 = passes.coeffs(basis, W1, n);
+  at::Tensor W2, G;
   std::tie(W2, G) = passes.project_gram(basis, W1, C2, n);
   return {W2, C1.add_(C2), G};
 }
@@ -155,15 +193,19 @@ void check_orthogonalize_batched_args(const at::Tensor& bases, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
     const Passes& passes, const at::Tensor& basis_in, const at::Tensor& block, int64_t n,
-    double rank_tol) {
+    double rank_tol, int64_t rounds) {
   const char* op = "block_orthonormalize";
   check_block_orthonormalize_args(basis_in, block, n, rank_tol);
+  TORCH_CHECK(rounds == 1 || rounds == 2, op,
+              ": rounds must be 2 (CGS2) or 1 (one round, a second only where needed), got ",
+              rounds);
   if (basis_in.scalar_type() == at::kDouble && block.scalar_type() == at::kFloat) {
     // A float64 basis with a float32 block: run in float64 (the kernels accumulate in the
     // block's dtype, and a float32 sum would waste the basis's precision), return float32.
     // keep the float32 block's default tolerance: its rows are only known to float32 precision
     const double tol = rank_tol < 0 ? default_rank_tol(at::kDouble, at::kFloat) : rank_tol;
-    auto res = block_orthonormalize_impl(passes, basis_in, block.to(at::kDouble), n, tol);
+    auto res = block_orthonormalize_impl(passes, basis_in, block.to(at::kDouble), n, tol,
+                                         rounds);
     return {std::get<0>(res).to(at::kFloat), std::get<1>(res).to(at::kFloat),
             std::get<2>(res).to(at::kFloat)};
   }
@@ -179,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
   const at::Tensor norms0 = W[0].norm(2, {1}).to(at::kCPU, at::kDouble);
   check_finite_rows(norms0, op, "block");
 
-  Projected p = project_twice(passes, basis, W, n, op, "basis");
+  Projected p = rounds == 2 ? project_twice(passes, basis, W, n, op, "basis")
+                            : project_adaptive(passes, basis, W, n, norms0, op, "basis");
   const at::Tensor coeffs = p.C[0];
   const auto cpu_opts = at::TensorOptions().dtype(at::kDouble);
   const double eps_acc = unit_roundoff(block.scalar_type());

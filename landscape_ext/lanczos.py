@@ -8,10 +8,14 @@ Zhou & Saad (block thick restart):
 
 * The basis is a preallocated ``(max_basis, d)`` buffer of rows in ``basis_dtype``; each new block
   ``W = A Q_j`` (one batched product of ``b`` directions) is orthogonalized against the whole
-  basis and within itself by :func:`landscape_ext.block_orthonormalize` (CGS2 + CholeskyQR2,
-  float64 accumulation). Its coefficients fill the projected matrix ``T = Q^T A Q`` column by
-  column, so ``T`` is the exact Rayleigh quotient of the stored basis, not an assumed
-  tridiagonal.
+  basis and within itself by :func:`landscape_ext.block_orthonormalize` (CGS + CholeskyQR2).
+  Its large components lie along the last two blocks only (the block three-term recurrence):
+  those are subtracted first, then one Gram-Schmidt round over the whole basis removes the
+  rounding-level rest, with a second round only for a row that lost more than ``1 - 1/sqrt(2)``
+  of its norm (``rounds=1``: two passes over the basis instead of three). After a restart the
+  residual block couples to every kept Ritz vector, and full CGS2 runs. The coefficients fill
+  the projected matrix ``T = Q^T A Q`` column by column, so ``T`` is the exact Rayleigh
+  quotient of the stored basis, not an assumed tridiagonal.
 * Rayleigh-Ritz in float64 on the CPU: ``T = Y diag(theta) Y^T``. The Ritz residual of pair
   ``i`` is ``|A x_i - theta_i x_i| = |R Y_{last block, i}|`` (``R`` couples the next block), no
   extra product needed. A pair is converged when its residual is at most
@@ -172,16 +176,17 @@ def _keep_order(theta: Tensor, which: str, k: int, kk: int) -> Tensor:
 def _default_block_size(k: int, which: str) -> int:
     """Single-vector Lanczos needs the fewest products for small k (digits MLP, top-10: 30
     products at b=1, 34 at b=2, 44 at b=4 for the same accuracy) and single products run on
-    the cached first-order graph / fused state; for large k the passes over the basis (memory
-    bound: one orthogonalization of a block reads the whole basis three times) cost as much as
-    a product per direction at b=1, and batching pays for the extra products. Digits MLP,
-    top-100 at tol 1e-4 (fused products, float32): b=1 188 products / 16.9 s, b=2 202 / 15.0 s,
-    b=4 220 / 14.4 s, b=8 256 / 17.1 s."""
+    the cached first-order graph / fused state; for larger k the passes over the basis (memory
+    bound: each block's orthogonalization reads the whole basis twice) cost about a third of a
+    product per direction at b=1, and small blocks halve that for a few more products. Digits
+    MLP, top-100 at tol 1e-4 (fused products, float32, 2-core CPU, the three block sizes
+    interleaved): b=1 188 products / 12.0 s, b=2 202 / 11.8 s, b=3 210 / 13.8 s, b=4 220 /
+    12.4 s (b=8: 256 products)."""
     if which == "both":
         k = (k + 1) // 2
     if k <= 16:
         return 1
-    return 4 if k <= 128 else 8
+    return 2 if k <= 128 else 8
 
 
 def _random_rows(n: int, d: int, gen: torch.Generator, device: torch.device) -> Tensor:
@@ -209,7 +214,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         Converged when ``|A x - theta x| <= tol * max|theta|``. Default ``1e-8`` for float64
         operators, ``1e-4`` otherwise. Eigenvalue errors are about ``(tol |A|)^2 / gap``.
     block_size : int, optional
-        Directions per batched product (default 1 for ``k <= 16``, 4 up to 128, else 8; use at
+        Directions per batched product (default 1 for ``k <= 16``, 2 up to 128, else 8; use at
         least the multiplicity of a wanted eigenvalue cluster — Lanczos with a block smaller
         than a cluster can converge before it has found every member).
     max_basis : int, optional
@@ -304,6 +309,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     q, _, _ = block_orthonormalize(Q, X0, 0)
     Q[:b].copy_(q)
     p, m = 0, b
+    lo = 0  # first row of the previous block (0: no short recurrence to exploit)
     n_restarts = 0
     n_iter = 0
     theta = Y = res_all = None
@@ -326,7 +332,19 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
             n_iter += 1
             if pbar is not None:
                 pbar.update(bs)
-            q, C, R = block_orthonormalize(Q, W, m)
+            if lo > 0:
+                # Lanczos: W = A Q[p:m] has large components only along the last two blocks
+                # Q[lo:m] (the block recurrence); remove those first (cheap: 2b rows), then the
+                # rest is small and one round over the whole basis suffices (two passes instead
+                # of three; the op adds a second round where a row lost more than 1/sqrt(2))
+                Ql = Q[lo:m].to(acc_dtype)
+                CL = W @ Ql.T
+                W = torch.addmm(W, CL, Ql, alpha=-1.0)  # W may alias the operator's output
+                del Ql
+                q, C, R = block_orthonormalize(Q, W, m, rounds=1)
+                C[lo:m] += CL.T
+            else:
+                q, C, R = block_orthonormalize(Q, W, m)
             del W
             C = C.cpu().double()
             R = R.cpu().double()
@@ -336,7 +354,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
             T[m:m + bs, p:m] = R
             T[p:m, m:m + bs] = R.T
             last = (p, m)
-            p = m
+            lo, p = p, m
             # a lost direction, or one (numerically) decoupled from the basis, makes the basis an
             # invariant subspace: the next block then holds fresh directions
             fresh_seen, pending_fresh = pending_fresh, bool(
@@ -403,7 +421,8 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
                 T[:kk_now, :kk_now] = torch.diag(theta[keep])
                 T[kk_now:kk_now + bs, :kk_now] = coup
                 T[:kk_now, kk_now:kk_now + bs] = coup.T
-                p, m = kk_now, kk_now + bs
+                # the residual block couples to every kept Ritz vector: no short recurrence
+                lo, p, m = 0, kk_now, kk_now + bs
                 n_restarts += 1
             else:
                 Q[m:m + bs].copy_(q)

@@ -19,7 +19,7 @@ _lib = torch.ops.landscape_ext
 
 
 def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = None,
-                         rank_tol: float = -1.0) -> Tuple[Tensor, Tensor, Tensor]:
+                         rank_tol: float = -1.0, rounds: int = 2) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Orthonormalize a block against an orthonormal basis and within itself.
 
     Two rounds of classical Gram-Schmidt against ``basis[:n_basis]`` (CGS2, done in three fused
@@ -42,6 +42,12 @@ def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = 
         A row whose remainder keeps at most ``rank_tol`` of its original norm is numerically
         dependent. Negative (default) selects ``10 * eps`` of the least precise of the two
         dtypes (float32: 1.2e-6, float16: 9.8e-3, bfloat16: 7.8e-2, float64: 2.2e-15).
+    rounds : {2, 1}
+        2 (default): two rounds of Gram-Schmidt, always. 1: one round (two passes over the
+        basis instead of three) and a second one only when some row kept less than
+        ``1/sqrt(2)`` of its norm (Daniel-Gragg-Kaufman-Stewart criterion). Equally accurate,
+        and cheaper, for blocks whose components along the basis are small: a Lanczos block
+        after its recurrence terms were subtracted (what :func:`~landscape_ext.eigsh` does).
 
     Returns
     -------
@@ -62,11 +68,11 @@ def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = 
     """
     if n_basis is None:
         n_basis = basis.shape[0]
-    return _lib.block_orthonormalize(basis, block, int(n_basis), float(rank_tol))
+    return _lib.block_orthonormalize(basis, block, int(n_basis), float(rank_tol), int(rounds))
 
 
 @torch.library.register_fake("landscape_ext::block_orthonormalize")
-def _block_orthonormalize_fake(basis, block, n_basis, rank_tol=-1.0):
+def _block_orthonormalize_fake(basis, block, n_basis, rank_tol=-1.0, rounds=2):
     torch._check(basis.dim() == 2 and block.dim() == 2,
                  lambda: "block_orthonormalize: basis and block must be 2-D")
     b, d = block.shape

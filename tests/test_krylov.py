@@ -80,6 +80,58 @@ def test_block_orthonormalize_matches_reference(device, basis_dtype, block_dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("basis_dtype,block_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32),
+    (torch.float64, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("along_basis", [1e-3, 1.0, 1e3])
+def test_one_round_matches_two_rounds(device, basis_dtype, block_dtype, along_basis):
+    # rounds=1: one CGS round, a second only where a row kept < 1/sqrt(2) of its norm. Blocks
+    # with small components along the basis (1e-3: one round suffices), comparable ones, and
+    # blocks almost inside its span (1e3: the first round removes 99.9999% of the norm; without
+    # the second round float32 orthogonality would be lost to ~1e-4, a mutation this catches).
+    d, m, n_basis, b = 1009, 20, 18, 5
+    basis = orthonormal_rows(m, d, basis_dtype, device, seed=21)
+    coef = randn(b, n_basis, dtype=torch.float64, device=device, seed=22) * along_basis
+    block = (coef @ basis[:n_basis].double()
+             + randn(b, d, dtype=torch.float64, device=device, seed=23) / d ** 0.5)
+    block = block.to(block_dtype)
+    q, coeffs, r = ops.block_orthonormalize(basis, block, n_basis, rounds=1)
+    tol = ORTHO_TOL[block_dtype] * (1 if block_dtype == torch.float64 or along_basis < 1e3
+                                    else 4)
+    check_promises(basis, block, n_basis, q, coeffs, r,
+                   tol if basis_dtype != torch.bfloat16 else 5e-2)
+    q2, c2, r2 = ops.block_orthonormalize(basis, block, n_basis, rounds=2)
+    mt = MATCH_TOL[block_dtype] if basis_dtype != torch.bfloat16 else 5e-2
+    torch.testing.assert_close(coeffs, c2, rtol=mt, atol=mt * max(1.0, along_basis))
+    torch.testing.assert_close(r, r2, rtol=mt, atol=mt * r2.abs().max().item())
+    # (a bfloat16 basis cannot resolve a remainder of 1e-4 of the norm: rank 0 in both modes)
+    assert landscape_ext.numerical_rank(r) == landscape_ext.numerical_rank(r2) == (
+        0 if basis_dtype == torch.bfloat16 and along_basis == 1e3 else b)
+    if landscape_ext.numerical_rank(r2) == 0:
+        return
+    atol = mt * max(1.0, along_basis)
+    torch.testing.assert_close(q, q2, rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_round_rank_deficiency(device):
+    d, n_basis = 301, 10
+    basis = orthonormal_rows(n_basis, d, torch.float32, device, seed=24)
+    w = randn(2, d, dtype=torch.float32, device=device, seed=25)
+    block = torch.stack([w[0], basis[3] - 2 * basis[8], w[1], w[0] + w[1]])
+    q, coeffs, r = ops.block_orthonormalize(basis, block, n_basis, rounds=1)
+    assert torch.diagonal(r)[[0, 2]].gt(0).all() and torch.diagonal(r)[[1, 3]].eq(0).all()
+    check_promises(basis, block, n_basis, q, coeffs, r, ORTHO_TOL[torch.float32])
+
+
+def test_rounds_must_be_one_or_two():
+    basis = orthonormal_rows(4, 50, torch.float32, "cpu", seed=26)
+    block = randn(2, 50, dtype=torch.float32, device="cpu", seed=27)
+    with pytest.raises(RuntimeError, match="rounds must be 2 .* got 3"):
+        ops.block_orthonormalize(basis, block, 4, rounds=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     d, m, n_basis, b = 513, 12, 10, 4
     dense = orthonormal_rows(m, d, torch.float32, device, seed=3)
@@ -210,6 +262,8 @@ def test_opcheck(device):
     basis = orthonormal_rows(9, 131, torch.float32, device, seed=15)
     block = randn(3, 131, dtype=torch.float32, device=device, seed=16)
     torch.library.opcheck(torch.ops.landscape_ext.block_orthonormalize, (basis, block, 7, -1.0))
+    torch.library.opcheck(torch.ops.landscape_ext.block_orthonormalize,
+                          (basis, block, 7, -1.0, 1))
     bases = torch.stack([basis, basis.flip(0)])
     vectors = randn(2, 131, dtype=torch.float64, device=device, seed=17)
     torch.library.opcheck(torch.ops.landscape_ext.orthogonalize_batched, (bases, vectors, 5, -1.0))

@@ -832,8 +832,10 @@ std::tuple<at::Tensor, at::Tensor> project_gram_cuda(const at::Tensor& basis,
 const Passes kCudaPasses{&coeffs_cuda, &project_coeffs_cuda, &project_gram_cuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_cuda(
-    const at::Tensor& basis, const at::Tensor& block, int64_t n_basis, double rank_tol) {
-  return block_orthonormalize_impl(kCudaPasses, basis, block, n_basis, rank_tol);
+    const at::Tensor& basis, const at::Tensor& block, int64_t n_basis, double rank_tol,
+    int64_t rounds) {
+  return block_orthonormalize_impl(kCudaPasses, basis, block, n_basis, rank_tol,
+                                   rounds);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_cuda(
