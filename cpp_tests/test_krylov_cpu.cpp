@@ -192,18 +192,22 @@ double stored_defect(const Mat& Q, int64_t n) {
 using KrylovFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
                                                                    const at::Tensor&, int64_t,
                                                                    double);
+using BlockFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                  const at::Tensor&, int64_t,
+                                                                  double, int64_t, int64_t);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_op(const char* name, const at::Tensor& a,
                                                        const at::Tensor& b, int64_t n,
-                                                       double rank_tol = -1.0) {
+                                                       double rank_tol = -1.0, int64_t rounds = 2,
+                                                       int64_t local_rows = 0) {
   static auto block_op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("landscape_ext::block_orthonormalize", "")
-                             .typed<KrylovFn>();
+                             .typed<BlockFn>();
   static auto batched_op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("landscape_ext::orthogonalize_batched", "")
                                .typed<KrylovFn>();
   const std::string op(name);
-  if (op == "block_orthonormalize") return block_op.call(a, b, n, rank_tol);
+  if (op == "block_orthonormalize") return block_op.call(a, b, n, rank_tol, rounds, local_rows);
   return batched_op.call(a, b, n, rank_tol);
 }
 
@@ -232,6 +236,8 @@ struct BlockCase {
   Block kind = Block::kRandom;
   int64_t row_pad = 0;  // basis is a view with row stride d + row_pad (padding is NaN)
   uint64_t seed = 1;
+  int64_t rounds = 2;      // 1: one round over the basis (+ a second where needed)
+  int64_t local_rows = 0;  // newest basis rows projected out first
 };
 
 std::string describe(const BlockCase& c) {
@@ -239,7 +245,9 @@ std::string describe(const BlockCase& c) {
   s << "block_orthonormalize d=" << c.d << " m=" << c.m << " n_basis=" << c.n << " b=" << c.b
     << " basis=" << dtype_name(c.basis_dtype) << " block=" << dtype_name(c.block_dtype)
     << (c.kind == Block::kRankDeficient ? " rank-deficient" : "")
-    << (c.row_pad ? " row-strided" : "");
+    << (c.row_pad ? " row-strided" : "")
+    << (c.rounds != 2 ? " rounds=" + std::to_string(c.rounds) : std::string())
+    << (c.local_rows ? " local_rows=" + std::to_string(c.local_rows) : std::string());
   return s.str();
 }
 
@@ -281,7 +289,8 @@ void run_block_case(const BlockCase& c) {
   const Mat Wst = from_tensor(block);  // the block as stored
 
   at::Tensor q_t, coeffs_t, r_t;
-  std::tie(q_t, coeffs_t, r_t) = call_op("block_orthonormalize", basis, block, c.n);
+  std::tie(q_t, coeffs_t, r_t) =
+      call_op("block_orthonormalize", basis, block, c.n, -1.0, c.rounds, c.local_rows);
 
   // shapes and dtypes
   LX_CHECK(q_t.sizes() == at::IntArrayRef({c.b, c.d}), "q has shape " << q_t.sizes());
@@ -586,6 +595,14 @@ int main() {
       {1009, 12, 10, 6, f32, f32, Block::kRankDeficient, 0, 23},
       {1009, 12, 10, 6, f16, f32, Block::kRankDeficient, 0, 24},
       {1009, 12, 10, 6, f64, f32, Block::kRankDeficient, 0, 25},
+      // one round over the basis (a second only where a row lost > 1 - 1/sqrt(2) of its
+      // norm), with and without the newest rows projected out first
+      {1009, 20, 15, 5, f64, f64, Block::kRandom, 0, 31, 1, 0},
+      {1009, 20, 15, 5, f32, f32, Block::kRandom, 0, 32, 1, 4},
+      {1009, 20, 15, 5, f16, f32, Block::kRandom, 0, 33, 1, 15},
+      {10007, 33, 31, 8, f64, f64, Block::kRandom, 0, 34, 1, 16},
+      {1009, 12, 10, 6, f32, f32, Block::kRankDeficient, 0, 35, 1, 2},
+      {1009, 12, 10, 6, f64, f64, Block::kRankDeficient, 0, 36, 2, 3},
   };
   for (const BlockCase& c : block_cases) guarded([&] { run_block_case(c); });
 

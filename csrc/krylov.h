@@ -52,10 +52,11 @@ struct Passes {
 
 // Device-agnostic drivers (krylov_common.cpp), called by each backend's registered kernel.
 // rounds: 2 = CGS2 (three passes); 1 = one round of CGS (two passes) and a second round only
-// when some row keeps less than 1/sqrt(2) of its norm (DGKS).
+// when some row keeps less than 1/sqrt(2) of its norm (DGKS). local_rows > 0: the last
+// local_rows rows of basis[:n_basis] are projected out first (one round over those rows only).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
     const Passes& passes, const at::Tensor& basis, const at::Tensor& block, int64_t n_basis,
-    double rank_tol, int64_t rounds);
+    double rank_tol, int64_t rounds, int64_t local_rows);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_impl(
     const Passes& passes, const at::Tensor& bases, const at::Tensor& vectors, int64_t n_basis,
     double rank_tol);

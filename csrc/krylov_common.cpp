@@ -193,19 +193,21 @@ void check_orthogonalize_batched_args(const at::Tensor& bases, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
     const Passes& passes, const at::Tensor& basis_in, const at::Tensor& block, int64_t n,
-    double rank_tol, int64_t rounds) {
+    double rank_tol, int64_t rounds, int64_t local_rows) {
   const char* op = "block_orthonormalize";
   check_block_orthonormalize_args(basis_in, block, n, rank_tol);
   TORCH_CHECK(rounds == 1 || rounds == 2, op,
               ": rounds must be 2 (CGS2) or 1 (one round, a second only where needed), got ",
               rounds);
+  TORCH_CHECK(local_rows >= 0 && local_rows <= n, op, ": local_rows must be in [0, n_basis = ",
+              n, "], got ", local_rows);
   if (basis_in.scalar_type() == at::kDouble && block.scalar_type() == at::kFloat) {
     // A float64 basis with a float32 block: run in float64 (the kernels accumulate in the
     // block's dtype, and a float32 sum would waste the basis's precision), return float32.
     // keep the float32 block's default tolerance: its rows are only known to float32 precision
     const double tol = rank_tol < 0 ? default_rank_tol(at::kDouble, at::kFloat) : rank_tol;
     auto res = block_orthonormalize_impl(passes, basis_in, block.to(at::kDouble), n, tol,
-                                         rounds);
+                                         rounds, local_rows);
     return {std::get<0>(res).to(at::kFloat), std::get<1>(res).to(at::kFloat),
             std::get<2>(res).to(at::kFloat)};
   }
@@ -221,8 +223,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
   const at::Tensor norms0 = W[0].norm(2, {1}).to(at::kCPU, at::kDouble);
   check_finite_rows(norms0, op, "block");
 
-  Projected p = rounds == 2 ? project_twice(passes, basis, W, n, op, "basis")
-                            : project_adaptive(passes, basis, W, n, norms0, op, "basis");
+  // The newest local_rows rows first (one round over just those: a Lanczos block's large
+  // components lie along the last two blocks), then the rounds over the whole basis.
+  at::Tensor Wg = W, normsg = norms0, CL;
+  const int64_t l0 = n - local_rows;
+  if (local_rows > 0) {
+    const at::Tensor local = basis.narrow(1, l0, local_rows);
+    CL = first_coeffs(passes, local, W, local_rows, op, "basis");
+    at::Tensor GL;
+    std::tie(Wg, GL) = passes.project_gram(local, W, CL, local_rows);
+    normsg = GL[0].diagonal().to(at::kCPU, at::kDouble).clamp_min(0).sqrt();
+  }
+  Projected p = rounds == 2 ? project_twice(passes, basis, Wg, n, op, "basis")
+                            : project_adaptive(passes, basis, Wg, n, normsg, op, "basis");
+  if (local_rows > 0) p.C.narrow(1, l0, local_rows).add_(CL);
   const at::Tensor coeffs = p.C[0];
   const auto cpu_opts = at::TensorOptions().dtype(at::kDouble);
   const double eps_acc = unit_roundoff(block.scalar_type());

@@ -13,9 +13,11 @@ TORCH_LIBRARY(landscape_ext, m) {
   // gets r[k, k] = 0 and a fresh q[k]. Basis f64/f32/f16/bf16; block f32/f64 (outputs: block's
   // dtype). rank_tol < 0 picks the default for the dtypes. rounds=1: one round of CGS and a
   // second only for blocks where a row kept < 1/sqrt(2) of its norm (for blocks already nearly
-  // orthogonal to the basis). Mutates nothing; not differentiable.
+  // orthogonal to the basis). local_rows > 0: the last local_rows rows of basis[:n_basis] are
+  // projected out first (a Lanczos block's recurrence terms). Mutates nothing; not
+  // differentiable.
   m.def("block_orthonormalize(Tensor basis, Tensor block, int n_basis, float rank_tol=-1.0, "
-        "int rounds=2) -> (Tensor q, Tensor coeffs, Tensor r)");
+        "int rounds=2, int local_rows=0) -> (Tensor q, Tensor coeffs, Tensor r)");
   // r independent CGS2 projections (SLQ with r probes): bases (r, m, d), vectors (r, d) ->
   // q (r, d) unit rows, coeffs (r, n_basis), norms (r,) with
   // vectors[i] = coeffs[i] @ bases[i, :n_basis] + norms[i] * q[i]. norms[i] = 0 marks a vector in

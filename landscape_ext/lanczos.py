@@ -334,15 +334,10 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
                 pbar.update(bs)
             if lo > 0:
                 # Lanczos: W = A Q[p:m] has large components only along the last two blocks
-                # Q[lo:m] (the block recurrence); remove those first (cheap: 2b rows), then the
-                # rest is small and one round over the whole basis suffices (two passes instead
-                # of three; the op adds a second round where a row lost more than 1/sqrt(2))
-                Ql = Q[lo:m].to(acc_dtype)
-                CL = W @ Ql.T
-                W = torch.addmm(W, CL, Ql, alpha=-1.0)  # W may alias the operator's output
-                del Ql
-                q, C, R = block_orthonormalize(Q, W, m, rounds=1)
-                C[lo:m] += CL.T
+                # Q[lo:m] (the block recurrence); the op removes those first (cheap: 2b rows),
+                # then the rest is small and one round over the whole basis suffices (two passes
+                # instead of three; a second round runs where a row lost more than 1/sqrt(2))
+                q, C, R = block_orthonormalize(Q, W, m, rounds=1, local_rows=m - lo)
             else:
                 q, C, R = block_orthonormalize(Q, W, m)
             del W

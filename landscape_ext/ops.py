@@ -19,7 +19,8 @@ _lib = torch.ops.landscape_ext
 
 
 def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = None,
-                         rank_tol: float = -1.0, rounds: int = 2) -> Tuple[Tensor, Tensor, Tensor]:
+                         rank_tol: float = -1.0, rounds: int = 2,
+                         local_rows: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     r"""Orthonormalize a block against an orthonormal basis and within itself.
 
     Two rounds of classical Gram-Schmidt against ``basis[:n_basis]`` (CGS2, done in three fused
@@ -46,8 +47,13 @@ def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = 
         2 (default): two rounds of Gram-Schmidt, always. 1: one round (two passes over the
         basis instead of three) and a second one only when some row kept less than
         ``1/sqrt(2)`` of its norm (Daniel-Gragg-Kaufman-Stewart criterion). Equally accurate,
-        and cheaper, for blocks whose components along the basis are small: a Lanczos block
-        after its recurrence terms were subtracted (what :func:`~landscape_ext.eigsh` does).
+        and cheaper, for blocks whose components along the basis are small, such as a Lanczos
+        block once its recurrence terms are removed (``local_rows``).
+    local_rows : int
+        Project out the last ``local_rows`` rows of ``basis[:n_basis]`` first, by one round
+        over just those rows (cheap), before the rounds over the whole basis. For blocks whose
+        large components lie along the newest rows: a Lanczos block ``A Q_j`` along the last
+        two blocks (what :func:`~landscape_ext.eigsh` passes, with ``rounds=1``).
 
     Returns
     -------
@@ -68,11 +74,12 @@ def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = 
     """
     if n_basis is None:
         n_basis = basis.shape[0]
-    return _lib.block_orthonormalize(basis, block, int(n_basis), float(rank_tol), int(rounds))
+    return _lib.block_orthonormalize(basis, block, int(n_basis), float(rank_tol), int(rounds),
+                                     int(local_rows))
 
 
 @torch.library.register_fake("landscape_ext::block_orthonormalize")
-def _block_orthonormalize_fake(basis, block, n_basis, rank_tol=-1.0, rounds=2):
+def _block_orthonormalize_fake(basis, block, n_basis, rank_tol=-1.0, rounds=2, local_rows=0):
     torch._check(basis.dim() == 2 and block.dim() == 2,
                  lambda: "block_orthonormalize: basis and block must be 2-D")
     b, d = block.shape

@@ -114,6 +114,28 @@ def test_one_round_matches_two_rounds(device, basis_dtype, block_dtype, along_ba
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rounds", [1, 2])
+@pytest.mark.parametrize("local_rows", [0, 6, 18])
+def test_local_rows_first(device, dtype, rounds, local_rows):
+    # a Lanczos-like block: large components along the newest rows, small ones along the rest
+    d, m, n_basis, b = 2003, 20, 18, 3
+    basis = orthonormal_rows(m, d, dtype, device, seed=28)
+    coef = randn(b, n_basis, dtype=torch.float64, device=device, seed=29) * 1e-4
+    coef[:, n_basis - 6:] *= 1e5
+    block = (coef @ basis[:n_basis].double()
+             + randn(b, d, dtype=torch.float64, device=device, seed=30) * 1e-2).to(dtype)
+    q, coeffs, r = ops.block_orthonormalize(basis, block, n_basis, rounds=rounds,
+                                            local_rows=local_rows)
+    check_promises(basis, block, n_basis, q, coeffs, r, ORTHO_TOL[dtype] * 2)
+    q2, c2, r2 = ops.block_orthonormalize(basis, block, n_basis)
+    mt = MATCH_TOL[dtype]
+    torch.testing.assert_close(coeffs, c2, rtol=mt, atol=mt * coeffs.abs().max().item())
+    torch.testing.assert_close(r, r2, rtol=mt, atol=mt * r2.abs().max().item())
+    torch.testing.assert_close(q, q2, rtol=mt, atol=mt * 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_round_rank_deficiency(device):
     d, n_basis = 301, 10
     basis = orthonormal_rows(n_basis, d, torch.float32, device, seed=24)
@@ -124,11 +146,13 @@ def test_one_round_rank_deficiency(device):
     check_promises(basis, block, n_basis, q, coeffs, r, ORTHO_TOL[torch.float32])
 
 
-def test_rounds_must_be_one_or_two():
+def test_rounds_and_local_rows_are_checked():
     basis = orthonormal_rows(4, 50, torch.float32, "cpu", seed=26)
     block = randn(2, 50, dtype=torch.float32, device="cpu", seed=27)
     with pytest.raises(RuntimeError, match="rounds must be 2 .* got 3"):
         ops.block_orthonormalize(basis, block, 4, rounds=3)
+    with pytest.raises(RuntimeError, match=r"local_rows must be in \[0, n_basis = 4\], got 5"):
+        ops.block_orthonormalize(basis, block, 4, rounds=1, local_rows=5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -263,7 +287,7 @@ def test_opcheck(device):
     block = randn(3, 131, dtype=torch.float32, device=device, seed=16)
     torch.library.opcheck(torch.ops.landscape_ext.block_orthonormalize, (basis, block, 7, -1.0))
     torch.library.opcheck(torch.ops.landscape_ext.block_orthonormalize,
-                          (basis, block, 7, -1.0, 1))
+                          (basis, block, 7, -1.0, 1, 3))
     bases = torch.stack([basis, basis.flip(0)])
     vectors = randn(2, 131, dtype=torch.float64, device=device, seed=17)
     torch.library.opcheck(torch.ops.landscape_ext.orthogonalize_batched, (bases, vectors, 5, -1.0))

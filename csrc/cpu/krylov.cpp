@@ -325,9 +325,9 @@ const Passes kCpuPasses{&coeffs_cpu, &project_coeffs_cpu, &project_gram_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_cpu(
     const at::Tensor& basis, const at::Tensor& block, int64_t n_basis, double rank_tol,
-    int64_t rounds) {
+    int64_t rounds, int64_t local_rows) {
   return block_orthonormalize_impl(kCpuPasses, basis, block, n_basis, rank_tol,
-                                   rounds);
+                                   rounds, local_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_cpu(

@@ -833,9 +833,9 @@ const Passes kCudaPasses{&coeffs_cuda, &project_coeffs_cuda, &project_gram_cuda}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_cuda(
     const at::Tensor& basis, const at::Tensor& block, int64_t n_basis, double rank_tol,
-    int64_t rounds) {
+    int64_t rounds, int64_t local_rows) {
   return block_orthonormalize_impl(kCudaPasses, basis, block, n_basis, rank_tol,
-                                   rounds);
+                                   rounds, local_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_cuda(
