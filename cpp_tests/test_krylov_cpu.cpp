@@ -475,6 +475,17 @@ void run_thread_independence() {
   LX_CHECK(at::equal(std::get<0>(one), std::get<0>(many)), "q differs between 1 and 2 threads");
   LX_CHECK(at::equal(std::get<1>(one), std::get<1>(many)), "coeffs differ between 1 and 2 threads");
   LX_CHECK(at::equal(std::get<2>(one), std::get<2>(many)), "r differs between 1 and 2 threads");
+  // the one-round mode decides on its second round from computed norms: same decision, same bits
+  g_case = "block_orthonormalize rounds=1 local_rows=2 d=10007 threads 1 vs 2: bitwise equal";
+  at::set_num_threads(1);
+  auto one1 = call_op("block_orthonormalize", basis, block, n, -1.0, 1, 2);
+  at::set_num_threads(std::max(2, threads));
+  auto many1 = call_op("block_orthonormalize", basis, block, n, -1.0, 1, 2);
+  at::set_num_threads(threads);
+  LX_CHECK(at::equal(std::get<0>(one1), std::get<0>(many1)) &&
+               at::equal(std::get<1>(one1), std::get<1>(many1)) &&
+               at::equal(std::get<2>(one1), std::get<2>(many1)),
+           "rounds=1 results differ between 1 and 2 threads");
 }
 
 // ---- error paths: c10::Error whose message names the op and gives the numbers ---------------------

@@ -3,7 +3,8 @@
 //   block_orthonormalize(basis (m, d), block (b, d), n_basis)  -> q (b, d), coeffs (n, b), r (b, b)
 //   orthogonalize_batched(bases (r, m, d), vectors (r, d), n) -> q (r, d), coeffs (r, n), norms (r)
 //
-// Both reduce to three memory-bound passes over the basis, which is what each backend
+// Both reduce to memory-bound passes over the basis (three for CGS2; block_orthonormalize's
+// rounds=1 mode uses two, four when its second round runs), which is what each backend
 // implements (struct Passes below); the small b x b algebra, the rank decisions and the rare
 // rank-deficient fallback are device-agnostic and live in krylov_common.cpp.
 //

@@ -48,17 +48,23 @@ struct Projected {
   at::Tensor G;   // (R, b, b) Gram matrix of W2
 };
 
-// First-pass coefficients C1 = basis[:, :n] W^T, checked finite.
+// First-pass coefficients C1 = basis[:, :n] W^T, checked finite. `basis` may be a view whose
+// row 0 is row `first_row` of the caller's basis (named in the error).
 at::Tensor first_coeffs(const Passes& passes, const at::Tensor& basis, const at::Tensor& W,
-                        int64_t n, const char* op, const char* basis_name) {
+                        int64_t n, const char* op, const char* basis_name,
+                        int64_t first_row = 0) {
   const int64_t R = W.size(0);
   at::Tensor C1 = passes.coeffs(basis, W, n);
   // W was checked finite, so a non-finite coefficient can only come from the basis.
   at::Tensor bad = C1.isfinite().logical_not().flatten(1).any(1);
   if (bad.any().item<bool>()) {
     const int64_t first = bad.nonzero().view(-1)[0].item<int64_t>();
-    TORCH_CHECK(false, op, ": ", basis_name, " has non-finite values in its first n_basis = ", n,
-                " rows", (R > 1 ? " (run " + std::to_string(first) + ")" : std::string()));
+    const std::string rows =
+        first_row == 0 ? "its first n_basis = " + std::to_string(n) + " rows"
+                       : "rows [" + std::to_string(first_row) + ", " +
+                             std::to_string(first_row + n) + ") (local_rows)";
+    TORCH_CHECK(false, op, ": ", basis_name, " has non-finite values in ", rows,
+                (R > 1 ? " (run " + std::to_string(first) + ")" : std::string()));
   }
   return C1;
 }
@@ -82,7 +88,11 @@ Projected project_twice(const Passes& passes, const at::Tensor& basis, const at:
 // (the Daniel-Gragg-Kaufman-Stewart criterion: a round that removes little cannot lose
 // orthogonality, "twice is enough" covers the rest). For blocks that are already orthogonal
 // to the basis up to small components, e.g. a Lanczos block after its recurrence terms were
-// subtracted, this reads the basis twice instead of three times. R == 1 (W (1, b, d)).
+// subtracted, this reads the basis twice instead of three times (four when the second round
+// runs). A basis stored in a narrower dtype than the block is orthonormal only to its own
+// rounding u: one round leaves components of about u |C1_k| along it, so the round is also
+// required to have removed little enough for that to stay below the block's rounding
+// (u |C1_k| <= eps |W1_k|). R == 1 (W (1, b, d)).
 Projected project_adaptive(const Passes& passes, const at::Tensor& basis, const at::Tensor& W,
                            int64_t n, const at::Tensor& norms0, const char* op,
                            const char* basis_name) {
@@ -96,9 +106,17 @@ Projected project_adaptive(const Passes& passes, const at::Tensor& basis, const 
   const at::Tensor kept = G1[0].diagonal().to(at::kCPU, at::kDouble);
   auto kacc = kept.accessor<double, 1>();
   auto nacc = norms0.accessor<double, 1>();
+  const double u_basis = unit_roundoff(basis.scalar_type());
+  const double eps_acc = unit_roundoff(W.scalar_type());
+  const bool narrow = u_basis > eps_acc;
+  const at::Tensor cnorm =
+      narrow ? C1[0].norm(2, {0}).to(at::kCPU, at::kDouble) : at::Tensor();
   bool enough = true;
   for (int64_t k = 0; k < b && enough; ++k) {
     enough = std::isfinite(kacc[k]) && kacc[k] >= 0.5 * nacc[k] * nacc[k];
+    if (enough && narrow) {
+      enough = u_basis * cnorm.accessor<double, 1>()[k] <= eps_acc * std::sqrt(kacc[k]);
+    }
   }
   if (enough) return {W1, C1, G1};
   at::Tensor C2 = passes.coeffs(basis, W1, n);
@@ -229,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
   const int64_t l0 = n - local_rows;
   if (local_rows > 0) {
     const at::Tensor local = basis.narrow(1, l0, local_rows);
-    CL = first_coeffs(passes, local, W, local_rows, op, "basis");
+    CL = first_coeffs(passes, local, W, local_rows, op, "basis", l0);
     at::Tensor GL;
     std::tie(Wg, GL) = passes.project_gram(local, W, CL, local_rows);
     normsg = GL[0].diagonal().to(at::kCPU, at::kDouble).clamp_min(0).sqrt();

@@ -12,8 +12,9 @@ Zhou & Saad (block thick restart):
   Its large components lie along the last two blocks only (the block three-term recurrence):
   those are subtracted first, then one Gram-Schmidt round over the whole basis removes the
   rounding-level rest, with a second round only for a row that lost more than ``1 - 1/sqrt(2)``
-  of its norm (``rounds=1``: two passes over the basis instead of three). After a restart the
-  residual block couples to every kept Ritz vector, and full CGS2 runs. The coefficients fill
+  of its norm (``rounds=1, local_rows=2b``: two passes over the basis instead of three). After
+  a restart the residual block couples to every kept Ritz vector, and full CGS2 runs; so it
+  does for a basis stored in a narrower dtype than the accumulation (half storage). The coefficients fill
   the projected matrix ``T = Q^T A Q`` column by column, so ``T`` is the exact Rayleigh
   quotient of the stored basis, not an assumed tridiagonal.
 * Rayleigh-Ritz in float64 on the CPU: ``T = Y diag(theta) Y^T``. The Ritz residual of pair
@@ -179,7 +180,7 @@ def _default_block_size(k: int, which: str) -> int:
     the cached first-order graph / fused state; for larger k the passes over the basis (memory
     bound: each block's orthogonalization reads the whole basis twice) cost about a third of a
     product per direction at b=1, and small blocks halve that for a few more products. Digits
-    MLP, top-100 at tol 1e-4 (fused products, float32, 2-core CPU, the three block sizes
+    MLP, top-100 at tol 1e-4 (fused products, float32, 2-core CPU, the four block sizes
     interleaved): b=1 188 products / 12.0 s, b=2 202 / 11.8 s, b=3 210 / 13.8 s, b=4 220 /
     12.4 s (b=8: 256 products)."""
     if which == "both":
@@ -298,6 +299,11 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     # passes over the (memory-bound) basis cost about 0.6x of float64 ones
     acc_dtype = (torch.float32 if op.dtype != torch.float64 and basis_dtype != torch.float64
                  else torch.float64)
+    # one round over the basis after the recurrence rows needs a basis orthonormal to the
+    # block's precision: a narrower (half) basis leaves components of its own rounding times
+    # the large recurrence coefficients, the op would then run a second round (four passes),
+    # so CGS2 (three) is used instead
+    short_recurrence = torch.finfo(basis_dtype).eps <= torch.finfo(acc_dtype).eps
     Q = torch.empty(max_basis, d, dtype=basis_dtype, device=dev)
     T = torch.zeros(max_basis + b, max_basis + b, dtype=torch.float64)
     X0 = _random_rows(b, d, gen, dev)
@@ -332,7 +338,7 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
             n_iter += 1
             if pbar is not None:
                 pbar.update(bs)
-            if lo > 0:
+            if lo > 0 and short_recurrence:
                 # Lanczos: W = A Q[p:m] has large components only along the last two blocks
                 # Q[lo:m] (the block recurrence); the op removes those first (cheap: 2b rows),
                 # then the rest is small and one round over the whole basis suffices (two passes

@@ -46,9 +46,11 @@ def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = 
     rounds : {2, 1}
         2 (default): two rounds of Gram-Schmidt, always. 1: one round (two passes over the
         basis instead of three) and a second one only when some row kept less than
-        ``1/sqrt(2)`` of its norm (Daniel-Gragg-Kaufman-Stewart criterion). Equally accurate,
-        and cheaper, for blocks whose components along the basis are small, such as a Lanczos
-        block once its recurrence terms are removed (``local_rows``).
+        ``1/sqrt(2)`` of its norm (Daniel-Gragg-Kaufman-Stewart criterion) or, for a basis
+        stored in a narrower dtype than the block, when the round's coefficients times the
+        basis's unit roundoff exceed the block's rounding. Same accuracy promise; cheaper for
+        blocks whose components along the basis are small, such as a Lanczos block once its
+        recurrence terms are removed (``local_rows``); four passes when the second round runs.
     local_rows : int
         Project out the last ``local_rows`` rows of ``basis[:n_basis]`` first, by one round
         over just those rows (cheap), before the rounds over the whole basis. For blocks whose

@@ -262,3 +262,39 @@ def test_tiny_operator_respects_max_matvecs():
     assert r.n_matvecs <= 5
     r = eigsh(A, k=3)
     assert r.n_matvecs == 10 and bool(r.converged.all())
+
+
+@pytest.mark.parametrize("basis_dtype", [torch.float64, torch.float32])
+def test_lanczos_mode_orthogonalization_calls(monkeypatch, basis_dtype):
+    # eigsh projects out only the last two blocks first (rounds=1, local_rows=2b) on normal
+    # steps, and runs full CGS2 on the first blocks, right after a restart and for a basis
+    # narrower than the accumulation (float64 operator, float32 basis). A wrong choice would only
+    # cost time (the op's second round catches large leftovers): this test pins the choice.
+    from landscape_ext import lanczos
+
+    calls = []
+    real = lanczos.block_orthonormalize
+
+    def spy(basis, block, n_basis=None, rank_tol=-1.0, rounds=2, local_rows=0):
+        calls.append((n_basis, block.shape[0], rounds, local_rows))
+        return real(basis, block, n_basis, rank_tol, rounds, local_rows)
+
+    monkeypatch.setattr(lanczos, "block_orthonormalize", spy)
+    g = torch.Generator().manual_seed(0)
+    evals = torch.linspace(1.0, 2.0, 400, dtype=torch.float64) ** 4
+    Qm, _ = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))
+    A = (Qm * evals) @ Qm.T
+    r = eigsh(A, 20, block_size=2, max_basis=48, basis_dtype=basis_dtype, tol=1e-6)
+    assert r.n_restarts >= 1 and bool(r.converged.all())
+    torch.testing.assert_close(r.eigenvalues, evals.flip(0)[:20], rtol=1e-6, atol=0)
+    steps = calls[1:]  # calls[0]: the start block
+    assert len(steps) >= 10
+    prev_n = None
+    for n, b, rounds, local in steps:
+        restarted = prev_n is not None and n < prev_n
+        if basis_dtype == torch.float32 or n <= 2 * b or restarted:
+            assert (rounds, local) == (2, 0), (n, prev_n, rounds, local)
+        else:
+            assert (rounds, local) == (1, 2 * b), (n, prev_n, rounds, local)
+        prev_n = n
+    assert any(rounds == 1 for _, _, rounds, _ in steps) == (basis_dtype == torch.float64)
