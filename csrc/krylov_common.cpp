@@ -281,14 +281,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
       ok = ok && dmax < 0.1 / std::sqrt(eps_acc) * dmin;
     }
     if (ok) {
-      at::Tensor R1inv = at::linalg_inv(R1);
-      at::Tensor q1 = at::matmul(R1inv.t().to(opts), p.W2[0]);
-      at::Tensor G2 = at::matmul(q1, q1.t()).to(at::kCPU, at::kDouble);
+      // q1 = R1^{-T} W2 and its Gram matrix, then q = R2^{-T} q1, by the backend's own pass
+      // (out = 0 - C^T rows with C = -R^{-1}): deterministic chunked sums like the rest of the
+      // op (a BLAS Gram matrix over d could depend on the thread count), one parallel region
+      // per step instead of two BLAS calls.
+      const at::Tensor zeros = at::zeros_like(p.W2);
+      auto transform = [&](const at::Tensor& rows, const at::Tensor& Rinv) {
+        const at::Tensor C = Rinv.neg().to(opts).unsqueeze(0).contiguous();  // (1, b, b)
+        return passes.project_gram(rows, zeros, C, b);
+      };
+      at::Tensor q1, G2;
+      std::tie(q1, G2) = transform(p.W2, at::linalg_inv(R1));
+      G2 = G2[0].to(at::kCPU, at::kDouble);
       G2 = 0.5 * (G2 + G2.t());
       at::Tensor R2, info2;
       std::tie(R2, info2) = at::linalg_cholesky_ex(G2, /*upper=*/true);
       if (info2.item<int64_t>() == 0) {
-        at::Tensor q = at::matmul(at::linalg_inv(R2).t().to(opts), q1);
+        at::Tensor q = std::get<0>(transform(q1, at::linalg_inv(R2)))[0];
         at::Tensor r = at::matmul(R2, R1).triu();
         return {q, coeffs, r.to(opts)};
       }

@@ -575,8 +575,11 @@ def run_sweep(cfg: SweepConfig, out_dir: PathLike, *,
             pbar = None
             if progress:
                 from tqdm.auto import tqdm
-                pbar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sweep",
-                            unit="cell")
+                # under torch.distributed every rank shares one terminal: rank 0's bar only
+                # (its shard's cells; every shard logs each finished cell at DEBUG level)
+                pbar = tqdm(total=len(mine), initial=len(mine) - len(todo),
+                            desc=f"sweep shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "sweep",
+                            unit="cell", disable=distributed and shard[0] != 0)
             try:
                 with _SharedResults(path) as writer:
                     writer.write({"kind": "shard_start", "shard": f"{shard[0]}/{shard[1]}",
@@ -602,6 +605,8 @@ def run_sweep(cfg: SweepConfig, out_dir: PathLike, *,
                         n_run += 1
                         if pbar is not None:
                             pbar.update(1)
+                        log.debug("sweep shard %d/%d: cell %s done (%d of %d)", shard[0],
+                                  shard[1], c.key, len(mine) - len(todo) + j + 1, len(mine))
             finally:
                 if pbar is not None:
                     pbar.close()
