@@ -14,9 +14,9 @@ Zhou & Saad (block thick restart):
   rounding-level rest, with a second round only for a row that lost more than ``1 - 1/sqrt(2)``
   of its norm (``rounds=1, local_rows=2b``: two passes over the basis instead of three). After
   a restart the residual block couples to every kept Ritz vector, and full CGS2 runs; so it
-  does for a basis stored in a narrower dtype than the accumulation (half storage). The coefficients fill
-  the projected matrix ``T = Q^T A Q`` column by column, so ``T`` is the exact Rayleigh
-  quotient of the stored basis, not an assumed tridiagonal.
+  does for a basis stored in a narrower dtype than the accumulation (half storage). The
+  coefficients fill the projected matrix ``T = Q^T A Q`` column by column, so ``T`` is the
+  exact Rayleigh quotient of the stored basis, not an assumed tridiagonal.
 * Rayleigh-Ritz in float64 on the CPU: ``T = Y diag(theta) Y^T``. The Ritz residual of pair
   ``i`` is ``|A x_i - theta_i x_i| = |R Y_{last block, i}|`` (``R`` couples the next block), no
   extra product needed. A pair is converged when its residual is at most
