@@ -1,5 +1,5 @@
-"""Shared pieces of the two-process (gloo) tests: the tiny float64 model, its data and the
-uneven split between rank 0 and rank 1. Imported by the spawned workers too (the tests folder is
+"""Shared pieces of the two-process (gloo) tests: the tiny float64 model, its data, the
+uneven split between rank 0 and rank 1, and how a worker reports an expected error. Imported by the spawned workers too (the tests folder is
 on their ``sys.path``, inherited from the parent)."""
 from __future__ import annotations
 
@@ -29,3 +29,13 @@ def uneven_shard(rank: int, batch: int):
         return [(x[s:min(s + batch, SPLIT)], y[s:min(s + batch, SPLIT)])
                 for s in range(0, SPLIT, batch)]
     return [(x[SPLIT:], y[SPLIT:])]
+
+
+def error_text(fn):
+    """``"Type: message"`` of the exception ``fn()`` raises (None if it returns): workers send
+    this to the parent, which compares it."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - compared by the parent
+        return f"{type(exc).__name__}: {exc}"
+    return None

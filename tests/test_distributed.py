@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 import landscape_ext as le
 
-from _dist_common import N, tiny_data, tiny_model, uneven_shard
+from _dist_common import N, error_text, tiny_data, tiny_model, uneven_shard
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -66,14 +66,6 @@ def _init(rank: int, world: int, tmp: str):
     return dist
 
 
-def _error_text(fn):
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - compared by the parent
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _worker(rank: int, world: int, tmp: str, scenario: str):
     dist = _init(rank, world, tmp)
     try:
@@ -93,10 +85,10 @@ def _worker(rank: int, world: int, tmp: str, scenario: str):
             # ... but a v0 or seed that differs per rank (the solvers' state would diverge, and
             # with it their calls: a hang), or a different number of directions (a collective
             # of different sizes), is an error on every rank
-            res["v0_error"] = _error_text(
+            res["v0_error"] = error_text(
                 lambda: le.eigsh(Hs, k=2, v0=_directions(Hs.d)[:, 0] + rank, max_basis=24))
-            res["seed_error"] = _error_text(lambda: le.trace(Hs, 6, seed=rank))
-            res["k_error"] = _error_text(lambda: Hs @ _directions(Hs.d)[:, :3 - rank])
+            res["seed_error"] = error_text(lambda: le.trace(Hs, 6, seed=rank))
+            res["k_error"] = error_text(lambda: Hs @ _directions(Hs.d)[:, :3 - rank])
             res["input_syncs_after"] = Hs.n_input_syncs
             # a rank without samples contributes zeros (and takes part in every collective)
             Hz = le.HessianOperator(model, F.cross_entropy, _shard(0) + _shard(1) if rank == 0

@@ -24,7 +24,7 @@ from torch import nn
 import landscape_ext  # noqa: F401  (loads the ops)
 from landscape_ext.gradients import gradient_covariance_svd, per_sample_gradients
 
-from _dist_common import N, SPLIT, tiny_data, tiny_model, uneven_shard
+from _dist_common import N, SPLIT, error_text, tiny_data, tiny_model, uneven_shard
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -70,14 +70,6 @@ class _FailingLoss:
         return CE(out, t)
 
 
-def _error(fn):
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - recorded for the parent
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _worker(rank: int, world: int, tmp: str):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -114,20 +106,20 @@ def _worker(rank: int, world: int, tmp: str):
         data = _shard(rank)
         if rank == 1:
             data[0][0][4, 2] = float("nan")
-        out["errors"]["nan"] = _error(lambda: _svd(model, data, "kronecker", True,
+        out["errors"]["nan"] = error_text(lambda: _svd(model, data, "kronecker", True,
                                                    process_group=group))
         # rank 1's loss raises on its 4th call: a later data pass of jvp
         loss = _FailingLoss(rank, 1, 4)
-        out["errors"]["late"] = _error(lambda: gradient_covariance_svd(
+        out["errors"]["late"] = error_text(lambda: gradient_covariance_svd(
             model, loss, _shard(rank), 5, method="jvp", n_power_iter=2, process_group=group))
         # rank 0's loss raises in the factor pass of gram (its 2nd call, after the probe)
         loss = _FailingLoss(rank, 0, 2)
-        out["errors"]["gram"] = _error(lambda: gradient_covariance_svd(
+        out["errors"]["gram"] = error_text(lambda: gradient_covariance_svd(
             model, loss, _shard(rank), 5, method="gram", process_group=group))
         # the group still works after the failures
         out["after"] = _keep(_svd(model, _shard(rank), "gram", True, process_group=group))
         # different parameters on the ranks: an error everywhere
-        out["errors"]["mismatch"] = _error(lambda: _svd(_model(seed=rank), _shard(rank),
+        out["errors"]["mismatch"] = error_text(lambda: _svd(_model(seed=rank), _shard(rank),
                                                         "kronecker", True, process_group=group))
         out["times"]["errors"] = time.perf_counter() - t0
         torch.save(out, Path(tmp) / f"result{rank}.pt")
