@@ -9,47 +9,18 @@ random probes come from seeded CPU generators (identical everywhere), their inpu
 all-reduced products (bitwise identical everywhere), so their state stays identical and no
 solver-level communication is needed.
 
-This module holds the small collective helpers the engine uses:
-
-* :func:`resolve_group` — validate a ``process_group`` argument.
-* :func:`exchange_status` / :func:`collective_errors` — every rank reports whether its local work
-  failed; if any did, **every** rank raises (the failing rank its own exception, the others a
-  :class:`RankFailure` naming it) instead of the healthy ranks hanging in the next collective.
-* :func:`all_reduce_sum_`, :func:`broadcast_`, :func:`all_gather_rows` — collectives that also
-  work for CUDA tensors on a gloo group (staged through the CPU) and for CPU tensors on an NCCL
-  group (staged through the current GPU).
-* :func:`is_main_process` — rank 0 of the default group (or of a given group; or no
-  distributed run): the process that writes results and shows progress bars.
-
-What a product communicates
----------------------------
-Per product of ``k`` directions (``d`` parameters, element size ``s`` bytes): two tiny
-all-gathers (a status exchange of 10 float64 values per rank before the product — failure
-flag, parameter count, number of directions, dtypes, parameter checksum, norm and 4 partial
-sums of the input directions — and one of 2 values after it — failure flag and sample count)
-and one all-reduce of the ``k x d`` product. A ring all-reduce sends and receives
-``2 (W - 1) / W * k * d * s`` bytes per rank (``W`` ranks), e.g. 1.2 MB per direction for a
-301k-parameter MLP in float32 on 2 ranks, 78 MB per direction for ResNet-18 (11.2M) in float32
-on 8 ranks.
-
-The solvers add one 4-byte all-reduce per convergence check (:func:`agree_all`: every rank
-stops at the same product even if their floating-point decisions were to differ).
-
-Every rank must make the same calls: the same products in the same order, with the same number
-of directions and the same directions (so: the same ``seed`` and ``v0`` on every rank). A rank
-that skips a product (or a whole solver call) leaves the others waiting in a collective until the
-process group's ``timeout``; ranks that pass different numbers of directions, or directions that
-differ by more than rounding, get an error on every rank.
-
-NCCL: call ``torch.cuda.set_device(local_rank)`` before ``init_process_group`` (the status
-exchanges of an operator run on the operator's device; other small collectives on the current
-device).
+The collective helpers of the engine live here: group validation, the status exchange that
+makes every rank raise when one fails (:func:`exchange_status`, :func:`collective_errors`),
+collectives that stage tensors through the CPU or GPU as the backend needs, the replica check of
+the model operators (:func:`sync_replica_inputs`), the sample-sharded state of the distributed
+gradient-covariance SVD, and :func:`is_main_process`. What a product communicates and the rules
+every rank must follow: README.md, "Several GPUs or nodes".
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -66,6 +37,7 @@ __all__ = [
     "agree_all",
     "broadcast_",
     "all_gather_rows",
+    "sync_replica_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -276,6 +248,88 @@ def agree_all(group: Any, flag: bool, device: Optional[torch.device] = None) -> 
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device(group, None, device))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(int(t.item()) == 1)
+
+
+# dtype codes of the replica check (a product all-reduced between ranks of different dtypes is
+# garbage or a crash)
+_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
+
+
+def _replica_table(group: Any, params: Sequence[Tensor], X: Tensor, d: int, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """Gather ``(d, k, dtype codes, parameter checksum, |X|, 4 partial sums of X)`` of every
+    rank (a failure on any rank raises on all)."""
+    f64 = torch.float64
+    error: Optional[BaseException] = None
+    values = [0.0] * 9       # the same length on every rank, failed or not
+    try:
+        with torch.no_grad():
+            param_sums = [p.detach().sum(dtype=f64) * (i + 1) +
+                          torch.linalg.vector_norm(p.detach(), dtype=f64)
+                          for i, p in enumerate(params)]
+            stats = [torch.stack(param_sums).sum(), torch.linalg.vector_norm(X, dtype=f64)]
+            # column blocks: no copy of a non-contiguous X; 4 sums make directions that
+            # differ (e.g. independent random ones) very unlikely to look alike
+            stats += [c.sum(dtype=f64) for c in torch.tensor_split(X, 4, dim=1)]
+            stats = torch.stack(stats).cpu().tolist()
+        values = [float(d), float(X.shape[0]),
+                  float(10 * _DTYPE_CODES.get(dtype, 9) + _DTYPE_CODES.get(X.dtype, 9))] + stats
+    except Exception as exc:  # noqa: BLE001 - every rank raises in exchange_status
+        error = exc
+    return exchange_status(group, error, values, "checking the replicas", device)
+
+
+def sync_replica_inputs(X: Tensor, group: Any, params: Sequence[Tensor], d: int,
+                        dtype: torch.dtype, device: torch.device, owner: str,
+                        warn: bool = True) -> Tuple[Tensor, bool]:
+    """Check that every rank has the same parameters and multiplies the same directions ``X``.
+
+    One tiny collective (:func:`_replica_table`). Different parameter counts or values, numbers
+    of directions or dtypes are an error on every rank; so are directions that differ by more
+    than rounding (a ``v0`` or ``seed`` that differs per rank: the solvers' state would then
+    differ between the ranks and their control flow diverge). Directions that differ only by
+    rounding (a nondeterministic kernel upstream) are replaced by rank 0's, so the reduced
+    product is a product of one set of directions (logged as a warning when ``warn``).
+    Returns ``(X, replaced)``."""
+    table = _replica_table(group, params, X, d, dtype, device)
+    rank, world = rank_and_world(group)
+    for col, what in ((0, "parameter counts"), (1, "numbers of directions"),
+                      (2, "dtypes (codes)")):
+        if bool((table[:, col] != table[0, col]).any()):
+            sizes = ", ".join(f"rank {r}: {int(v)}" for r, v in enumerate(table[:, col].tolist()))
+            raise ValueError(f"{owner}: the ranks have different {what} in a product "
+                             f"({sizes}); every rank must hold the same model and make the "
+                             f"same products (same solver calls with the same arguments)")
+    checksums = table[:, 3]
+    if not bool(((checksums - checksums[0]).abs() <= 1e-9 * (checksums[0].abs() + 1.0)).all()):
+        raise ValueError(f"{owner}: the model parameters differ between ranks (checksums "
+                         f"{[f'{v:.12g}' for v in checksums.tolist()]}); seed the model "
+                         f"identically or broadcast rank 0's parameters (DDP does this at "
+                         f"construction)")
+    sums = table[:, 4:]
+    if not bool(torch.isfinite(sums).all()):
+        bad = [r for r in range(world) if not bool(torch.isfinite(sums[r]).all())]
+        raise FloatingPointError(f"{owner}: the input directions contain NaN/Inf on rank(s) "
+                                 f"{bad}")
+    scale = float(sums[0, 0])
+    deviation = (sums - sums[0]).abs().max(dim=1).values          # per rank, vs rank 0
+    if bool((deviation <= 1e-10 * scale).all()):
+        return X, False        # identical up to the summation order of the checksums
+    if not bool((deviation <= 1e-3 * scale).all()):
+        far = {r: float(deviation[r]) / max(scale, 1e-300) for r in range(world)
+               if not float(deviation[r]) <= 1e-3 * scale}
+        raise ValueError(
+            f"{owner}: the ranks multiply different directions (relative difference from "
+            f"rank 0's: {', '.join(f'rank {r}: {v:.3g}' for r, v in far.items())}); every "
+            f"rank must make the same products - pass the same seed and the same v0 on "
+            f"every rank (compute a v0 on one rank and broadcast it)")
+    X = X.contiguous().clone()
+    broadcast_(X, group, src=0)
+    if warn:
+        log.warning("%s: the input directions differ between ranks by rounding (rank %d of %d, "
+                    "relative %.2g); using rank 0's", owner, rank, world,
+                    float(deviation.max()) / max(scale, 1e-300))
+    return X, True
 
 
 @contextlib.contextmanager
