@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -255,10 +255,10 @@ def agree_all(group: Any, flag: bool, device: Optional[torch.device] = None) -> 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
 
 
-def _replica_table(group: Any, params: Sequence[Tensor], X: Tensor, d: int, dtype: torch.dtype,
-                   device: torch.device) -> Tensor:
+def _replica_table(group: Any, params: Callable[[], Sequence[Tensor]], X: Tensor, d: int,
+                   dtype: torch.dtype, device: torch.device) -> Tensor:
     """Gather ``(d, k, dtype codes, parameter checksum, |X|, 4 partial sums of X)`` of every
-    rank (a failure on any rank raises on all)."""
+    rank (a failure on any rank, also in ``params()``, raises on all)."""
     f64 = torch.float64
     error: Optional[BaseException] = None
     values = [0.0] * 9       # the same length on every rank, failed or not
@@ -266,7 +266,7 @@ def _replica_table(group: Any, params: Sequence[Tensor], X: Tensor, d: int, dtyp
         with torch.no_grad():
             param_sums = [p.detach().sum(dtype=f64) * (i + 1) +
                           torch.linalg.vector_norm(p.detach(), dtype=f64)
-                          for i, p in enumerate(params)]
+                          for i, p in enumerate(params())]
             stats = [torch.stack(param_sums).sum(), torch.linalg.vector_norm(X, dtype=f64)]
             # column blocks: no copy of a non-contiguous X; 4 sums make directions that
             # differ (e.g. independent random ones) very unlikely to look alike
@@ -279,12 +279,13 @@ def _replica_table(group: Any, params: Sequence[Tensor], X: Tensor, d: int, dtyp
     return exchange_status(group, error, values, "checking the replicas", device)
 
 
-def sync_replica_inputs(X: Tensor, group: Any, params: Sequence[Tensor], d: int,
+def sync_replica_inputs(X: Tensor, group: Any, params: Callable[[], Sequence[Tensor]], d: int,
                         dtype: torch.dtype, device: torch.device, owner: str,
                         warn: bool = True) -> Tuple[Tensor, bool]:
     """Check that every rank has the same parameters and multiplies the same directions ``X``.
 
-    One tiny collective (:func:`_replica_table`). Different parameter counts or values, numbers
+    ``params()`` returns the parameter tensors (called inside the guarded region, so a failure
+    there raises on every rank). One tiny collective (:func:`_replica_table`). Different parameter counts or values, numbers
     of directions or dtypes are an error on every rank; so are directions that differ by more
     than rounding (a ``v0`` or ``seed`` that differs per rank: the solvers' state would then
     differ between the ranks and their control flow diverge). Directions that differ only by

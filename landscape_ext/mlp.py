@@ -27,17 +27,20 @@ broadcast over the directions, reading :math:`\dot W_j` in place from the direct
 layer and direction that is 6 matrix products of the size of the forward one for the Hessian
 (R-forward 2, R-backward 4) and 4 for the GGN, against 3 for a gradient.
 
-The activation derivatives come from the fused op :func:`landscape_ext.ops.act_derivs` and the
-cross-entropy Hessian from :func:`landscape_ext.ops.xent_hvp` when ``fused=True``; ``fused=False``
-composes plain torch ops. The default, :data:`FUSED_DEFAULT`, is what ``bench/bench_hvp.py``
-measured faster (see its notes).
+The activation derivatives come from the op :func:`landscape_ext.ops.act_derivs` and the
+cross-entropy Hessian from :func:`landscape_ext.ops.xent_hvp`; whether they run their kernels or
+their plain-PyTorch composites is decided in :mod:`landscape_ext.ops` (``fused=None``, the
+default) or forced by ``fused=True`` / ``False``. The loss derivatives come from the engine's
+loss layer (:mod:`landscape_ext._losses`).
 
-Engine interface: :func:`mlp_structure` recognises the model (``None`` otherwise) and
+Engine interface: :func:`mlp_structure` recognises the model (``None`` otherwise),
 :func:`mlp_matmat` / :func:`mlp_apply_rows` multiply flat directions laid out in
-``model.named_parameters()`` order (the parameters given in ``params``, in that mapping's order).
+``model.named_parameters()`` order (the parameters given in ``params``, in that mapping's order),
+and :class:`MLPBackend` is the fused path of the model operators.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -45,7 +48,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import _losses, _model, ops
+from ._losses import LossSpec
 
 __all__ = [
     "NotAnMLP",
@@ -56,14 +60,15 @@ __all__ = [
     "mlp_apply_rows",
     "MLPCurvature",
     "mlp_hvp",
+    "MLPBackend",
     "FUSED_DEFAULT",
 ]
 
-#: Whether :func:`mlp_hvp` uses the fused ops (act_derivs, xent_hvp) by default. Measured by
-#: bench/bench_hvp.py (bench/results/hvp_cpu.json, CPU): act_derivs beats the torch composition
-#: 1.05x (ReLU) to 4.2x (GELU, SiLU) on (512, 1024), xent_hvp beats the closed form in torch ops
-#: 2.7-3.8x, and whole products are 1.0-1.3x faster fused than composite.
-FUSED_DEFAULT = True
+#: Whether :func:`mlp_hvp` uses the ops' kernels (act_derivs, xent_hvp) by default on the CPU:
+#: the choice is :data:`landscape_ext.ops.IMPL_DEFAULTS`' (measured in bench/bench_hvp.py).
+log = logging.getLogger(__name__)
+
+FUSED_DEFAULT = ops.resolve_impl("act_derivs", "cpu") == "fused"
 
 _ACT_TYPES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}
 _SKIP_TYPES = (nn.Identity, nn.Dropout)
@@ -265,118 +270,58 @@ def mlp_structure(model: nn.Module, strict: bool = False) -> Optional[MLPStructu
 # ---- losses ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Loss:
-    kind: str  # "ce" or "mse"
-    reduction: str
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-
-
-def _loss_config(loss: Any, reduction: str, ignore_index: int, label_smoothing: float) -> _Loss:
-    F = nn.functional
-    if isinstance(loss, str):
-        name = loss.lower().replace("-", "_")
-        if name in ("cross_entropy", "ce", "crossentropy"):
-            kind = "ce"
-        elif name in ("mse", "mse_loss"):
-            kind = "mse"
-        else:
-            raise NotAnMLP(f"loss {loss!r} is not supported by the MLP path (use "
-                           f"'cross_entropy' or 'mse')")
-    elif (isinstance(loss, nn.CrossEntropyLoss)
-          and type(loss).forward is not nn.CrossEntropyLoss.forward) or \
-            (isinstance(loss, nn.MSELoss) and type(loss).forward is not nn.MSELoss.forward):
-        raise NotAnMLP(f"loss {type(loss).__name__} overrides forward() of its torch base class: "
-                       f"not supported by the MLP path")
-    elif isinstance(loss, nn.CrossEntropyLoss):
-        if loss.weight is not None:
-            raise NotAnMLP("CrossEntropyLoss with class weights is not supported by the MLP path")
-        kind, reduction = "ce", loss.reduction
-        ignore_index, label_smoothing = loss.ignore_index, loss.label_smoothing
-    elif isinstance(loss, nn.MSELoss):
-        kind, reduction = "mse", loss.reduction
-    elif loss is F.cross_entropy:
-        kind = "ce"
-    elif loss is F.mse_loss:
-        kind = "mse"
-    else:
-        raise NotAnMLP(f"loss {loss!r} is not supported by the MLP path (use 'cross_entropy', "
+def _loss_config(loss: Any, reduction: str, ignore_index: int, label_smoothing: float) -> LossSpec:
+    """The loss as the MLP path needs it: cross-entropy or MSE with mean or sum reduction."""
+    try:
+        spec = _losses.loss_spec(loss, reduction, ignore_index, label_smoothing)
+    except ValueError:
+        raise NotAnMLP(f"loss {loss!r} is not supported by the MLP path (use 'cross_entropy' "
+                       f"or 'mse')") from None
+    if spec.kind == "generic":
+        raise NotAnMLP(f"{spec.reason}: not supported by the MLP path (use 'cross_entropy', "
                        f"'mse' or their nn / functional forms)")
-    if reduction not in ("mean", "sum"):
-        raise NotAnMLP(f"reduction {reduction!r} is not supported by the MLP path ('mean' or "
-                       f"'sum')")
-    return _Loss(kind, reduction, int(ignore_index), float(label_smoothing))
+    if spec.reduction not in ("mean", "sum"):
+        raise NotAnMLP(f"reduction {spec.reduction!r} is not supported by the MLP path ('mean' "
+                       f"or 'sum')")
+    return spec
+
+
+def _impl(fused: Optional[bool]) -> str:
+    """The ``impl`` of the ops for the public ``fused`` flag (None: the ops' own choice)."""
+    return "auto" if fused is None else ("fused" if fused else "composite")
 
 
 # ---- the products ----------------------------------------------------------------------------
 
 
-def _act(z: Tensor, act: str, fused: bool, order: int):
+def _act(z: Tensor, act: str, impl: str, order: int):
     """(a, s1, s2) with s1/s2 None where they are 1/0 (identity, ReLU's s2, or order 1)."""
     if act == "identity":
         return z, None, None
-    if fused:
-        a, s1, s2 = ops.act_derivs(z, act)
-        if act == "relu" or order < 2:
-            s2 = None
-        return a, s1, s2
-    return reference.act_derivs(z, act, order=order)
-
-
-def _loss_grad(f: Tensor, y: Tensor, cfg: _Loss) -> Tensor:
-    """d loss / d f (first order; the Hessian products need it)."""
-    if cfg.kind == "mse":
-        denom = f.numel() if cfg.reduction == "mean" else 1
-        return (f - y) * (2.0 / denom)
-    C = f.shape[1]
-    p = torch.softmax(f, dim=1)
-    mask = y != cfg.ignore_index
-    safe = torch.where(mask, y, torch.zeros_like(y))
-    # p - ((1 - eps) onehot(y) + eps / C): the gradient of cross_entropy with label smoothing eps
-    g = p - cfg.label_smoothing / C if cfg.label_smoothing else p.clone()
-    g.scatter_add_(1, safe.unsqueeze(1), torch.full_like(p[:, :1], -(1.0 - cfg.label_smoothing)))
-    g = g * mask.unsqueeze(1).to(g.dtype)
-    if cfg.reduction == "mean":
-        g = g / max(int(mask.sum()), 1)
-    return g
-
-
-def _loss_hvp(f: Tensor, y: Tensor, Rf: Tensor, cfg: _Loss, fused: bool) -> Tensor:
-    """Loss Hessian w.r.t. the outputs applied to Rf (k, B, n) -> (k, B, n)."""
-    if cfg.kind == "mse":
-        denom = f.numel() if cfg.reduction == "mean" else 1
-        return Rf * (2.0 / denom)
-    if fused:
-        U = ops.xent_hvp(f, y, Rf, cfg.label_smoothing, cfg.ignore_index)
-    else:
-        U = reference.xent_hvp(f, y, Rf, cfg.label_smoothing, cfg.ignore_index)
-    if cfg.reduction == "sum":
-        U = U * int((y != cfg.ignore_index).sum())
-    return U
+    a, s1, s2 = ops.act_derivs(z, act, impl=impl)
+    if act == "relu" or order < 2:
+        s2 = None
+    return a, s1, s2
 
 
 class _Plan:
     """Per-call data shared by all chunks of directions: weights, forward and first-order
     backward results, where each parameter's direction lives in the rows of X."""
 
-    def __init__(self, structure: MLPStructure, params: Mapping[str, Tensor]):
+    def __init__(self, structure: MLPStructure, params: Mapping[str, Tensor],
+                 owner: str = "mlp_matmat"):
         model_params = dict(structure.model.named_parameters())
         unknown = [n for n in params if n not in model_params]
         if unknown:
-            raise ValueError(f"mlp_matmat: {unknown[:3]} are not parameters of the model "
+            raise ValueError(f"{owner}: {unknown[:3]} are not parameters of the model "
                              f"(names as in model.named_parameters())")
-        self.offsets: Dict[str, Tuple[int, int]] = {}
-        off = 0
         for n, p in params.items():
-            size = model_params[n].numel()
             if tuple(p.shape) != tuple(model_params[n].shape):
-                raise ValueError(f"mlp_matmat: params[{n!r}] has shape {tuple(p.shape)}, the model's "
-                                 f"has {tuple(model_params[n].shape)}")
-            self.offsets[n] = (off, off + size)
-            off += size
-        self.d = off
-        self.order = list(params)
+                raise ValueError(f"{owner}: params[{n!r}] has shape {tuple(p.shape)}, the "
+                                 f"model's has {tuple(model_params[n].shape)}")
+        # where each parameter's direction lives in the rows of X
+        self.layout = _model.ParameterLayout(list(params), [p.shape for p in params.values()])
+        self.d = self.layout.d
 
         def value(n):
             return (params[n] if n in params else model_params[n]).detach()
@@ -391,7 +336,8 @@ class _Plan:
         self.acts = [layer.act for layer in structure.layers]
         self.layers = structure.layers
         # first layer whose parameters have directions: nothing varies below it
-        has = [layer.weight in self.offsets or (layer.bias is not None and layer.bias in self.offsets)
+        has = [layer.weight in self.layout.offsets
+               or (layer.bias is not None and layer.bias in self.layout.offsets)
                for layer in structure.layers]
         self.first = has.index(True) if any(has) else len(has)
 
@@ -399,15 +345,14 @@ class _Plan:
 def _view(T: Tensor, plan: _Plan, name: Optional[str],
           shape: Tuple[int, ...]) -> Optional[Tensor]:
     """The columns of T (k, d) that belong to parameter `name`, as a (k, *shape) view."""
-    if name is None or name not in plan.offsets:
+    if name is None or name not in plan.layout.offsets:
         return None
-    s, e = plan.offsets[name]
-    return T[:, s:e].view((T.shape[0],) + shape)
+    return plan.layout.block(T, name).view((T.shape[0],) + shape)
 
 
 def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
               S2: List[Optional[Tensor]], D: List[Optional[Tensor]], C2: List[Optional[Tensor]],
-              f: Tensor, y: Tensor, X: Tensor, cfg: _Loss, hessian: bool, fused: bool) -> Tensor:
+              f: Tensor, y: Tensor, X: Tensor, cfg: LossSpec, hessian: bool, impl: str) -> Tensor:
     """Rows X (k, d) -> rows (k, d) of H X^T or G X^T for one chunk of directions.
 
     Layout (k, B, n): products with the shared weight are one GEMM over all k B rows
@@ -454,7 +399,7 @@ def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
 
     # ---- loss Hessian and R-backward ------------------------------------------------------------
     out = X.new_empty((k, plan.d))  # every column belongs to a layer >= plan.first: all written
-    Rga = _loss_hvp(f, y, Ra, cfg, fused)
+    Rga = _losses.output_hessian(cfg, f, y, Ra, impl=impl)
     del Ra
     for l in range(L - 1, plan.first - 1, -1):
         W, (n_out, n_in) = plan.W[l], dims[l]
@@ -488,7 +433,7 @@ def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
     return out
 
 
-def _forward(plan: _Plan, x: Tensor, hessian: bool, fused: bool):
+def _forward(plan: _Plan, x: Tensor, hessian: bool, impl: str):
     A: List[Tensor] = []
     S1: List[Optional[Tensor]] = []
     S2: List[Optional[Tensor]] = []
@@ -496,7 +441,7 @@ def _forward(plan: _Plan, x: Tensor, hessian: bool, fused: bool):
     for l in range(len(plan.layers)):
         A.append(a)
         z = torch.addmm(plan.b[l], a, plan.W[l].t()) if plan.b[l] is not None else a @ plan.W[l].t()
-        a, s1, s2 = _act(z, plan.acts[l], fused, 2 if hessian else 1)
+        a, s1, s2 = _act(z, plan.acts[l], impl, 2 if hessian else 1)
         S1.append(s1)
         S2.append(s2)
     return a, A, S1, S2
@@ -532,7 +477,7 @@ def _prepare_inputs(structure: MLPStructure, plan: _Plan, inputs: Any) -> Tensor
     return x.to(plan.dtype)
 
 
-def _check_targets(f: Tensor, y: Tensor, cfg: _Loss) -> Tensor:
+def _check_targets(f: Tensor, y: Tensor, cfg: LossSpec) -> Tensor:
     if not isinstance(y, Tensor):
         raise NotAnMLP(f"targets must be a tensor, got {type(y).__name__}")
     y = y.to(f.device)
@@ -551,9 +496,9 @@ class MLPCurvature:
     """The per-batch state of the fused products, reusable for any number of them.
 
     Runs the forward pass (and, for the Hessian, the first-order backward) once; each
-    :meth:`apply_rows` then costs only the R-forward / R-backward sweeps. The engine keeps one of
-    these while the parameters are unchanged (single batch), so single-direction products do
-    not repeat the forward and backward.
+    :meth:`apply_rows` then costs only the R-forward / R-backward sweeps. :class:`MLPBackend`
+    keeps one of these while the parameters are unchanged (single batch), so single-direction
+    products do not repeat the forward and backward.
 
     Parameters
     ----------
@@ -563,6 +508,8 @@ class MLPCurvature:
     check_finite : bool
         Raise ``ValueError`` when the outputs are not finite (the engine checks the loss
         itself, with its own message, and passes False).
+    owner : str
+        The caller named in error messages (``mlp_matmat``, or the operator's class).
 
     Attributes
     ----------
@@ -581,36 +528,37 @@ class MLPCurvature:
                  targets: Tensor, loss: Any = "cross_entropy", curvature: str = "hessian",
                  reduction: str = "mean", *, ignore_index: int = -100,
                  label_smoothing: float = 0.0, fused: Optional[bool] = None,
-                 check_finite: bool = True):
+                 check_finite: bool = True, owner: str = "mlp_matmat"):
         if curvature not in ("hessian", "ggn"):
-            raise ValueError(f"mlp_matmat: curvature must be 'hessian' or 'ggn', got "
+            raise ValueError(f"{owner}: curvature must be 'hessian' or 'ggn', got "
                              f"{curvature!r}")
+        self.owner = owner
         self.cfg = _loss_config(loss, reduction, ignore_index, label_smoothing)
-        self.fused = FUSED_DEFAULT if fused is None else bool(fused)
+        self.impl = _impl(fused)
         self.hessian = curvature == "hessian"
-        self.plan = plan = _Plan(structure, params)
+        self.plan = plan = _Plan(structure, params, owner)
         self.d = plan.d
         with torch.no_grad():
             x = _prepare_inputs(structure, plan, inputs)
-            f, self.A, self.S1, self.S2 = _forward(plan, x, self.hessian, self.fused)
+            f, self.A, self.S1, self.S2 = _forward(plan, x, self.hessian, self.impl)
             self.y = _check_targets(f, targets, self.cfg)
             if not structure.verified:
                 _verify(structure, plan, params, inputs, f)
             if check_finite and not bool(torch.isfinite(f).all()):
-                raise ValueError(f"mlp_matmat: the model outputs non-finite values "
+                raise ValueError(f"{owner}: the model outputs non-finite values "
                                  f"({structure.describe()})")
             self.f = f
             self.D: List[Optional[Tensor]] = []
             self.C2: List[Optional[Tensor]] = []
             if self.hessian and plan.d > 0:
                 self.D, self.C2 = _first_order_backward(
-                    plan, _loss_grad(f, self.y, self.cfg), self.S1, self.S2)
+                    plan, _losses.output_gradient(self.cfg, f, self.y), self.S1, self.S2)
 
     def apply_rows(self, X: Tensor, chunk_size: Optional[int] = None) -> Tensor:
         """``X (k, d) -> (k, d)``: the rows of ``X`` times the Hessian / GGN of the batch."""
         plan = self.plan
         if X.dim() != 2 or X.shape[1] != plan.d:
-            raise ValueError(f"mlp_matmat: expected directions of shape (k, {plan.d}) as rows, "
+            raise ValueError(f"{self.owner}: expected directions of shape (k, {plan.d}) as rows, "
                              f"got {tuple(X.shape)}")
         k = X.shape[0]
         if k == 0 or plan.d == 0:
@@ -619,9 +567,106 @@ class MLPCurvature:
             X = X.to(device=plan.device, dtype=plan.dtype)
             step = k if chunk_size is None else max(1, int(chunk_size))
             outs = [_products(plan, self.A, self.S1, self.S2, self.D, self.C2, self.f, self.y,
-                              X[s:s + step], self.cfg, self.hessian, self.fused)
+                              X[s:s + step], self.cfg, self.hessian, self.impl)
                     for s in range(0, k, step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class MLPBackend:
+    """The fused MLP products as the fast path of the model operators.
+
+    Applicable when :func:`mlp_structure` recognises the model, the loss is cross-entropy
+    (class-index targets, no class weights) or MSE, and each batch's inputs are one tensor.
+    Parameter subsets are supported (the other parameters are held fixed). With ``cacheable``
+    (a single batch) the :class:`MLPCurvature` state is kept between products while the
+    parameters and the batch are unchanged, so each product costs only the R-forward /
+    R-backward sweeps.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layout : landscape_ext._model.ParameterLayout
+        The operator's selected parameters (the layout of the directions).
+    loss_fn : callable
+    curvature : {"hessian", "ggn"}
+    owner : str
+        The operator's name, for error messages.
+    forced : bool
+        ``mode="fused-mlp"``: a batch outside the path is a ``ValueError``; otherwise the path
+        is given up for good (``applicable`` turns False) and the operator uses autograd.
+    cacheable : bool
+
+    Attributes
+    ----------
+    applicable : bool
+    reason : str or None
+        Why the path does not apply.
+    chunk : int
+        Directions per pass when the operator's ``chunk_size`` is not given: larger passes only
+        grow the ``(k, B, width)`` intermediates (measured in bench/bench_hvp.py).
+    """
+
+    def __init__(self, model: nn.Module, layout: "_model.ParameterLayout", loss_fn: Any,
+                 curvature: str, owner: str, forced: bool = False, cacheable: bool = False):
+        self.model = model
+        self.layout = layout
+        self.loss_fn = loss_fn
+        self.curvature = curvature
+        self.owner = owner
+        self.forced = forced
+        self.cacheable = cacheable
+        self.chunk = 8
+        self.structure: Optional[MLPStructure] = None
+        self.reason: Optional[str] = None
+        self.state: Optional[Tuple[Any, MLPCurvature]] = None
+        try:
+            if not callable(loss_fn):
+                raise NotAnMLP(f"loss_fn {loss_fn!r} is not callable")
+            structure = mlp_structure(model, strict=True)
+            _loss_config(loss_fn, "mean", -100, 0.0)
+            self.structure = structure
+        except NotAnMLP as exc:
+            self.reason = str(exc)
+
+    @property
+    def applicable(self) -> bool:
+        return self.structure is not None
+
+    def _state_for(self, inputs: Any, targets: Tensor, where: str) -> MLPCurvature:
+        key = None
+        if self.cacheable:
+            key = (_model.state_key(self.model.parameters())
+                   + (id(inputs), getattr(inputs, "_version", None),
+                      id(targets), getattr(targets, "_version", None)))
+            if self.state is not None and self.state[0] == key:
+                return self.state[1]
+        self.state = None
+        state = MLPCurvature(self.structure, self.layout.values(self.model), inputs, targets,
+                             self.loss_fn, self.curvature, check_finite=False, owner=self.owner)
+        loss = self.loss_fn(state.f, targets)
+        _model.check_finite(loss.detach(), "the loss", self.owner, where)
+        if key is not None:
+            self.state = (key, state)
+        return state
+
+    def apply_rows(self, X: Tensor, inputs: Any, targets: Tensor, where: str,
+                   chunk_size: Optional[int] = None) -> Optional[Tensor]:
+        """The batch's product with the rows of ``X``, or ``None`` when the batch is outside the
+        path (not ``forced``; the path is then given up)."""
+        if not self.applicable:
+            return None
+        try:
+            state = self._state_for(inputs, targets, where)
+            return state.apply_rows(X, chunk_size or self.chunk)
+        except NotAnMLP as exc:
+            self.state = None
+            if self.forced:
+                raise ValueError(f"{self.owner}: mode='fused-mlp' is not applicable {where}: "
+                                 f"{exc}") from exc
+            self.structure = None
+            self.reason = str(exc)
+            log.debug("%s: fused MLP path not applicable (%s); using autograd", self.owner, exc)
+            return None
 
 
 def mlp_apply_rows(structure: MLPStructure, params: Mapping[str, Tensor], inputs: Tensor,

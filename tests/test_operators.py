@@ -126,7 +126,7 @@ def test_fused_mlp_cache_tracks_parameter_updates(problem, hessian_of):
     op = HessianOperator(model, loss, data)
     V = torch.randn(op.d, 2, dtype=torch.float64)
     op @ V
-    assert op._fused_state is not None  # single batch: forward + first backward kept
+    assert op.mlp_backend.state is not None  # single batch: forward + first backward kept
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.1)
@@ -134,7 +134,7 @@ def test_fused_mlp_cache_tracks_parameter_updates(problem, hessian_of):
                                atol=1e-12)
     nocache = HessianOperator(model, loss, data, cache_graph=False)
     nocache @ V
-    assert nocache._fused_state is None and nocache.mode_used == "fused-mlp"
+    assert nocache.mlp_backend.state is None and nocache.mode_used == "fused-mlp"
 
 
 @pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
@@ -351,7 +351,7 @@ def test_auto_falls_back_when_forward_ad_is_missing():
         HessianOperator(model, loss, (X, y), mode="forward-over-reverse") @ V
     op = HessianOperator(model, loss, (X, y), mode="auto", cache_graph=False)
     out = op @ V
-    assert op.mode_used == "double-backward" and op._fwd_broken
+    assert op.mode_used == "double-backward" and op.forward_ad_broken
     ref = HessianOperator(model, loss, (X, y), mode="double-backward") @ V
     torch.testing.assert_close(out, ref)
 

@@ -1,0 +1,131 @@
+"""The generalized Gauss-Newton matrix of a model and loss as an operator (autograd modes; the
+fused MLP path is :class:`landscape_ext.mlp.MLPBackend`, the loss Hessian
+:mod:`landscape_ext._losses`)."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import _losses, _model
+from .model import ModelOperator
+
+__all__ = ["GGNOperator"]
+
+
+class GGNOperator(ModelOperator):
+    r"""Generalized Gauss-Newton matrix :math:`G = \frac{1}{N}\sum_b n_b\, J_b^\top H_{\text{out},b}
+    J_b` (``J``: Jacobian of the outputs w.r.t. the parameters, ``H_out``: Hessian of the batch
+    loss w.r.t. the outputs), as a batched linear operator.
+
+    The loss Hessian is in closed form for cross-entropy (class dimension 1, mean or sum
+    reduction, ``ignore_index``, label smoothing, probability targets)
+
+    .. math:: H_{\text{out}} r = \frac{1}{n}\left(p \odot r - p\, (p^\top r)\right),
+              \quad p = \mathrm{softmax}(z)
+
+    and for MSE (:math:`H_{\text{out}} = \frac{2}{\text{numel}} I` for the mean reduction);
+    any other loss uses its exact output Hessian by double backward (PSD only if the loss is
+    convex in the outputs). For ``(N, C)`` logits with class-index targets and the mean
+    reduction, the cross-entropy term runs the op ``landscape_ext.ops.xent_hvp`` (its kernel or
+    its plain-PyTorch composite as :func:`landscape_ext.ops.resolve_impl` decides;
+    ``fused_loss_hessian=False`` forces the composite). ``loss_fn`` may also be the string ``"cross_entropy"`` or ``"mse"``.
+
+    ``mode``: ``forward-over-reverse`` computes ``J V`` by ``vmap(jvp)`` and ``J^T U`` by batched
+    vector-Jacobian products; ``double-backward`` obtains ``J V`` by the double-vjp trick (no
+    forward AD needed); ``fused-mlp`` runs the fused MLP products (:mod:`landscape_ext.mlp`,
+    GGN variant: R-forward + R-backward without the second-order terms) for plain MLPs with
+    cross-entropy (class-index targets) or MSE; ``auto`` uses ``fused-mlp`` when it applies,
+    otherwise the first and falls back to the second. Other parameters as
+    :class:`HessianOperator`.
+    """
+
+    curvature = "ggn"
+
+    def __init__(self, model: nn.Module, loss_fn: Any, data: Any, *args: Any,
+                 fused_loss_hessian: bool = True, mode: str = "auto",
+                 cache_graph: Union[bool, str] = "auto", **kwargs: Any):
+        self.fused_loss_hessian = bool(fused_loss_hessian)
+        try:
+            self.loss_spec = _losses.loss_spec(loss_fn)
+        except ValueError as exc:
+            raise ValueError(f"GGNOperator: {exc}") from None
+        self.loss_kind = self.loss_spec.kind
+        super().__init__(model, _losses.loss_callable(loss_fn), data, *args, mode=mode,
+                         cache_graph=cache_graph, **kwargs)
+        self.cache_graph = False
+
+    def _out_hessian(self, outputs: Tensor, R: Tensor, targets: Tensor) -> Tensor:
+        """The loss Hessian w.r.t. the outputs applied to ``R (k, *outputs.shape)``."""
+        try:
+            return _losses.output_hessian(
+                self.loss_spec, outputs, targets, R,
+                loss_fn=lambda z, t: self._loss(z, t, ""),
+                impl="auto" if self.fused_loss_hessian else "composite")
+        except ValueError as exc:
+            raise ValueError(f"GGNOperator: {exc}") from None
+
+    def _apply_rows_forward_over_reverse(self, X: Tensor, inputs: Any, targets: Tensor,
+                                         where: str) -> Tensor:
+        return self._ggn_rows(X, inputs, targets, where, forward_mode=True)
+
+    def _apply_rows_double_backward(self, X: Tensor, inputs: Any, targets: Tensor,
+                                    where: str) -> Tensor:
+        return self._ggn_rows(X, inputs, targets, where, forward_mode=False)
+
+    def _ggn_rows(self, X: Tensor, inputs: Any, targets: Tensor, where: str,
+                  forward_mode: bool) -> Tensor:
+        """``J^T H_out J`` for the rows of ``X``: one forward pass, then per chunk the
+        Jacobian products ``J V`` (forward mode, or the double-vjp trick), the loss Hessian and
+        batched vector-Jacobian products."""
+        base = _model.detached_parameters(self.model)
+        leaves = [base[n].clone().requires_grad_(True) for n in self.param_names]
+        full = dict(base)
+        full.update(zip(self.param_names, leaves))
+        with torch.enable_grad():
+            out = self._call_model(full, inputs)
+        if not isinstance(out, Tensor):
+            raise ValueError(f"GGNOperator: the model must return one tensor, got "
+                             f"{type(out).__name__}")
+        loss = self._loss(out.detach(), targets, where)
+        self._check_finite(loss, "the loss", where)
+        chunks = self._chunks(X.shape[0])
+        rows = []
+        for index, (start, end) in enumerate(chunks):
+            chunk = X[start:end]
+            JV = (self._jacobian_rows_forward(chunk, inputs) if forward_mode
+                  else self._jacobian_rows_double_backward(chunk, out, leaves))
+            U = self._out_hessian(out, JV, targets)
+            with torch.enable_grad():
+                gv = torch.autograd.grad(out, leaves, U, is_grads_batched=True,
+                                         retain_graph=index + 1 < len(chunks), allow_unused=True)
+            gv = [g if g is not None else X.new_zeros((end - start,) + tuple(leaf.shape))
+                  for g, leaf in zip(gv, leaves)]
+            rows.append(self.layout.join_rows(gv, end - start))
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def _jacobian_rows_forward(self, X: Tensor, inputs: Any) -> Tensor:
+        """``J v`` for each row ``v`` of ``X`` by ``vmap(jvp)``."""
+        from torch.func import jvp, vmap
+        base = _model.detached_parameters(self.model)
+        selected = {n: base[n] for n in self.param_names}
+
+        def outputs_of(p):
+            full = dict(base)
+            full.update(p)
+            return self._call_model(full, inputs)
+
+        return vmap(lambda v: jvp(outputs_of, (selected,), (v,))[1])(self.layout.split_rows(X))
+
+    def _jacobian_rows_double_backward(self, X: Tensor, out: Tensor,
+                                       leaves: List[Tensor]) -> Tensor:
+        """``J v`` for each row ``v`` of ``X`` without forward-mode AD: the vjp of the vjp."""
+        u = torch.zeros_like(out, requires_grad=True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(out, leaves, u, create_graph=True, retain_graph=True,
+                                    allow_unused=True)
+            pairs = [(gi, name) for gi, name in zip(g, self.param_names) if gi is not None]
+            V = self.layout.split_rows(X)
+            return torch.autograd.grad([gi for gi, _ in pairs], u, [V[n] for _, n in pairs],
+                                       is_grads_batched=True, retain_graph=True)[0]

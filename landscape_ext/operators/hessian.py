@@ -1,0 +1,166 @@
+"""The Hessian of a model's mean loss as an operator (autograd modes; the fused MLP path is
+:class:`landscape_ext.mlp.MLPBackend`)."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import _model
+from .._losses import forward_ad_safe_loss
+from .model import ModelOperator
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator(ModelOperator):
+    r"""Exact Hessian of the mean loss over the data, :math:`H = \nabla^2_\theta
+    \frac{1}{N}\sum_b n_b\, \ell_b(\theta)`, as a batched linear operator.
+
+    Parameters
+    ----------
+    model : nn.Module
+    loss_fn : callable
+        ``loss_fn(outputs, targets) -> scalar`` — the **mean** loss of the batch.
+    data : (inputs, targets) or iterable of batches
+        One batch, or a re-iterable of batches (a DataLoader, a list). ``inputs`` may be a tensor,
+        a tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
+    params : iterable of str or Parameter, optional
+        Subset of parameters (default: all with ``requires_grad``).
+    mode : {"auto", "forward-over-reverse", "double-backward", "fused-mlp"}
+        ``forward-over-reverse``: ``vmap(jvp(grad))`` over the directions (chunked by
+        ``chunk_size``). ``double-backward``: one forward and first backward per batch with
+        ``create_graph``, then ``autograd.grad(..., is_grads_batched=True)`` for the directions
+        (chunked). ``fused-mlp``: for plain MLPs (``nn.Sequential`` of ``nn.Linear`` and
+        ReLU / GELU / Tanh / SiLU) with cross-entropy or MSE, the fused Pearlmutter products of
+        :mod:`landscape_ext.mlp` (all directions in single GEMMs, no autograd; cost measured
+        in bench/bench_spectrum.py, see bench/README.md); a ``ValueError`` says why when the model, loss or data are outside it. ``auto``
+        (default) uses ``fused-mlp`` whenever it applies; otherwise double backward on the
+        cached graph for products of fewer than 4 directions on a single batch (faster there)
+        and forward-over-reverse otherwise, falling back to double backward when an op has no
+        forward-mode derivative (SDPA attention, custom Functions without ``jvp``);
+        ``mode_used`` says which ran last and ``fused_mlp_reason`` why the fused path does not
+        apply.
+    batch_norm : {"eval", "train"}
+        BatchNorm with running statistics (default) or with batch statistics (running statistics
+        not updated either way).
+    accumulate_dtype : torch.dtype, optional
+        Sum the per-batch products in this dtype (e.g. ``torch.float64``); products are returned
+        in it.
+    chunk_size : int, optional
+        At most this many directions per vmapped/batched call (memory bound).
+    check_data : bool
+        Fingerprint the data on the first pass and raise if a later pass differs
+        (augmentation).
+    cache_graph : bool or "auto"
+        For double backward: keep the first-order graph between products while the parameters
+        are unchanged (``auto``: when ``data`` is a single batch). Saves one forward + backward
+        per product at the cost of keeping the activations.
+    process_group : torch.distributed group, optional
+        Data parallel: each rank passes its own shard of the data and the same model; every
+        product is the mean over the samples of all ranks (local sums all-reduced, weighted by
+        each rank's sample count, so uneven shards are exact). Every rank must call every
+        product (the solvers do so when they run on every rank with the same seed and ``v0``).
+        Before each product the ranks compare checksums: different parameters, numbers of
+        directions or dtypes are an error on every rank; inputs that differ by rounding are
+        replaced by rank 0's, inputs that differ by more (a per-rank seed or ``v0``) are an
+        error on every rank. A rank whose local product fails
+        makes every rank raise (:class:`landscape_ext.distributed.RankFailure` on the others).
+        A model wrapped in ``DistributedDataParallel`` is unwrapped and reduces over DDP's group
+        by default. See :mod:`landscape_ext.distributed` for the bytes sent per product.
+
+    Shapes
+    ------
+    ``op @ V``: ``V (d,)`` or ``(d, k)`` -> same shape; ``op.apply_rows(X (k, d)) -> (k, d)``.
+    """
+
+    curvature = "hessian"
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
+                 *args: Any, mode: str = "auto", cache_graph: Union[bool, str] = "auto",
+                 **kwargs: Any):
+        super().__init__(model, loss_fn, data, *args, mode=mode, cache_graph=cache_graph,
+                         **kwargs)
+        self._graph_cache: Any = None
+
+    def _apply_rows_forward_over_reverse(self, X: Tensor, inputs: Any, targets: Tensor,
+                                         where: str) -> Tensor:
+        """``vmap(jvp(grad))`` over the directions, chunked."""
+        from torch.func import grad, jvp, vmap
+        base = _model.detached_parameters(self.model)
+        selected = {n: base[n] for n in self.param_names}
+        safe_loss = forward_ad_safe_loss(self.loss_fn)
+
+        def loss_of(p):
+            full = dict(base)
+            full.update(p)
+            loss = self._loss(self._call_model(full, inputs), targets, where, safe_loss)
+            return loss, loss.detach()
+
+        gradient = grad(loss_of, has_aux=True)
+
+        def one(v):
+            _, hv, loss = jvp(gradient, (selected,), (v,), has_aux=True)
+            return [hv[n] for n in self.param_names], loss
+
+        outs = []
+        for start, end in self._chunks(X.shape[0]):
+            hv, loss = vmap(one)(self.layout.split_rows(X[start:end]))
+            self._check_finite(loss.reshape(-1)[:1], "the loss", where)
+            outs.append(self.layout.join_rows(hv, end - start))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _first_order_graph(self, inputs: Any, targets: Tensor,
+                           where: str) -> Tuple[List[Tensor], Tuple[Any, ...], List[int]]:
+        """``(leaves, gradients with their graph, indices of gradients that have one)``, kept
+        between products while parameters and buffers are unchanged (``cache_graph``)."""
+        key = None
+        if self.cache_graph:
+            key = (_model.state_key(self.model.parameters())
+                   + _model.state_key(self.model.buffers()) + (self.batch_norm,))
+            if self._graph_cache is not None and self._graph_cache[0] == key:
+                return self._graph_cache[1:]
+            self._graph_cache = None
+        base = _model.detached_parameters(self.model)
+        leaves = [base[n].clone().requires_grad_(True) for n in self.param_names]
+        full = dict(base)
+        full.update(zip(self.param_names, leaves))
+        with torch.enable_grad():
+            loss = self._loss(self._call_model(full, inputs), targets, where)
+            self._check_finite(loss.detach(), "the loss", where)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        self._check_finite(torch.cat([g.detach().reshape(-1) for g in grads if g is not None] or
+                                     [loss.detach().reshape(1)]), "the gradient", where)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        out = (leaves, grads, live)
+        if self.cache_graph:
+            self._graph_cache = (key,) + out
+        return out
+
+    def _apply_rows_double_backward(self, X: Tensor, inputs: Any, targets: Tensor,
+                                    where: str) -> Tensor:
+        """Batched vector-Jacobian products of the gradient (``is_grads_batched``), chunked."""
+        leaves, grads, live = self._first_order_graph(inputs, targets, where)
+        if not live:
+            return X.new_zeros(X.shape)
+        outs = []
+        chunks = self._chunks(X.shape[0])
+        for index, (start, end) in enumerate(chunks):
+            V = self.layout.split_rows(X[start:end])
+            cotangents = [V[self.param_names[i]] for i in live]
+            retain = self.cache_graph or index + 1 < len(chunks)
+            with torch.enable_grad():
+                if end - start == 1:  # one direction: skip the vmap of is_grads_batched
+                    hv = torch.autograd.grad([grads[i] for i in live], leaves,
+                                             [c[0] for c in cotangents], retain_graph=retain,
+                                             allow_unused=True)
+                    hv = [h.unsqueeze(0) if h is not None else None for h in hv]
+                else:
+                    hv = torch.autograd.grad([grads[i] for i in live], leaves, cotangents,
+                                             is_grads_batched=True, retain_graph=retain,
+                                             allow_unused=True)
+            hv = [h if h is not None else X.new_zeros((end - start,) + tuple(leaf.shape))
+                  for h, leaf in zip(hv, leaves)]
+            outs.append(self.layout.join_rows(hv, end - start))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

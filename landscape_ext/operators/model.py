@@ -1,0 +1,268 @@
+"""The model operators' common machinery: a model, a loss and data behind the operator protocol.
+
+:class:`ModelOperator` owns everything :class:`~landscape_ext.HessianOperator` and
+:class:`~landscape_ext.GGNOperator` share: validation, the parameter layout and the data (from
+:mod:`landscape_ext._model`), the pass over the batches with sample-weighted sums, the data
+check between passes, the data-parallel reduction, and the choice of how a batch's product is
+computed (:meth:`ModelOperator._choose_mode`, the one place that decides). Subclasses implement
+the per-batch product for each autograd mode.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import _model
+from .. import distributed as _dist
+from .._model import DataFingerprint, DataSource, ParameterLayout, check_finite, model_state_guard
+from .base import CurvatureOperator
+
+__all__ = ["ModelOperator", "HVP_MODES", "FUSED_MLP_MODE", "FORWARD_OVER_REVERSE",
+           "DOUBLE_BACKWARD"]
+
+log = logging.getLogger(__name__)
+
+FORWARD_OVER_REVERSE = "forward-over-reverse"
+DOUBLE_BACKWARD = "double-backward"
+#: The fused MLP products of :mod:`landscape_ext.mlp` as an explicit mode of the model operators.
+FUSED_MLP_MODE = "fused-mlp"
+HVP_MODES = ("auto", FORWARD_OVER_REVERSE, DOUBLE_BACKWARD)
+
+
+class ModelOperator(CurvatureOperator):
+    """Common machinery of :class:`HessianOperator` and :class:`GGNOperator` (see those for the
+    parameters)."""
+
+    #: "hessian" or "ggn": which curvature the fused MLP backend computes for this operator
+    curvature = ""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
+                 params: Optional[Iterable[Union[str, Tensor]]] = None, *, mode: str = "auto",
+                 batch_norm: str = "eval", accumulate_dtype: Optional[torch.dtype] = None,
+                 chunk_size: Optional[int] = None, check_data: bool = True,
+                 cache_graph: Union[bool, str] = "auto", process_group: Any = None):
+        name = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
+        # a DDP-wrapped model: differentiate its module and reduce over DDP's group unless
+        # another one is given
+        model, ddp_group, was_ddp = _model.unwrap_ddp(model)
+        if process_group is None:
+            process_group = ddp_group
+        self.process_group = _dist.resolve_group(process_group, name)
+        self.n_input_syncs = 0
+        if mode not in HVP_MODES + (FUSED_MLP_MODE,):
+            raise ValueError(f"{name}: mode must be one of {HVP_MODES + (FUSED_MLP_MODE,)}, "
+                             f"got {mode!r}")
+        if batch_norm not in ("eval", "train"):
+            raise ValueError(f"{name}: batch_norm must be 'eval' or 'train', got {batch_norm!r}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.batch_norm = batch_norm
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.check_data = bool(check_data)
+
+        self.layout = ParameterLayout.from_model(model, params, name, ddp_prefix=was_ddp)
+        self.param_names: List[str] = list(self.layout.names)
+        self.param_shapes: List[torch.Size] = list(self.layout.shapes)
+        self.param_sizes: List[int] = list(self.layout.sizes)
+        self.param_dtype = self.layout.dtype
+        self.accumulate_dtype = accumulate_dtype
+        super().__init__(self.layout.d, accumulate_dtype or self.param_dtype, self.layout.device)
+
+        self.data = DataSource(data, name, self.device)
+        self.single_batch = self.data.single_batch
+        # the cache holds one batch's graph: only meaningful for a single batch
+        self.cache_graph = self.single_batch and (cache_graph == "auto" or bool(cache_graph))
+        self._fingerprint = DataFingerprint(ordered=False)
+        self.n_samples: Optional[int] = None
+        self.mode_used: Optional[str] = None
+        self.forward_ad_broken = False
+        # auto: below this many directions a cached first-order graph + double backward beats
+        # vmapped forward-over-reverse (measured by bench/bench_spectrum.py, HVP section)
+        self.auto_double_backward_below = 4
+        from ..mlp import MLPBackend
+        self.mlp_backend = MLPBackend(
+            model, self.layout, loss_fn, self.curvature, name, forced=mode == FUSED_MLP_MODE,
+            cacheable=self.single_batch and (cache_graph == "auto" or bool(cache_graph)))
+        if mode == FUSED_MLP_MODE and not self.mlp_backend.applicable:
+            raise ValueError(f"{name}: mode='fused-mlp' is not applicable: "
+                             f"{self.mlp_backend.reason} (use mode='auto')")
+
+    # -- the fused MLP path ---------------------------------------------------------------------
+    @property
+    def fused_mlp(self) -> bool:
+        """Whether products run (or will run) through the fused MLP path."""
+        return self.mlp_backend.applicable and self.mode in ("auto", FUSED_MLP_MODE)
+
+    @property
+    def fused_mlp_reason(self) -> Optional[str]:
+        """Why the fused MLP path does not apply (``None`` when it does)."""
+        return self.mlp_backend.reason
+
+    # -- layout ---------------------------------------------------------------------------------
+    def flatten(self, tensors: Any) -> Tensor:
+        """Concatenate per-parameter tensors (dict by name or list in order) into ``(d,)``."""
+        return self.layout.flatten(tensors)
+
+    def unflatten(self, v: Tensor) -> Dict[str, Tensor]:
+        """Split ``(d,)`` (or ``(k, d)``) into a dict of parameter-shaped tensors."""
+        return self.layout.unflatten(v)
+
+    def parameters_vector(self) -> Tensor:
+        """The selected parameters flattened, ``(d,)`` (a copy)."""
+        return self.layout.flatten(self.layout.values(self.model))
+
+    # -- helpers of the per-batch products ------------------------------------------------------
+    def _call_model(self, params: Dict[str, Tensor], inputs: Any) -> Any:
+        return _model.call_model(self.model, params, inputs)
+
+    def _loss(self, outputs: Any, targets: Tensor, where: str,
+              loss_fn: Optional[Callable[[Any, Tensor], Tensor]] = None) -> Tensor:
+        loss = (loss_fn or self.loss_fn)(outputs, targets)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"{type(self).__name__}: loss_fn must return a scalar (the batch "
+                             f"mean), got {shape} {where}")
+        return loss
+
+    def _check_finite(self, t: Tensor, what: str, where: str) -> None:
+        check_finite(t, what, type(self).__name__, where)
+
+    def _chunks(self, k: int) -> List[Tuple[int, int]]:
+        step = self.chunk_size or k
+        return [(s, min(s + step, k)) for s in range(0, k, step)]
+
+    # -- the product ----------------------------------------------------------------------------
+    def _apply_rows(self, X: Tensor) -> Tensor:
+        X = X.to(self.param_dtype)
+        group = self.process_group
+        owner = type(self).__name__
+        if group is None:
+            acc, n_total, n_batches = self._local_sum(X)
+            if acc is None or n_total == 0:
+                raise ValueError(f"{owner}: data contains no batches")
+            self.n_samples = n_total
+            # a single batch is returned unscaled (it already is the mean)
+            return acc.div_(n_total) if n_batches > 1 else acc
+
+        # data parallel: identical inputs on every rank, local sums, one all-reduce
+        X = self._sync_replicas(X)
+        try:
+            acc, n_local, n_batches = self._local_sum(X)
+        except Exception as exc:  # every rank raises, none hangs in the all-reduce
+            _dist.exchange_status(group, exc, (0.0,), "in a product", self.device)
+            raise
+        counts = _dist.exchange_status(group, None, (float(n_local),), "in a product",
+                                       self.device)
+        n_total = int(round(float(counts.sum())))
+        if n_total == 0:
+            raise ValueError(f"{owner}: no rank of the process group has data (0 samples)")
+        if acc is None:  # this rank holds no samples: it contributes zeros
+            acc = X.new_zeros(X.shape, dtype=self.dtype)
+        elif n_batches == 1:
+            acc.mul_(n_local)
+        _dist.all_reduce_sum_(acc, group)
+        self.n_samples = n_total
+        return acc.div_(n_total)
+
+    def _sync_replicas(self, X: Tensor) -> Tensor:
+        named = dict(self.model.named_parameters())
+        X, replaced = _dist.sync_replica_inputs(
+            X, self.process_group, lambda: [named[n] for n in self.param_names], self.d,
+            self.dtype, self.device, type(self).__name__, warn=self.n_input_syncs == 0)
+        self.n_input_syncs += int(replaced)
+        return X
+
+    def _local_sum(self, X: Tensor) -> Tuple[Optional[Tensor], int, int]:
+        """This process's products over its batches: ``(acc, n, n_batches)`` where ``acc`` is
+        ``sum_b n_b P_b`` — except for a single batch, where it is ``P_0`` unscaled."""
+        acc = None
+        n_total = n_batches = first_n = 0
+        with model_state_guard(self.model, self.batch_norm):
+            self._fingerprint.start()
+            for i, inputs, targets in self.data:
+                where = f"on batch {i}"
+                n_batch = _model.batch_size(inputs, targets)
+                if self.check_data:
+                    self._fingerprint.add(inputs, targets, n_batch)
+                P = self._batch_apply_rows(X, inputs, targets, where)
+                self._check_finite(P, "the product", where)
+                P = P.to(self.dtype)
+                if acc is None:
+                    acc = P if P.data_ptr() != X.data_ptr() else P.clone()
+                    first_n = n_batch
+                else:
+                    if n_batches == 1:
+                        acc.mul_(first_n)
+                    acc.add_(P, alpha=n_batch)
+                n_batches += 1
+                n_total += n_batch
+        if self.check_data and n_batches > 0 and not self._fingerprint.finish():
+            raise ValueError(
+                f"{type(self).__name__}: the data changed between passes "
+                f"({self._fingerprint.n} samples now, {self._fingerprint.reference_n} in the "
+                f"first pass, or different values): data augmentation or a random transform "
+                f"makes the operator change from product to product. Use fixed data (no "
+                f"augmentation) or check_data=False.")
+        return acc, n_total, n_batches
+
+    def _choose_mode(self, k: int) -> str:
+        """How the product of ``k`` directions on a batch is computed: the forced ``mode``, or
+        for ``auto``: the fused MLP path when it applies, double backward when forward-mode AD
+        is broken for the model or when fewer than ``auto_double_backward_below`` directions
+        run on a cached graph, else forward-over-reverse."""
+        if self.mode == FUSED_MLP_MODE or (self.mode == "auto" and self.mlp_backend.applicable):
+            return FUSED_MLP_MODE
+        if self.mode != "auto":
+            return self.mode
+        if self.forward_ad_broken or (self.cache_graph and k < self.auto_double_backward_below):
+            return DOUBLE_BACKWARD
+        return FORWARD_OVER_REVERSE
+
+    def _batch_apply_rows(self, X: Tensor, inputs: Any, targets: Any, where: str) -> Tensor:
+        """The product of one batch in the mode :meth:`_choose_mode` picks, falling back from
+        the fused MLP path (``auto``: for good, when a batch is outside it) and from
+        forward-over-reverse (``auto``: for good, when an op of the model has no forward-mode
+        derivative, e.g. SDPA attention or a custom Function without ``jvp``)."""
+        mode = self._choose_mode(X.shape[0])
+        if mode == FUSED_MLP_MODE:
+            out = self.mlp_backend.apply_rows(X, inputs, targets, where, self.chunk_size)
+            if out is not None:
+                self.mode_used = FUSED_MLP_MODE
+                return out
+            mode = self._choose_mode(X.shape[0])
+        if mode == DOUBLE_BACKWARD:
+            out = self._apply_rows_double_backward(X, inputs, targets, where)
+            self.mode_used = DOUBLE_BACKWARD
+            return out
+        try:
+            out = self._apply_rows_forward_over_reverse(X, inputs, targets, where)
+        except (RuntimeError, NotImplementedError) as exc:
+            if self.mode != "auto":
+                raise
+            try:
+                out = self._apply_rows_double_backward(X, inputs, targets, where)
+            except Exception as exc2:
+                raise exc2 from exc
+            log.warning("%s: forward-over-reverse failed (%s); using double backward",
+                        type(self).__name__, str(exc).splitlines()[0][:200])
+            self.forward_ad_broken = True
+            self.mode_used = DOUBLE_BACKWARD
+            return out
+        self.mode_used = FORWARD_OVER_REVERSE
+        return out
+
+    def _apply_rows_forward_over_reverse(self, X: Tensor, inputs: Any, targets: Any,
+                                         where: str) -> Tensor:
+        raise NotImplementedError
+
+    def _apply_rows_double_backward(self, X: Tensor, inputs: Any, targets: Any,
+                                    where: str) -> Tensor:
+        raise NotImplementedError
