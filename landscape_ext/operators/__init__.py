@@ -14,7 +14,7 @@ Conventions of the model operators: ``loss_fn(outputs, targets)`` returns the ba
 BatchNorm uses its running statistics unless ``batch_norm="train"``. See README.md,
 "The curvature engine".
 """
-from .._model import model_state_guard, select_parameter_names
+from .._model import model_state_guard, select_parameter_names  # noqa: F401 (re-exported)
 from .base import CallableOperator, CurvatureOperator, DenseOperator, as_operator
 from .ggn import GGNOperator
 from .hessian import HessianOperator

@@ -3,7 +3,7 @@ fused MLP path is :class:`landscape_ext.mlp.MLPBackend`, the loss Hessian
 :mod:`landscape_ext._losses`)."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Union
+from typing import Any, List, Union
 
 import torch
 from torch import Tensor, nn
