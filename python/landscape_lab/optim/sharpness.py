@@ -52,7 +52,8 @@ def sharpness_fields(lambda_max: float, optimizer: str, lr: Optional[float],
     threshold = eos_threshold(optimizer, lr, momentum)
     if threshold is None:
         return {"eos_threshold": None, "sharpness_ratio": None}
-    # lambda * lr / (2 (1 + beta)) rather than lambda / threshold: the same number, one rounding
+    # lambda * lr / (2 (1 + beta)), the tracker's formula before the threshold was shared: its
+    # numbers stay bit for bit
     return {"eos_threshold": threshold,
             "sharpness_ratio": lambda_max * lr / (2.0 * (1.0 + momentum))}
 
@@ -97,8 +98,7 @@ class SharpnessTracker:
         Per estimate: ``step``, ``lambda_max``, ``eigenvalue`` (same), ``lr``,
         ``eos_threshold`` (``2(1+beta)/lr``), ``sharpness_ratio`` (``lambda_max /
         eos_threshold``; above 1 is past the edge of stability), ``loss``, ``residual``,
-        ``converged``, ``n_matvecs``,
-        ``warm_start``, ``time_s``.
+        ``converged``, ``n_matvecs``, ``warm_start``, ``time_s``.
     """
 
     _owner = "SharpnessTracker"
