@@ -10,14 +10,17 @@ Log format (one JSON object per line, appended and flushed as it is produced):
 * ``{"kind": "metrics", "step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc"}``
   from :class:`MetricsCallback`.
 * ``{"kind": "curvature", "step", "epoch", "lambda_max", "top_eigenvalues", "residuals",
-  "trace", "trace_stderr", "grad_effective_rank", ...}`` from :class:`CurvatureCallback`.
+  "eos_threshold", "sharpness_ratio", "trace", "trace_stderr", "grad_effective_rank", ...}``
+  from :class:`CurvatureCallback`.
 * ``{"kind": "end", "step", "epoch", "time_s"}``.
 
 The curvature statistics are measured on a fixed subset of the training data (the same samples
 at every step, so the series are comparable) by the public functions of :mod:`landscape_ext`:
-``eigsh`` (warm-started from the previous eigenvectors), ``trace`` (Hutch++ with a standard
-error) and, when :mod:`landscape_ext.gradients` is importable, the gradient-covariance spectrum
-and its ranks (otherwise those fields are absent and a note is logged once).
+``eigsh`` (warm-started from the previous eigenvectors, the estimate
+:class:`~landscape_lab.optim.SharpnessTracker` uses), ``trace`` (Hutch++ with a standard error)
+and the gradient-covariance spectrum and its ranks (``grad_*`` fields: present when the callback
+has ``grad_k > 0``). The edge-of-stability threshold is :func:`landscape_lab.optim.eos_threshold`
+(docs/optim.md).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ import landscape_ext as le
 from ._results import to_builtin
 from .data import Dataset
 from .models import model_spec, n_params, sequence_cross_entropy
+from .optim.curvature import _top_eigenpairs
+from .optim.sharpness import eos_threshold, sharpness_fields
 
 __all__ = [
     "TrainConfig",
@@ -88,16 +93,9 @@ def json_clean(obj: Any) -> Any:
     return fix(obj)
 
 
-def gradient_api() -> Optional[Tuple[Callable, Callable]]:
-    """``(gradient_covariance_svd, gradient_rank)`` from :mod:`landscape_ext.gradients`, or
-    ``None`` when that module is not available (the gradient sections are then skipped)."""
-    try:
-        from landscape_ext.gradients import gradient_covariance_svd, gradient_rank
-    except Exception as e:  # ImportError, or an AttributeError while the module is in progress
-        log.info("gradient geometry is not available (%s: %s); gradient-rank statistics are "
-                 "skipped", type(e).__name__, e)
-        return None
-    return gradient_covariance_svd, gradient_rank
+def gradient_api() -> Tuple[Callable, Callable]:
+    """``(gradient_covariance_svd, gradient_rank)`` of :mod:`landscape_ext.gradients`."""
+    return le.gradient_covariance_svd, le.gradient_rank
 
 
 def gradient_svd(gsvd: Callable, model: nn.Module, per_sample_loss: Callable, batch: Any,
@@ -122,14 +120,6 @@ def loss_functions(task: str) -> Tuple[Callable, Callable]:
         return (functools.partial(sequence_cross_entropy, reduction="mean"),
                 functools.partial(sequence_cross_entropy, reduction="none"))
     raise ValueError(f"unknown task {task!r}")
-
-
-def eos_threshold(optimizer: str, lr: float, momentum: float = 0.0) -> Optional[float]:
-    """Edge-of-stability sharpness ``2 (1 + beta) / eta`` for (heavy-ball) SGD; ``None`` for
-    adaptive optimizers (their threshold concerns the preconditioned Hessian)."""
-    if optimizer.lower() != "sgd" or lr <= 0:
-        return None
-    return 2.0 * (1.0 + momentum) / lr
 
 
 def _accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -237,11 +227,12 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
     per_sample_loss : callable, optional
         Per-sample loss for the gradient covariance (required when ``grad_k > 0``).
     grad_k : int
-        Singular values of the gradient covariance (0 skips; skipped too when
-        :mod:`landscape_ext.gradients` is missing).
+        Singular values of the gradient covariance (0 skips).
     seed : int
     v0 : Tensor, optional
         Warm start ``(d, j)`` for the eigensolver (previous eigenvectors).
+    max_matvecs : int, optional
+        Product budget of the eigensolver (default: :func:`landscape_ext.eigsh`'s).
 
     Returns
     -------
@@ -253,13 +244,14 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
     out: Dict[str, Any] = {"n_params": op.d, "n_samples": int(batch[1].shape[0])}
     vecs = None
     if k > 0:
-        k_eff = min(int(k), op.d)
-        r = le.eigsh(op, k=k_eff, which="largest", tol=tol, seed=seed, v0=v0,
-                     max_matvecs=max_matvecs)
-        ev = r.eigenvalues.tolist()
-        out.update(lambda_max=ev[0], top_eigenvalues=ev, residuals=r.residuals.tolist(),
-                   converged=r.converged.tolist(), eigsh_matvecs=r.n_matvecs)
-        vecs = r.eigenvectors
+        # the warm-started estimate of SharpnessTracker and the optimizers; a measurement, so a
+        # budget that runs out before convergence is logged as a warning
+        est, vecs = _top_eigenpairs(op, min(int(k), op.d), which="largest", tol=tol,
+                                    max_matvecs=max_matvecs, seed=seed, v0=v0,
+                                    owner="curvature_stats", warn=True)
+        ev = est["eigenvalues"]
+        out.update(lambda_max=ev[0], top_eigenvalues=ev, residuals=est["residuals"],
+                   converged=est["converged"], eigsh_matvecs=est["n_matvecs"])
     if spectral_norm:
         s = le.spectral_norm(op, tol=tol, seed=seed,
                              v0=vecs[:, 0] if vecs is not None else None)
@@ -273,6 +265,8 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
     out["hvp_mode"] = op.mode_used
     if grad_k > 0:
         api = gradient_api()
+        # ``api`` is None only where a caller stubbed gradient_api out (tests do, to run without
+        # the gradient statistics)
         if api is not None and per_sample_loss is not None:
             gsvd, grank = api
             n = int(batch[1].shape[0])
@@ -415,7 +409,10 @@ class MetricsCallback(Callback):
 
 
 class CurvatureCallback(Callback):
-    """Landscape statistics every ``every_steps`` steps (see :func:`curvature_stats`).
+    """Landscape statistics every ``every_steps`` steps (see :func:`curvature_stats`), with
+    ``lambda_max`` next to the edge-of-stability threshold of the run's optimizer
+    (``eos_threshold``, ``sharpness_ratio``: the fields and definition of
+    :class:`~landscape_lab.optim.SharpnessTracker`, see docs/optim.md).
 
     Parameters
     ----------
@@ -452,6 +449,10 @@ class CurvatureCallback(Callback):
             trace_matvecs=self.trace_matvecs, per_sample_loss=state.per_sample_loss,
             grad_k=self.grad_k, seed=self.seed, v0=self._v0)
         self._v0 = vecs
+        if "lambda_max" in stats:
+            cfg = state.config
+            stats.update(sharpness_fields(stats["lambda_max"], cfg.optimizer,
+                                          state.optimizer.param_groups[0]["lr"], cfg.momentum))
         state.record("curvature", **stats)
 
 
