@@ -5,6 +5,7 @@ The engine package: torch ops (``landscape_ext.ops``), their plain-PyTorch refer
 where each concern lives.
 """
 from ._extension import build_info, load_extension
+from ._model import ParameterLayout
 
 _C = load_extension()
 
@@ -37,7 +38,7 @@ __all__ = [
     "linear_grad_sketch", "linear_grad_project",
     # operators and solvers
     "Result", "CurvatureOperator", "DenseOperator", "CallableOperator", "HessianOperator",
-    "GGNOperator", "as_operator", "model_state_guard", "EigshResult", "SpectralNormResult",
+    "GGNOperator", "as_operator", "model_state_guard", "ParameterLayout", "EigshResult", "SpectralNormResult",
     "eigsh", "spectral_norm", "TraceResult", "DiagonalResult", "trace", "diagonal",
     "SpectralDensityResult", "DensityCurve", "spectral_density",
     # fused MLP products

@@ -230,44 +230,25 @@ def _check_grads(params: Sequence[Tensor], owner: str, step: int) -> None:
 # --------------------------------------------------------------------------------------------
 # optimizer parameters <-> operator order
 # --------------------------------------------------------------------------------------------
-class _ParamLayout:
-    """Flattening of the optimizer's parameters, and its permutation to a model operator's."""
-
-    def __init__(self, params: List[Tensor]):
-        self.params = params
-        self.sizes = [p.numel() for p in params]
-        self.d = sum(self.sizes)
-
-    def permutation(self, op: CurvatureOperator, owner: str) -> Optional[List[int]]:
-        """``perm`` with ``op order == [params[i] for i in perm]``; ``None`` for the same order."""
-        names = getattr(op, "param_names", None)
-        model = getattr(op, "model", None)
-        if names is not None and isinstance(model, nn.Module):
-            named = dict(model.named_parameters())
-            op_params = [named[n] for n in names]
-            index = {id(p): i for i, p in enumerate(self.params)}
-            if len(op_params) == len(self.params) and all(id(p) in index for p in op_params):
-                perm = [index[id(p)] for p in op_params]
-                return None if perm == list(range(len(perm))) else perm
-            raise ValueError(
-                f"{owner}: the curvature operator covers {len(op_params)} parameter tensors "
-                f"(d = {op.d}), the optimizer {len(self.params)} (d = {self.d}); build it on the "
-                f"optimizer's parameters, e.g. hessian_closure(model, loss_fn, batch, "
-                f"params=[p for g in opt.param_groups for p in g['params']])")
-        if op.d != self.d:
-            raise ValueError(f"{owner}: the curvature operator has d = {op.d}, the optimizer's "
-                             f"parameters d = {self.d}")
-        return None
-
-    def to_op(self, parts: Sequence[Tensor], perm: Optional[List[int]]) -> Tensor:
-        order = range(len(parts)) if perm is None else perm
-        return torch.cat([parts[i].reshape(-1) for i in order])
-
-    def from_op(self, v: Tensor, perm: Optional[List[int]]) -> List[Tensor]:
-        order = list(range(len(self.params))) if perm is None else perm
-        chunks = torch.split(v, [self.sizes[i] for i in order])
-        out: List[Optional[Tensor]] = [None] * len(self.params)
-        for i, c in zip(order, chunks):
-            p = self.params[i]
-            out[i] = c.reshape(p.shape).to(device=p.device, dtype=p.dtype)
-        return out  # type: ignore[return-value]
+def operator_order(op: CurvatureOperator, params: List[Tensor], owner: str) -> List[Tensor]:
+    """The optimizer's parameters in the order of the operator's flat layout (a model operator
+    lists its parameters by name; any other operator must match the optimizer's order and
+    size). The flat layout itself is :class:`landscape_ext.ParameterLayout`'s."""
+    d = sum(p.numel() for p in params)
+    names = getattr(op, "param_names", None)
+    model = getattr(op, "model", None)
+    if names is not None and isinstance(model, nn.Module):
+        named = dict(model.named_parameters())
+        op_params = [named[n] for n in names]
+        mine = {id(p) for p in params}
+        if len(op_params) == len(params) and all(id(p) in mine for p in op_params):
+            return op_params
+        raise ValueError(
+            f"{owner}: the curvature operator covers {len(op_params)} parameter tensors "
+            f"(d = {op.d}), the optimizer {len(params)} (d = {d}); build it on the "
+            f"optimizer's parameters, e.g. hessian_closure(model, loss_fn, batch, "
+            f"params=[p for g in opt.param_groups for p in g['params']])")
+    if op.d != d:
+        raise ValueError(f"{owner}: the curvature operator has d = {op.d}, the optimizer's "
+                         f"parameters d = {d}")
+    return list(params)

@@ -10,7 +10,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .curvature import (CurvatureSource, _check_grads, _check_loss, _check_settings, _ParamLayout,
+from landscape_ext import ParameterLayout
+
+from .curvature import (CurvatureSource, _check_grads, _check_loss, _check_settings, operator_order,
                         _resolve_operator, _top_eigenpair)
 
 
@@ -78,16 +80,16 @@ class _HybridHessianBase(torch.optim.Optimizer):
     def _refresh(self, source: Optional[CurvatureSource], step: int) -> None:
         params = self._all_params()
         op = _resolve_operator(source, self._owner, step)
-        layout = _ParamLayout(params)
-        perm = layout.permutation(op, self._owner)
+        ordered = operator_order(op, params, self._owner)
+        layout = ParameterLayout.of_tensors(ordered)
         v0 = None
         if all("eigvec" in self.state[p] for p in params):
-            v0 = layout.to_op([self.state[p]["eigvec"] for p in params], perm)
+            v0 = layout.flatten([self.state[p]["eigvec"] for p in ordered])
         record, vec = _top_eigenpair(op, which=self.which, tol=self.tol,
                                      max_matvecs=self.max_matvecs, seed=self.seed, v0=v0,
                                      owner=self._owner, step=step)
-        for p, part in zip(params, layout.from_op(vec, perm)):
-            self.state[p]["eigvec"] = part
+        for p, part in zip(ordered, layout.unflatten(vec).values()):
+            self.state[p]["eigvec"] = part.to(device=p.device, dtype=p.dtype)
         self._curv["eigenvalue"] = record["eigenvalue"]
         self._curv["n_matvecs"] += record["n_matvecs"]
         self._curv["history"].append(record)
