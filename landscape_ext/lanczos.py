@@ -177,14 +177,15 @@ def _keep_order(theta: Tensor, which: str, k: int, n_keep: int) -> Tensor:
 
 
 def _default_block_size(k: int, which: str) -> int:
-    """1 for up to 16 wanted pairs at one end, 2 up to 128, else 8.
+    """1 for up to 16 wanted pairs at one end (``ceil(k/2)`` for ``"both"``), 2 up to 128,
+    else 8.
 
     Single-vector Lanczos needs the fewest products for small ``k``, and single products run
     on the cached first-order graph / fused state; for larger ``k`` the passes over the basis
-    (memory bound: each block's orthogonalization reads the whole basis twice) cost about a
-    third of a product per direction at ``b = 1``, and small blocks share those passes among
-    their directions for a few more products. Measured in bench/bench_spectrum.py, see
-    bench/README.md (figures in docs/algorithms.md)."""
+    (memory bound: each block's orthogonalization reads the whole basis twice) grow with the
+    basis, and a block shares each pass among its directions for a few more products.
+    Measured in bench/bench_spectrum.py, see bench/README.md (figures in docs/algorithms.md).
+    """
     if which == "both":
         k = (k + 1) // 2
     if k <= 16:
@@ -288,7 +289,7 @@ def _start_run(op: CurvatureOperator, k: int, which: str, tol: float, b: int, ma
     gen = torch.Generator().manual_seed(int(seed))
     # the orthogonalization accumulates in float64 unless both the products and the basis are
     # float32 or narrower: their own rounding (~1e-7 relative) then dominates, and float32
-    # passes over the (memory-bound) basis cost about 0.6x of float64 ones
+    # passes over the (memory-bound) basis are cheaper (docs/algorithms.md)
     acc_dtype = (torch.float32 if op.dtype != torch.float64 and basis_dtype != torch.float64
                  else torch.float64)
     # one round over the basis after the recurrence rows needs a basis orthonormal to the
@@ -459,8 +460,8 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
           basis_dtype: Optional[torch.dtype] = None, seed: int = 0, v0: Optional[Tensor] = None,
           max_matvecs: Optional[int] = None, return_eigenvectors: bool = True,
           verify: bool = False, progress: bool = False, warn: bool = True) -> EigshResult:
-    r"""``k`` eigenpairs of a symmetric operator by thick-restart block Lanczos
-    (docs/algorithms.md).
+    r"""``k`` eigenpairs of a symmetric operator by thick-restart block Lanczos (the algorithm,
+    its switches and defaults: docs/algorithms.md).
 
     Parameters
     ----------
@@ -477,17 +478,14 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         far). Default ``1e-8`` for float64 operators, ``1e-4`` otherwise. Eigenvalue errors are
         about ``(tol |A|)^2 / gap``.
     block_size : int, optional
-        Directions per batched product (default 1 for ``k <= 16``, 2 up to 128, else 8, counting
-        ``ceil(k/2)`` for ``"both"``; use at least the multiplicity of a wanted eigenvalue
-        cluster — Lanczos with a block smaller than a cluster can converge before it has found
-        every member).
+        Directions per batched product (default 1 for ``k <= 16``, 2 up to 128, else 8). Use at
+        least the multiplicity of a wanted eigenvalue cluster: a smaller block can converge
+        before it has found every member.
     max_basis : int, optional
         Basis rows kept (memory ``max_basis * d`` elements of ``basis_dtype``). Default
         ``max(2k + 2b, k + 8b, 24)`` rounded up to a multiple of ``b``.
     basis_dtype : torch.dtype, optional
-        Storage of the basis (float64/float32/float16/bfloat16); default: the operator's dtype.
-        The projected eigenproblem is float64 whatever this is; the orthogonalization
-        accumulates in float64 unless both the operator and the basis are float32 or narrower.
+        Storage of the basis (float64/float32/float16/bfloat16; default: the operator's dtype).
         The stored basis is orthonormal only to its own precision, so eigenvalue errors are at
         least about ``eps(basis_dtype) * |A|`` (float16/bfloat16: ~1e-3 / 1e-2 relative).
     seed : int
@@ -496,22 +494,18 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         ``(d,)`` or ``(d, j)`` start directions (warm start); the rest of the block is random.
     max_matvecs : int, optional
         Budget of products (default ``max(200 * k, 2000)``); on exhaustion the unconverged pairs
-        are returned with ``converged=False`` and a warning is logged (``warn=False``: a debug
-        message). An operator with ``d <= max_basis + block_size`` and ``d <= max_matvecs`` is
-        formed densely (``d`` products) and solved by ``eigh``; one with ``d <= 4096`` switches
-        to that dense solve when its next block would take Lanczos past ``d`` products and ``d``
-        more fit in the budget.
+        are returned with ``converged=False``. Operators with ``d <= max_basis + block_size``
+        (and ``d <= max_matvecs``) are solved densely with ``d`` products; those with ``d <=
+        4096`` switch to that dense solve after about ``d`` Lanczos products if ``d`` more fit.
     return_eigenvectors : bool
     verify : bool
         Recompute the final residuals with one more batched product of the ``k`` Ritz vectors
-        (counted in ``n_matvecs``) instead of the Lanczos residual formula. The two agree to
-        rounding with full reorthogonalization (tests hold this).
+        (counted in ``n_matvecs``) instead of the Lanczos residual formula.
     progress : bool
         Show a tqdm progress bar.
     warn : bool
-        Log a WARNING when the budget runs out before convergence (default). ``False`` logs it
-        at DEBUG level: for callers that run many short, budgeted estimates (training loops)
-        and read ``converged`` themselves.
+        Log a WARNING when the budget runs out before convergence (default); ``False`` logs it
+        at DEBUG level (for callers that read ``converged`` themselves, e.g. training loops).
 
     Returns
     -------
