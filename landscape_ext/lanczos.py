@@ -310,7 +310,7 @@ def _start_run(op: CurvatureOperator, k: int, which: str, tol: float, b: int, ma
     progress_bar = None
     if progress:
         from tqdm.auto import tqdm
-        progress_bar = tqdm(total=max_matvecs, desc=f"eigsh(k={k}, {which})", unit="matvec",
+        progress_bar = tqdm(total=max_matvecs, desc=f"eigsh(k={k}, {which})", unit="product",
                             disable=not is_main_process())
     return _LanczosRun(op=op, k=k, which=which, tol=tol, max_basis=max_basis,
                        max_matvecs=max_matvecs, acc_dtype=acc_dtype,
