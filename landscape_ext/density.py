@@ -1,38 +1,25 @@
-r"""Spectral density by stochastic Lanczos quadrature (SLQ), all probes advanced together.
-
-For ``r`` unit probes ``v_i`` (Rademacher or Gaussian, normalized), ``n`` Lanczos steps give a
-tridiagonal ``T_i = U_i diag(theta_i) U_i^T`` and the Gauss quadrature
-
-.. math:: v_i^\top f(A) v_i \approx \sum_j w_{ij} f(\theta_{ij}), \qquad w_{ij} = U_i[0, j]^2,
-
-exact for polynomials of degree ``< 2n``. Since ``E[v^T f(A) v] = tr f(A) / d`` for unit probes
-drawn uniformly (Gaussian) or as normalized sign vectors, the spectral density normalized to 1,
-:math:`\phi(\lambda) = \frac1d \sum_k \delta(\lambda - \lambda_k)`, is estimated by
-:math:`\frac1r \sum_i \sum_j w_{ij}\, \delta(\lambda - \theta_{ij})`.
-
-Each step is **one** batched product ``A [v_1 .. v_r]``; the reorthogonalization of all probes
-against their own bases is one :func:`landscape_ext.orthogonalize_batched` call (CGS2). A probe
-whose Krylov space becomes invariant (``norms == 0``) stops there; its remaining nodes carry
-weight 0.
-
-Broadening (:meth:`SpectralDensityResult.evaluate`): each node becomes a Gaussian
-:math:`N(\lambda; \theta_{ij}, \sigma^2)`, by default :math:`\sigma = (\theta_{\max} -
-\theta_{\min}) / 100` over all probes' nodes.
+r"""Spectral density by stochastic Lanczos quadrature (SLQ), all probes advanced together: one
+batched product of all probes per Lanczos step, one :func:`landscape_ext.orthogonalize_batched`
+call for their reorthogonalization, then Gauss quadrature nodes and weights per probe and a
+Gaussian-broadened density (:meth:`SpectralDensityResult.evaluate`). The estimator, its
+breakdown rule and the broadening are described in docs/algorithms.md.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import agree_all
+from .distributed import agree_all, is_main_process
+from .estimators import _probes
+from .lanczos import BASIS_DTYPES, _products
 from .ops import orthogonalize_batched
-from .operators import as_operator
+from .operators import CurvatureOperator, as_operator
 from .results import Result
 
 __all__ = ["SpectralDensityResult", "DensityCurve", "spectral_density"]
@@ -178,7 +165,8 @@ class SpectralDensityResult(Result):
 def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int = 0,
                      distribution: str = "rademacher", basis_dtype: Optional[torch.dtype] = None,
                      reorthogonalize: bool = True, progress: bool = False) -> SpectralDensityResult:
-    r"""Spectral density of a symmetric operator by stochastic Lanczos quadrature.
+    r"""Spectral density of a symmetric operator by stochastic Lanczos quadrature
+    (docs/algorithms.md).
 
     Parameters
     ----------
@@ -206,7 +194,6 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
     """
     t0 = time.perf_counter()
     op = as_operator(op)
-    group = getattr(op, "process_group", None)
     d = op.d
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"spectral_density: n_steps must be a positive integer, got {n_steps!r}")
@@ -214,82 +201,130 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
         raise ValueError(f"spectral_density: n_probes must be a positive integer, got "
                          f"{n_probes!r}")
     n_steps = min(n_steps, d)
-    r = n_probes
-    gen = torch.Generator().manual_seed(int(seed))
-    if distribution == "rademacher":
-        V = torch.randint(0, 2, (r, d), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-    elif distribution == "gaussian":
-        V = torch.randn(r, d, generator=gen, dtype=torch.float64)
-    else:
-        raise ValueError(f"spectral_density: distribution must be 'rademacher' or 'gaussian', "
-                         f"got {distribution!r}")
-    V /= torch.linalg.vector_norm(V, dim=1, keepdim=True)
-    dev = op.device
-    V = V.to(dev)
-    basis_dtype = basis_dtype or (op.dtype if op.dtype in (torch.float64, torch.float32,
-                                                           torch.float16, torch.bfloat16)
-                                  else torch.float32)
-    alpha = torch.zeros(r, n_steps, dtype=torch.float64)
-    beta = torch.zeros(r, n_steps, dtype=torch.float64)
-    steps = torch.full((r,), n_steps, dtype=torch.long)
-    active = torch.ones(r, dtype=torch.bool)
-    n0 = op.n_matvecs
-    if reorthogonalize:
-        B = torch.empty(r, n_steps, d, dtype=basis_dtype, device=dev)
-        B[:, 0] = V
-    cur = V
-    prev = None
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-        from .distributed import is_main_process
-        pbar = tqdm(total=n_steps, desc="SLQ", unit="step", disable=not is_main_process())
+    run = _start_slq(op, n_steps, n_probes, seed, distribution, basis_dtype, reorthogonalize,
+                     progress)
     try:
         for j in range(n_steps):
-            qj = B[:, j] if reorthogonalize else cur
-            W = op.apply_rows(qj).to(torch.float64)
-            if not bool(torch.isfinite(W).all()):
-                raise FloatingPointError(f"spectral_density: the operator product contains "
-                                         f"NaN/Inf at step {j}")
-            if pbar is not None:
-                pbar.update(1)
-            last = j == n_steps - 1
-            if reorthogonalize:
-                if last:
-                    a = (W * qj.to(torch.float64)).sum(1)
-                    nrm = None
-                else:
-                    q, coeffs, nrm = orthogonalize_batched(B, W, j + 1)
-                    a = coeffs[:, j]
-            else:
-                qf = cur.to(torch.float64)
-                a = (W * qf).sum(1)
-                W = W - a[:, None] * qf
-                if prev is not None:
-                    W = W - beta[:, j - 1].to(dev)[:, None] * prev.to(torch.float64)
-                nrm = torch.linalg.vector_norm(W, dim=1)
-                q = W / nrm.clamp_min(1e-300)[:, None]
-            alpha[:, j] = torch.where(active, a.cpu(), alpha[:, j])
-            if nrm is not None:
-                nrm = nrm.cpu()
-                scale = max(float(alpha[:, : j + 1].abs().max()), 1e-300)
-                broke = active & (nrm <= 1e-12 * scale)
-                beta[:, j] = torch.where(active & ~broke, nrm, beta[:, j])
-                steps[broke] = j + 1
-                active &= ~broke
-                stop = not bool(active.any())
-                if group is not None:  # data parallel: every rank stops at the same step
-                    stop = agree_all(group, stop, op.device)
-                if stop:
-                    break
-                if reorthogonalize:
-                    B[:, j + 1] = q
-                else:
-                    prev, cur = cur, q
+            if _slq_step(run, j):
+                break
     finally:
-        if pbar is not None:
-            pbar.close()
+        if run.progress_bar is not None:
+            run.progress_bar.close()
+    nodes, weights = _quadrature(run.alpha, run.beta, run.steps, n_steps)
+    return SpectralDensityResult(
+        nodes=nodes, weights=weights, steps=run.steps, d=d, n_steps=n_steps, n_probes=n_probes,
+        n_matvecs=op.n_matvecs - run.n_matvecs_start, distribution=distribution, seed=int(seed),
+        mode_used=getattr(op, "mode_used", None), time_s=time.perf_counter() - t0,
+        alpha=run.alpha, beta=run.beta)
 
+
+@dataclass(eq=False)
+class _SlqRun:
+    """The state of the ``r`` Lanczos runs of :func:`spectral_density`."""
+
+    op: CurvatureOperator
+    n_steps: int
+    alpha: Tensor                # (r, n_steps) diagonals of the tridiagonal T_i
+    beta: Tensor                 # (r, n_steps) their off-diagonals
+    steps: Tensor                # (r,) steps each probe ran
+    active: Tensor               # (r,) probes not yet broken down
+    n_matvecs_start: int
+    basis: Optional[Tensor]      # (r, n_steps, d) bases, or None without reorthogonalization
+    current: Tensor              # (r, d) the vectors multiplied next (recurrence only)
+    previous: Optional[Tensor] = None      # the vectors before them (recurrence only)
+    progress_bar: Any = None
+
+
+def _start_slq(op: CurvatureOperator, n_steps: int, r: int, seed: int, distribution: str,
+               basis_dtype: Optional[torch.dtype], reorthogonalize: bool,
+               progress: bool) -> _SlqRun:
+    """Unit probes (the first Lanczos vectors) and the buffers of the run."""
+    d, dev = op.d, op.device
+    gen = torch.Generator().manual_seed(int(seed))
+    V = _probes(r, d, gen, distribution, "spectral_density")
+    V /= torch.linalg.vector_norm(V, dim=1, keepdim=True)
+    V = V.to(dev)
+    basis_dtype = basis_dtype or (op.dtype if op.dtype in BASIS_DTYPES else torch.float32)
+    basis = None
+    n_matvecs_start = op.n_matvecs
+    if reorthogonalize:
+        basis = torch.empty(r, n_steps, d, dtype=basis_dtype, device=dev)
+        basis[:, 0] = V
+    progress_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        progress_bar = tqdm(total=n_steps, desc="SLQ", unit="step", disable=not is_main_process())
+    return _SlqRun(op=op, n_steps=n_steps, alpha=torch.zeros(r, n_steps, dtype=torch.float64),
+                   beta=torch.zeros(r, n_steps, dtype=torch.float64),
+                   steps=torch.full((r,), n_steps, dtype=torch.long),
+                   active=torch.ones(r, dtype=torch.bool), n_matvecs_start=n_matvecs_start,
+                   basis=basis, current=V, progress_bar=progress_bar)
+
+
+def _slq_step(run: _SlqRun, j: int) -> bool:
+    """Lanczos step ``j`` of every probe: one batched product, ``alpha[:, j]``, ``beta[:, j]``
+    and the next vectors. Returns True when every probe has broken down (on every rank)."""
+    reorthogonalize = run.basis is not None
+    q_j = run.basis[:, j] if reorthogonalize else run.current
+    W = _products(run.op, q_j, f"spectral_density (step {j})").to(torch.float64)
+    if run.progress_bar is not None:
+        run.progress_bar.update(1)
+    if reorthogonalize:
+        a, norms, q = _reorthogonalized_step(run.basis, W, q_j, j, j == run.n_steps - 1)
+    else:
+        a, norms, q = _recurrence_step(W, run.current, run.previous, run.beta, j)
+    run.alpha[:, j] = torch.where(run.active, a.cpu(), run.alpha[:, j])
+    if norms is None:
+        return False
+    norms = norms.cpu()
+    # breakdown: the probe's Krylov space is (numerically) invariant; its later coefficients
+    # are not recorded
+    scale = max(float(run.alpha[:, : j + 1].abs().max()), 1e-300)
+    broke = run.active & (norms <= 1e-12 * scale)
+    run.beta[:, j] = torch.where(run.active & ~broke, norms, run.beta[:, j])
+    run.steps[broke] = j + 1
+    run.active &= ~broke
+    stop = not bool(run.active.any())
+    group = getattr(run.op, "process_group", None)
+    if group is not None:  # data parallel: every rank stops at the same step
+        stop = agree_all(group, stop, run.op.device)
+    if stop:
+        return True
+    if reorthogonalize:
+        run.basis[:, j + 1] = q
+    else:
+        run.previous, run.current = run.current, q
+    return False
+
+
+def _reorthogonalized_step(basis: Tensor, W: Tensor, q_j: Tensor, j: int, last: bool
+                           ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(alpha_j, beta_j, q_{j+1})`` of every probe by CGS2 against its whole basis; the last
+    step needs only ``alpha_j``."""
+    if last:
+        return (W * q_j.to(torch.float64)).sum(1), None, None
+    q, coeffs, norms = orthogonalize_batched(basis, W, j + 1)
+    return coeffs[:, j], norms, q
+
+
+def _recurrence_step(W: Tensor, current: Tensor, previous: Optional[Tensor], beta: Tensor,
+                     j: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(alpha_j, beta_j, q_{j+1})`` of every probe by the three-term recurrence alone."""
+    current = current.to(torch.float64)
+    a = (W * current).sum(1)
+    W = W - a[:, None] * current
+    if previous is not None:
+        W = W - beta[:, j - 1].to(W.device)[:, None] * previous.to(torch.float64)
+    norms = torch.linalg.vector_norm(W, dim=1)
+    return a, norms, W / norms.clamp_min(1e-300)[:, None]
+
+
+def _quadrature(alpha: Tensor, beta: Tensor, steps: Tensor, n_steps: int
+                ) -> Tuple[Tensor, Tensor]:
+    """Gauss quadrature nodes (Ritz values of ``T_i``) and weights (squared first components
+    of its eigenvectors) per probe; a probe that broke down after ``L`` steps has ``L`` nodes,
+    padded with its largest node at weight 0."""
+    r = alpha.shape[0]
     nodes = torch.zeros(r, n_steps, dtype=torch.float64)
     weights = torch.zeros(r, n_steps, dtype=torch.float64)
     for i in range(r):
@@ -303,8 +338,4 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
         weights[i, :L] = U[0] ** 2
         if L < n_steps:
             nodes[i, L:] = th[-1]
-    return SpectralDensityResult(
-        nodes=nodes, weights=weights, steps=steps, d=d, n_steps=n_steps, n_probes=r,
-        n_matvecs=op.n_matvecs - n0, distribution=distribution, seed=int(seed),
-        mode_used=getattr(op, "mode_used", None), time_s=time.perf_counter() - t0,
-        alpha=alpha, beta=beta)
+    return nodes, weights

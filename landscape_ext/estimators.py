@@ -1,26 +1,9 @@
-r"""Stochastic trace and diagonal estimators with error estimates.
+r"""Stochastic trace and diagonal estimators with error estimates: Girard-Hutchinson, Hutch++
+(Meyer, Musco, Musco & Woodruff 2021), XTrace and XDiag (Epperly, Tropp & Webber 2024).
 
 All probes of an estimator go through the operator as one batched product (``(m, d)`` rows,
-split into ``batch_size`` chunks only to bound memory).
-
-Trace
------
-* ``hutchinson`` — Girard-Hutchinson: :math:`\hat t = \frac1m \sum_i z_i^\top A z_i`,
-  ``stderr = std(z_i^T A z_i) / sqrt(m)``.
-* ``hutch++`` — Meyer, Musco, Musco & Woodruff (2021): a third of the products sketch the
-  range (``Q = orth(A S)``), a third give the exact ``tr(Q^T A Q)``, a third estimate the trace
-  of the deflated remainder ``(I - QQ^T) A (I - QQ^T)`` by Hutchinson; ``stderr`` is that part's
-  sample standard error (the deflated part is the only random error given ``Q``).
-* ``xtrace`` — Epperly, Tropp & Webber (2024): ``m/2`` probes, each estimate uses the other
-  probes' sketch (leave-one-out, exchangeable) and its own probe for the remainder; estimate =
-  mean of the ``m/2`` estimates, ``stderr`` = their standard deviation / ``sqrt(m/2)``.
-
-Diagonal
---------
-* ``hutchinson`` — :math:`\frac1m \sum_i z_i \odot A z_i` (Rademacher), entrywise stderr.
-* ``xdiag`` — the exchangeable diagonal estimator of Epperly, Tropp & Webber (2024):
-  :math:`\mathrm{diag}(P_i A) + \omega_i \odot (I - P_i) A \omega_i` averaged over the probes,
-  ``P_i`` the projector onto the sketch without probe ``i``.
+split into ``batch_size`` chunks only to bound memory). The estimators and their standard
+errors are described in docs/algorithms.md.
 """
 from __future__ import annotations
 
@@ -32,6 +15,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .lanczos import _products_in_batches
 from .operators import CurvatureOperator, as_operator
 from .results import Result
 
@@ -79,31 +63,19 @@ class DiagonalResult(Result):
         return out
 
 
-def _probes(m: int, d: int, gen: torch.Generator, distribution: str) -> Tensor:
+def _probes(m: int, d: int, gen: torch.Generator, distribution: str, where: str) -> Tensor:
+    """``(m, d)`` float64 probes on the CPU: random signs or standard normal entries."""
     if distribution == "rademacher":
         return torch.randint(0, 2, (m, d), generator=gen, dtype=torch.int8).to(torch.float64) \
             .mul_(2).sub_(1)
     if distribution == "gaussian":
         return torch.randn(m, d, generator=gen, dtype=torch.float64)
-    raise ValueError(f"unknown probe distribution {distribution!r}; use 'rademacher' or "
-                     f"'gaussian'")
+    raise ValueError(f"{where}: distribution must be 'rademacher' or 'gaussian', got "
+                     f"{distribution!r}")
 
 
-def _apply(op: CurvatureOperator, X: Tensor, batch_size: Optional[int], where: str) -> Tensor:
-    """``X A`` for rows ``X (m, d)`` (float64 result on the CPU), ``batch_size`` rows at a
-    time."""
-    m = X.shape[0]
-    c = batch_size or m
-    outs = []
-    for s in range(0, m, c):
-        Y = op.apply_rows(X[s:s + c].to(op.device)).to(torch.float64).cpu()
-        if not bool(torch.isfinite(Y).all()):
-            raise FloatingPointError(f"{where}: the operator product contains NaN/Inf")
-        outs.append(Y)
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-
-def _check(op: Any, n_matvecs: int, minimum: int, where: str) -> CurvatureOperator:
+def _checked_operator(op: Any, n_matvecs: int, minimum: int, where: str) -> CurvatureOperator:
+    """``as_operator(op)``, after checking that ``n_matvecs >= minimum``."""
     op = as_operator(op)
     if not isinstance(n_matvecs, int) or n_matvecs < minimum:
         raise ValueError(f"{where}: n_matvecs must be an integer >= {minimum}, got {n_matvecs!r}")
@@ -116,9 +88,19 @@ def _orth_cols(Y: Tensor) -> Tuple[Tensor, Tensor]:
     return Q, R
 
 
+def _column_dots(A: Tensor, B: Tensor) -> Tensor:
+    """``(A * B).sum(0)``: the dot products of corresponding columns."""
+    return (A * B).sum(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# trace
+
+
 def trace(op: Any, n_matvecs: int, method: str = "hutch++", *, seed: int = 0,
           distribution: str = "rademacher", batch_size: Optional[int] = None) -> TraceResult:
-    r"""Estimate ``tr(A)`` of a symmetric operator with ``n_matvecs`` products.
+    r"""Estimate ``tr(A)`` of a symmetric operator with ``n_matvecs`` products
+    (docs/algorithms.md).
 
     Parameters
     ----------
@@ -142,38 +124,57 @@ def trace(op: Any, n_matvecs: int, method: str = "hutch++", *, seed: int = 0,
     if method not in TRACE_METHODS:
         raise ValueError(f"trace: method must be one of {TRACE_METHODS}, got {method!r}")
     minimum = {"hutch++": 3, "xtrace": 4, "hutchinson": 2}[method]
-    op = _check(op, n_matvecs, minimum, "trace")
-    d = op.d
+    op = _checked_operator(op, n_matvecs, minimum, "trace")
     gen = torch.Generator().manual_seed(int(seed))
-    n0 = op.n_matvecs
+    n_matvecs_start = op.n_matvecs
     if method == "hutchinson":
-        Z = _probes(n_matvecs, d, gen, distribution)
-        s = (Z * _apply(op, Z, batch_size, "trace")).sum(1)
-        est, err = float(s.mean()), float(s.std() / math.sqrt(s.numel()))
+        estimate, stderr = _hutchinson_trace(op, n_matvecs, gen, distribution, batch_size)
     elif method == "hutch++":
-        k = n_matvecs // 3
-        S = _probes(k, d, gen, distribution)
-        Q, _ = _orth_cols(_apply(op, S, batch_size, "trace"))
-        t_low = float((Q.T * _apply(op, Q.T.contiguous(), batch_size, "trace")).sum())
-        G = _probes(n_matvecs - 2 * k, d, gen, distribution)
-        G = G - (G @ Q) @ Q.T
-        s = (G * _apply(op, G, batch_size, "trace")).sum(1)
-        est = t_low + float(s.mean())
-        err = float(s.std() / math.sqrt(s.numel())) if s.numel() > 1 else float("nan")
+        estimate, stderr = _hutchpp_trace(op, n_matvecs, gen, distribution, batch_size)
     else:
         ests = _xtrace_estimates(op, n_matvecs // 2, gen, distribution, batch_size)
-        est, err = float(ests.mean()), float(ests.std() / math.sqrt(ests.numel()))
-    return TraceResult(estimate=est, stderr=err, n_matvecs=op.n_matvecs - n0, method=method,
+        estimate, stderr = float(ests.mean()), float(ests.std() / math.sqrt(ests.numel()))
+    return TraceResult(estimate=estimate, stderr=stderr,
+                       n_matvecs=op.n_matvecs - n_matvecs_start, method=method,
                        distribution=distribution, seed=int(seed),
                        mode_used=getattr(op, "mode_used", None), time_s=time.perf_counter() - t0)
 
 
-def _xtrace_setup(op, m, gen, distribution, batch_size, where):
+def _hutchinson_trace(op: CurvatureOperator, n_matvecs: int, gen: torch.Generator,
+                      distribution: str, batch_size: Optional[int]) -> Tuple[float, float]:
+    """Girard-Hutchinson: the mean of ``z_i^T A z_i`` and its standard error."""
+    Z = _probes(n_matvecs, op.d, gen, distribution, "trace")
+    s = (Z * _products_in_batches(op, Z, batch_size, "trace")).sum(1)
+    return float(s.mean()), float(s.std() / math.sqrt(s.numel()))
+
+
+def _hutchpp_trace(op: CurvatureOperator, n_matvecs: int, gen: torch.Generator,
+                   distribution: str, batch_size: Optional[int]) -> Tuple[float, float]:
+    """Hutch++: the exact trace on the sketched range plus Hutchinson on the deflated rest
+    (whose sample standard error is the estimate's)."""
     d = op.d
-    Om = _probes(m, d, gen, distribution)             # (m, d) rows
-    Y = _apply(op, Om, batch_size, where)             # (m, d) = (A Om)^T
-    Q, R = _orth_cols(Y)                              # Q (d, m), R (m, m)
-    Zt = _apply(op, Q.T.contiguous(), batch_size, where)   # (m, d) = (A Q)^T
+    k = n_matvecs // 3
+    S = _probes(k, d, gen, distribution, "trace")
+    Q, _ = _orth_cols(_products_in_batches(op, S, batch_size, "trace"))
+    t_low = float((Q.T * _products_in_batches(op, Q.T.contiguous(), batch_size, "trace")).sum())
+    G = _probes(n_matvecs - 2 * k, d, gen, distribution, "trace")
+    G = G - (G @ Q) @ Q.T
+    s = (G * _products_in_batches(op, G, batch_size, "trace")).sum(1)
+    stderr = float(s.std() / math.sqrt(s.numel())) if s.numel() > 1 else float("nan")
+    return t_low + float(s.mean()), stderr
+
+
+def _xtrace_setup(op: CurvatureOperator, m: int, gen: torch.Generator, distribution: str,
+                  batch_size: Optional[int], where: str
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What XTrace and XDiag share: probes ``Om (m, d)``, the sketch ``Q R = A Om^T``,
+    ``Zt = (A Q)^T`` and ``S``, the normalized columns of ``R^{-T}`` (the leave-one-out
+    directions)."""
+    d = op.d
+    Om = _probes(m, d, gen, distribution, where)                         # (m, d) rows
+    Y = _products_in_batches(op, Om, batch_size, where)                  # (m, d) = (A Om)^T
+    Q, R = _orth_cols(Y)                                                 # Q (d, m), R (m, m)
+    Zt = _products_in_batches(op, Q.T.contiguous(), batch_size, where)   # (m, d) = (A Q)^T
     eye = torch.eye(m, dtype=torch.float64)
     try:
         X = torch.linalg.solve_triangular(R.T, eye, upper=False)     # R^{-T}
@@ -185,28 +186,30 @@ def _xtrace_setup(op, m, gen, distribution, batch_size, where):
     return Om, Q, R, Zt, S
 
 
-def _xtrace_estimates(op, m, gen, distribution, batch_size) -> Tensor:
+def _xtrace_estimates(op: CurvatureOperator, m: int, gen: torch.Generator, distribution: str,
+                      batch_size: Optional[int]) -> Tensor:
+    """The ``m`` leave-one-out trace estimates of XTrace (``2 m`` products)."""
     Om, Q, R, Zt, S = _xtrace_setup(op, m, gen, distribution, batch_size, "trace")
     H = Zt @ Q                        # Q^T A Q
     H = 0.5 * (H + H.T)
     W = (Om @ Q).T                    # Q^T Om  (m, m)
     T = Zt @ Om.T                     # Z^T Om  (m, m)
-
-    def dp(A_, B_):
-        return (A_ * B_).sum(0)
-
     HS, HW = H @ S, H @ W
-    c = dp(S, W)
-    sHs = dp(S, HS)
-    ests = (torch.trace(H) - sHs + c * dp(S, R) - dp(T, W) + dp(W, HW) - 2 * c * dp(S, HW)
-            + c * dp(T, S) + c * c * sHs)
-    return ests
+    c = _column_dots(S, W)
+    sHs = _column_dots(S, HS)
+    return (torch.trace(H) - sHs + c * _column_dots(S, R) - _column_dots(T, W)
+            + _column_dots(W, HW) - 2 * c * _column_dots(S, HW) + c * _column_dots(T, S)
+            + c * c * sHs)
+
+
+# ------------------------------------------------------------------------------------------------
+# diagonal
 
 
 def diagonal(op: Any, n_matvecs: int, method: str = "hutchinson", *, seed: int = 0,
              distribution: str = "rademacher",
              batch_size: Optional[int] = None) -> DiagonalResult:
-    r"""Estimate ``diag(A)`` with ``n_matvecs`` products.
+    r"""Estimate ``diag(A)`` with ``n_matvecs`` products (docs/algorithms.md).
 
     Parameters
     ----------
@@ -228,31 +231,41 @@ def diagonal(op: Any, n_matvecs: int, method: str = "hutchinson", *, seed: int =
     t0 = time.perf_counter()
     if method not in DIAG_METHODS:
         raise ValueError(f"diagonal: method must be one of {DIAG_METHODS}, got {method!r}")
-    op = _check(op, n_matvecs, 4 if method == "xdiag" else 2, "diagonal")
+    op = _checked_operator(op, n_matvecs, 4 if method == "xdiag" else 2, "diagonal")
     gen = torch.Generator().manual_seed(int(seed))
-    n0 = op.n_matvecs
+    n_matvecs_start = op.n_matvecs
     if method == "hutchinson":
-        Z = _probes(n_matvecs, op.d, gen, distribution)
-        if distribution == "gaussian":
-            Z2 = Z * Z
-        E = Z * _apply(op, Z, batch_size, "diagonal")
-        if distribution == "gaussian":   # ratio estimator (Bekas et al.)
-            est = E.sum(0) / Z2.sum(0)
-            err = E.std(0) / Z2.mean(0) / math.sqrt(E.shape[0])
-        else:
-            est = E.mean(0)
-            err = E.std(0) / math.sqrt(E.shape[0])
+        estimate, stderr = _hutchinson_diagonal(op, n_matvecs, gen, distribution, batch_size)
     else:
-        m = n_matvecs // 2
-        Om, Q, R, Zt, S = _xtrace_setup(op, m, gen, distribution, batch_size, "diagonal")
-        QS = Q @ S                                   # (d, m)
-        ZS = Zt.T @ S                                # (d, m)
-        c = (S * R).sum(0)                           # s_i^T R_i
-        d_qz = (Q * Zt.T).sum(1)                     # diag(Q Q^T A)
-        ests = d_qz[:, None] - QS * ZS + Om.T * QS * c[None, :]     # (d, m)
-        est = ests.mean(1)
-        err = ests.std(1) / math.sqrt(m)
-    return DiagonalResult(estimate=est, stderr=err, n_matvecs=op.n_matvecs - n0, method=method,
+        estimate, stderr = _xdiag(op, n_matvecs // 2, gen, distribution, batch_size)
+    return DiagonalResult(estimate=estimate, stderr=stderr,
+                          n_matvecs=op.n_matvecs - n_matvecs_start, method=method,
                           distribution=distribution, seed=int(seed),
                           mode_used=getattr(op, "mode_used", None),
                           time_s=time.perf_counter() - t0)
+
+
+def _hutchinson_diagonal(op: CurvatureOperator, n_matvecs: int, gen: torch.Generator,
+                         distribution: str, batch_size: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """The mean of ``z_i * A z_i`` (Gaussian probes: divided by the mean of ``z_i * z_i``) and
+    its entrywise standard error."""
+    Z = _probes(n_matvecs, op.d, gen, distribution, "diagonal")
+    if distribution == "gaussian":
+        Z2 = Z * Z
+    E = Z * _products_in_batches(op, Z, batch_size, "diagonal")
+    if distribution == "gaussian":   # ratio estimator (Bekas et al.)
+        return E.sum(0) / Z2.sum(0), E.std(0) / Z2.mean(0) / math.sqrt(E.shape[0])
+    return E.mean(0), E.std(0) / math.sqrt(E.shape[0])
+
+
+def _xdiag(op: CurvatureOperator, m: int, gen: torch.Generator, distribution: str,
+           batch_size: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """XDiag: the mean of the ``m`` leave-one-out diagonal estimates (``2 m`` products) and
+    their entrywise standard error."""
+    Om, Q, R, Zt, S = _xtrace_setup(op, m, gen, distribution, batch_size, "diagonal")
+    QS = Q @ S                                   # (d, m)
+    ZS = Zt.T @ S                                # (d, m)
+    c = (S * R).sum(0)                           # s_i^T R_i
+    d_qz = (Q * Zt.T).sum(1)                     # diag(Q Q^T A)
+    ests = d_qz[:, None] - QS * ZS + Om.T * QS * c[None, :]     # (d, m)
+    return ests.mean(1), ests.std(1) / math.sqrt(m)

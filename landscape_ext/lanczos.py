@@ -1,53 +1,17 @@
 r"""Eigenpairs of symmetric operators: thick-restart block Lanczos (:func:`eigsh`) and the
 spectral norm (:func:`spectral_norm`).
 
-Algorithm (:func:`eigsh`)
--------------------------
-Block Lanczos with full reorthogonalization and thick restart, after Wu & Simon (TRLan) and
-Zhou & Saad (block thick restart):
-
-* The basis is a preallocated ``(max_basis, d)`` buffer of rows in ``basis_dtype``; each new block
-  ``W = A Q_j`` (one batched product of ``b`` directions) is orthogonalized against the whole
-  basis and within itself by :func:`landscape_ext.block_orthonormalize` (CGS + CholeskyQR2).
-  Its large components lie along the last two blocks only (the block three-term recurrence):
-  those are subtracted first, then one Gram-Schmidt round over the whole basis removes the
-  rounding-level rest, with a second round only for a row that lost more than ``1 - 1/sqrt(2)``
-  of its norm (``rounds=1, local_rows=2b``: two passes over the basis instead of three). After
-  a restart the residual block couples to every kept Ritz vector, and full CGS2 runs; so it
-  does for a basis stored in a narrower dtype than the accumulation (half storage). The
-  coefficients fill the projected matrix ``T = Q^T A Q`` column by column, so ``T`` is the
-  exact Rayleigh quotient of the stored basis, not an assumed tridiagonal.
-* Rayleigh-Ritz in float64 on the CPU: ``T = Y diag(theta) Y^T``. The Ritz residual of pair
-  ``i`` is ``|A x_i - theta_i x_i| = |R Y_{last block, i}|`` (``R`` couples the next block), no
-  extra product needed. A pair is converged when its residual is at most
-  ``tol * max_j |theta_j|`` (the spectral-norm estimate).
-* When the basis is full, the wanted Ritz vectors plus extra ones next to them are kept
-  (``Q <- Y_keep^T Q``, done in place by column chunks) together with the unmultiplied residual
-  block; ``T`` becomes ``diag(theta_keep)`` bordered by the coupling ``R Y_keep``. Memory stays
-  ``max_basis * d`` elements.
-* Rank deficiency (an invariant subspace, a multiple eigenvalue) is deflated by the krylov op:
-  a lost direction (``r[k, k] == 0``) is replaced by a fresh direction orthogonal to the basis.
-* For ``d <= max_basis + block_size`` the operator is formed densely (``d`` products) and solved
-  by ``torch.linalg.eigh``: cheaper and exact. A Lanczos run that has used ``d`` products
-  without converging on an operator with ``d <= 4096`` switches to the dense solve too (at most
-  ``2 d`` products in all): tiny operators with large clusters at a wanted end (the null space
-  of a GGN for ``which="smallest"`` / ``"both"``) converge slowly in a small basis.
-* The projected eigenproblem is solved only once the basis could hold the answer
-  (``m >= k + b``), at restarts and at the end; before that an iteration is one product and
-  one orthogonalization.
-* After an invariant subspace (a lost direction, replaced by a fresh one), the run does not stop
-  until multiplying the fresh directions leaves the wanted Ritz values unchanged: an invariant
-  subspace holds one copy of each eigenvalue per start direction, so further copies of a
-  wanted multiple eigenvalue (zeros of a low-rank operator) only come from fresh directions.
+The algorithm (the basis and its orthogonalization, Rayleigh-Ritz, thick restart, invariant
+subspaces, the dense solve of small operators) is described in docs/algorithms.md; the private
+helpers below are named after its steps.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -66,6 +30,9 @@ WHICH = ("largest", "smallest", "both", "magnitude")
 #: Largest dimension for which a non-converging Lanczos run falls back to a dense solve.
 DENSE_MAX_D = 4096
 
+#: Storage dtypes of a Krylov basis.
+BASIS_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 
 @dataclass(repr=False)
 class EigshResult(Result):
@@ -77,7 +44,7 @@ class EigshResult(Result):
         ``(k,)`` float64; ``largest``/``both``: descending, ``smallest``: ascending,
         ``magnitude``: by ``|lambda|`` descending.
     eigenvectors : Tensor or None
-        ``(d, k)`` unit columns (dtype of the operator, float64 for float64 operators); not in
+        ``(d, k)`` unit columns (float64 for float64 operators, float32 otherwise); not in
         ``to_dict()``.
     residuals : Tensor
         ``(k,)`` absolute residual norms ``|A x - lambda x|``; recomputed with one batched
@@ -135,11 +102,41 @@ class SpectralNormResult(Result):
 
 
 # ------------------------------------------------------------------------------------------------
+# products
 
 
-def _order(theta: Tensor, which: str, k: int) -> Tensor:
+def _products(op: CurvatureOperator, X: Tensor, where: str) -> Tensor:
+    """Products of the operator with the rows of ``X (n, d)`` (``op.apply_rows``), in the
+    operator's dtype and on its device; a NaN/Inf in them is an error that names ``where``."""
+    W = op.apply_rows(X)
+    if not bool(torch.isfinite(W).all()):
+        raise FloatingPointError(f"{where}: the operator product contains "
+                                 f"{int((~torch.isfinite(W)).sum())} NaN/Inf value(s)")
+    return W
+
+
+def _products_in_batches(op: CurvatureOperator, X: Tensor, batch_size: Optional[int],
+                         where: str) -> Tensor:
+    """Products with the rows of ``X (n, d)`` as float64 on the CPU, ``batch_size`` rows per
+    product (default: all at once): only one batch and its products are on the device at a
+    time."""
+    n = X.shape[0]
+    step = batch_size or n
+    if step >= n:
+        return _products(op, X.to(op.device), where).to(torch.float64).cpu()
+    out = torch.empty(n, X.shape[1], dtype=torch.float64)
+    for start in range(0, n, step):
+        batch = X[start:start + step].to(op.device)
+        out[start:start + step] = _products(op, batch, where).to(torch.float64).cpu()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# which Ritz values are wanted
+
+
+def _order(theta: Tensor, which: str) -> Tensor:
     """Indices of Ritz values in order of preference for ``which`` (wanted first)."""
-    n = theta.numel()
     if which == "largest":
         return torch.argsort(theta, descending=True)
     if which == "smallest":
@@ -154,35 +151,41 @@ def _order(theta: Tensor, which: str, k: int) -> Tensor:
 def _wanted(theta: Tensor, which: str, k: int) -> Tensor:
     """The ``k`` wanted indices in output order."""
     if which != "both":
-        return _order(theta, which, k)[:k]
+        return _order(theta, which)[:k]
     k_top = (k + 1) // 2
     desc = torch.argsort(theta, descending=True)
-    idx = torch.cat([desc[:k_top], desc[desc.numel() - (k - k_top):]]) if k > k_top else desc[:k_top]
-    return idx
+    if k == k_top:
+        return desc[:k_top]
+    return torch.cat([desc[:k_top], desc[desc.numel() - (k - k_top):]])
 
 
-def _keep_order(theta: Tensor, which: str, k: int, kk: int) -> Tensor:
-    """``kk >= k`` indices to keep at a restart: the wanted ones and their neighbours."""
+def _keep_order(theta: Tensor, which: str, k: int, n_keep: int) -> Tensor:
+    """``n_keep >= k`` indices to keep at a restart: the wanted ones and their neighbours."""
     if which != "both":
-        return _order(theta, which, k)[:kk]
+        return _order(theta, which)[:n_keep]
     n = theta.numel()
     desc = torch.argsort(theta, descending=True)
     k_top = (k + 1) // 2
-    extra = kk - k
+    extra = n_keep - k
     top = k_top + (extra + 1) // 2
-    bot = min(kk - top, n - top)
+    bot = min(n_keep - top, n - top)
     return torch.cat([desc[:top], desc[n - bot:]]) if bot > 0 else desc[:top]
 
 
+# ------------------------------------------------------------------------------------------------
+# arguments
+
+
 def _default_block_size(k: int, which: str) -> int:
-    """Single-vector Lanczos needs the fewest products for small k (digits MLP, top-10: 30
-    products at b=1, 34 at b=2, 44 at b=4 for the same accuracy) and single products run on
-    the cached first-order graph / fused state; for larger k the passes over the basis (memory
-    bound: each block's orthogonalization reads the whole basis twice) cost about a third of a
-    product per direction at b=1, and small blocks halve that for a few more products. Digits
-    MLP, top-100 at tol 1e-4 (fused products, float32, 2-core CPU, the four block sizes
-    interleaved): b=1 188 products / 12.0 s, b=2 202 / 11.8 s, b=3 210 / 13.8 s, b=4 220 /
-    12.4 s (b=8: 256 products)."""
+    """1 for up to 16 wanted pairs at one end (``ceil(k/2)`` for ``"both"``), 2 up to 128,
+    else 8.
+
+    Single-vector Lanczos needs the fewest products for small ``k``, and single products run
+    on the cached first-order graph / fused state; for larger ``k`` the passes over the basis
+    (memory bound: each block's orthogonalization reads the whole basis twice) grow with the
+    basis, and a block shares each pass among its directions for a few more products.
+    Measured in bench/bench_spectrum.py, see bench/README.md (figures in docs/algorithms.md).
+    """
     if which == "both":
         k = (k + 1) // 2
     if k <= 16:
@@ -190,71 +193,12 @@ def _default_block_size(k: int, which: str) -> int:
     return 2 if k <= 128 else 8
 
 
-def _random_rows(n: int, d: int, gen: torch.Generator, device: torch.device) -> Tensor:
-    return torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
-
-
-def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] = None,
-          block_size: Optional[int] = None, max_basis: Optional[int] = None,
-          basis_dtype: Optional[torch.dtype] = None, seed: int = 0, v0: Optional[Tensor] = None,
-          max_matvecs: Optional[int] = None, return_eigenvectors: bool = True,
-          verify: bool = False, progress: bool = False, warn: bool = True) -> EigshResult:
-    r"""``k`` eigenpairs of a symmetric operator by thick-restart block Lanczos.
-
-    Parameters
-    ----------
-    op : CurvatureOperator, Tensor or operator-like
-        The symmetric ``(d, d)`` operator (:class:`~landscape_ext.HessianOperator`, a dense
-        tensor, anything :func:`~landscape_ext.as_operator` accepts).
-    k : int
-        Number of eigenpairs, ``1 <= k <= d``.
-    which : {"largest", "smallest", "both", "magnitude"}
-        Algebraically largest, smallest, ``ceil(k/2)`` largest and ``floor(k/2)`` smallest, or
-        largest ``|lambda|``.
-    tol : float, optional
-        Converged when ``|A x - theta x| <= tol * max|theta|``. Default ``1e-8`` for float64
-        operators, ``1e-4`` otherwise. Eigenvalue errors are about ``(tol |A|)^2 / gap``.
-    block_size : int, optional
-        Directions per batched product (default 1 for ``k <= 16``, 2 up to 128, else 8; use at
-        least the multiplicity of a wanted eigenvalue cluster — Lanczos with a block smaller
-        than a cluster can converge before it has found every member).
-    max_basis : int, optional
-        Basis rows kept (memory ``max_basis * d`` elements of ``basis_dtype``). Default
-        ``max(2k + 2b, k + 8b, 24)`` rounded to a multiple of ``b``.
-    basis_dtype : torch.dtype, optional
-        Storage of the basis (float64/float32/float16/bfloat16); default: the operator's dtype.
-        The projected eigenproblem is float64 whatever this is; the orthogonalization
-        accumulates in float64 unless both the operator and the basis are float32 or narrower
-        (then in float32: the products carry float32 rounding already). The stored basis is
-        orthonormal only to its own precision, so eigenvalue errors are at least about
-        ``eps(basis_dtype) * |A|`` (float16/bfloat16: ~1e-3 / 1e-2 relative).
-    seed : int
-        Seed of the random start block.
-    v0 : Tensor, optional
-        ``(d,)`` or ``(d, j)`` start directions (warm start); the rest of the block is random.
-    max_matvecs : int, optional
-        Budget of products (default ``max(200 * k, 2000)``); on exhaustion the unconverged pairs
-        are returned with ``converged=False`` and a warning is logged (``warn=False``: a debug
-        message). Operators with ``d <= 4096`` switch to a dense solve after ``d`` products when
-        the budget allows.
-    return_eigenvectors : bool
-    verify : bool
-        Recompute the final residuals with one more batched product of the ``k`` Ritz vectors
-        (counted in ``n_matvecs``) instead of the Lanczos residual formula. The two agree to
-        rounding with full reorthogonalization (tests hold this).
-    progress : bool
-        Show a tqdm progress bar.
-    warn : bool
-        Log a WARNING when the budget runs out before convergence (default). ``False`` logs it
-        at DEBUG level: for callers that run many short, budgeted estimates (training loops)
-        and read ``converged`` themselves.
-
-    Returns
-    -------
-    EigshResult
-    """
-    t0 = time.perf_counter()
-    op = as_operator(op)
+def _eigsh_settings(op: CurvatureOperator, k: int, which: str, tol: Optional[float],
+                    block_size: Optional[int], max_basis: Optional[int],
+                    basis_dtype: Optional[torch.dtype], max_matvecs: Optional[int]
+                    ) -> Tuple[float, int, int, torch.dtype, int]:
+    """Checked arguments of :func:`eigsh` with their defaults filled in:
+    ``(tol, block_size, max_basis, basis_dtype, max_matvecs)``."""
     d = op.d
     if which not in WHICH:
         raise ValueError(f"eigsh: which must be one of {WHICH}, got {which!r}")
@@ -270,33 +214,82 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     if b < 1:
         raise ValueError(f"eigsh: block_size must be >= 1, got {b}")
     if max_basis is None:
-        mb = max(2 * k + 2 * b, k + 8 * b, 24)
-        max_basis = int(math.ceil(mb / b) * b)
+        rows = max(2 * k + 2 * b, k + 8 * b, 24)
+        max_basis = int(math.ceil(rows / b) * b)
     max_basis = int(max_basis)
     if max_basis < k + 2 * b:
         raise ValueError(f"eigsh: max_basis = {max_basis} must be at least k + 2 * block_size = "
                          f"{k + 2 * b}")
     basis_dtype = basis_dtype or op.dtype
-    if basis_dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    if basis_dtype not in BASIS_DTYPES:
         raise ValueError(f"eigsh: basis_dtype must be float64/32/16 or bfloat16, got {basis_dtype}")
     if max_matvecs is None:
         max_matvecs = max(200 * k, 2000)
-    n0 = op.n_matvecs
+    return tol, b, max_basis, basis_dtype, max_matvecs
+
+
+# ------------------------------------------------------------------------------------------------
+# block Lanczos
+
+
+@dataclass(eq=False)
+class _LanczosRun:
+    """The state of one block Lanczos run of :func:`eigsh` (docs/algorithms.md).
+
+    The block multiplied next is ``Q[block_start:n_basis]``; after its product,
+    ``new_block`` holds the orthonormalized product and ``coupling`` (``R``) its coefficients,
+    until the block is appended to the basis (or placed after the kept Ritz vectors by a
+    restart)."""
+
+    op: CurvatureOperator
+    k: int
+    which: str
+    tol: float
+    max_basis: int
+    max_matvecs: int
+    acc_dtype: torch.dtype       # accumulation of the orthogonalization and the rotations
+    short_recurrence: bool       # the basis is precise enough for the one-round Lanczos mode
+    Q: Tensor                    # (max_basis, d) basis rows in basis_dtype
+    T: Tensor                    # projected matrix Q^T A Q, float64 on the CPU, bordered by R
+    n_matvecs_start: int         # op.n_matvecs before the run
+    progress_bar: Any = None
+    block_start: int = 0
+    n_basis: int = 0
+    prev_block_start: int = 0    # first row of the previous block; 0: no recurrence to exploit
+    last_block: Tuple[int, int] = (0, 0)   # rows of the block multiplied last
+    new_block: Optional[Tensor] = None
+    coupling: Optional[Tensor] = None
+    theta: Optional[Tensor] = None         # Ritz values of the last Rayleigh-Ritz
+    Y: Optional[Tensor] = None             # and their eigenvectors in T
+    ritz_residuals: Optional[Tensor] = None
+    spectral_norm_estimate: float = 0.0    # largest |theta| of any Rayleigh-Ritz so far
+    n_keep: Optional[int] = None           # Ritz vectors kept at a restart (set at the first)
+    n_restarts: int = 0
+    n_iterations: int = 0
+    prev_wanted: Optional[Tensor] = None   # wanted Ritz values of the previous Rayleigh-Ritz
+    pending_fresh: bool = False  # fresh directions (after an invariant subspace) not yet multiplied
+    fresh_seen: bool = False     # the block just multiplied held fresh directions
+
+    @property
+    def n_matvecs(self) -> int:
+        return self.op.n_matvecs - self.n_matvecs_start
+
+
+def _random_rows(n: int, d: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    return torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
+
+
+def _start_run(op: CurvatureOperator, k: int, which: str, tol: float, b: int, max_basis: int,
+               basis_dtype: torch.dtype, max_matvecs: int, seed: int, v0: Optional[Tensor],
+               progress: bool) -> _LanczosRun:
+    """Allocate the basis and ``T`` and orthonormalize the start block (``v0``, then random
+    directions) into ``Q[:b]``."""
+    d, dev = op.d, op.device
+    n_matvecs_start = op.n_matvecs
     gen = torch.Generator().manual_seed(int(seed))
-    mode_of = lambda: getattr(op, "mode_used", None)  # noqa: E731
-
-    common = dict(which=which, k=k, tol=float(tol), block_size=b, seed=int(seed))
-
-    # ---- tiny problems: dense ------------------------------------------------------------------
-    if d <= max_basis + b and d <= max_matvecs:  # forming it densely costs d products
-        return _dense_eigsh(op, k, which, tol, return_eigenvectors, n0, t0, mode_of(), common)
-
-    # ---- block Lanczos --------------------------------------------------------------------------
-    dev = op.device
-    group = getattr(op, "process_group", None)
     # the orthogonalization accumulates in float64 unless both the products and the basis are
     # float32 or narrower: their own rounding (~1e-7 relative) then dominates, and float32
-    # passes over the (memory-bound) basis cost about 0.6x of float64 ones
+    # passes over the (memory-bound) basis are cheaper (docs/algorithms.md)
     acc_dtype = (torch.float32 if op.dtype != torch.float64 and basis_dtype != torch.float64
                  else torch.float64)
     # one round over the basis after the recurrence rows needs a basis orthonormal to the
@@ -314,163 +307,272 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         X0[:j] = V0[:j]
     q, _, _ = block_orthonormalize(Q, X0, 0)
     Q[:b].copy_(q)
-    p, m = 0, b
-    lo = 0  # first row of the previous block (0: no short recurrence to exploit)
-    n_restarts = 0
-    n_iter = 0
-    theta = Y = res_all = None
-    R = None
-    last = (0, 0)
-    snorm = 0.0
-    kk = None
-    pbar = None
+    progress_bar = None
     if progress:
         from tqdm.auto import tqdm
-        pbar = tqdm(total=max_matvecs, desc=f"eigsh(k={k}, {which})", unit="matvec",
-                    disable=not is_main_process())
-    prev_wanted: Optional[Tensor] = None
-    pending_fresh = False   # fresh directions (after an invariant subspace) not yet multiplied
-    fresh_seen = False      # the block just multiplied held fresh directions
-    try:
-        while True:
-            bs = m - p
-            W = _finite(op.apply_rows(Q[p:m]), "eigsh").to(acc_dtype)
-            n_iter += 1
-            if pbar is not None:
-                pbar.update(bs)
-            if lo > 0 and short_recurrence:
-                # Lanczos: W = A Q[p:m] has large components only along the last two blocks
-                # Q[lo:m] (the block recurrence); the op removes those first (cheap: 2b rows),
-                # then the rest is small and one round over the whole basis suffices (two passes
-                # instead of three; a second round runs where a row lost more than 1/sqrt(2))
-                q, C, R = block_orthonormalize(Q, W, m, rounds=1, local_rows=m - lo)
-            else:
-                q, C, R = block_orthonormalize(Q, W, m)
-            del W
-            C = C.cpu().double()
-            R = R.cpu().double()
-            T[:p, p:m] = C[:p]
-            T[p:m, :p] = C[:p].T
-            T[p:m, p:m] = 0.5 * (C[p:m] + C[p:m].T)
-            T[m:m + bs, p:m] = R
-            T[p:m, m:m + bs] = R.T
-            last = (p, m)
-            lo, p = p, m
-            # a lost direction, or one (numerically) decoupled from the basis, makes the basis an
-            # invariant subspace: the next block then holds fresh directions
-            fresh_seen, pending_fresh = pending_fresh, bool(
-                (torch.diagonal(R).abs() <= 1e-3 * tol * snorm).any()
-                or (torch.diagonal(R) == 0).any())
-            used = op.n_matvecs - n0
-            restart_due = m + bs > max_basis
-            budget_out = used + bs > max_matvecs
-            dense_due = (used + bs > d and d <= DENSE_MAX_D and used + d <= max_matvecs)
-            if m < min(k + bs, d) and not (restart_due or budget_out or dense_due):
-                # the basis cannot hold the answer yet: no Rayleigh-Ritz needed
-                Q[m:m + bs].copy_(q)
-                m += bs
-                continue
-            theta, Y = torch.linalg.eigh(T[:m, :m])
-            res_all = torch.linalg.vector_norm(R @ Y[last[0]:last[1]], dim=0)
-            snorm = max(snorm, float(theta.abs().max()))
-            sel = _wanted(theta, which, k)
-            ok = res_all[sel] <= tol * max(snorm, 1e-300)
-            wanted = theta[sel]
-            # after an invariant subspace, stop only once the fresh directions left the wanted
-            # values unchanged (a further copy of a wanted multiple eigenvalue would move them)
-            if fresh_seen:
-                settled = prev_wanted is not None and bool(
-                    ((wanted - prev_wanted).abs() <= tol * max(snorm, 1e-300)).all())
-            else:
-                settled = not pending_fresh
-            prev_wanted = wanted
-            if pbar is not None:
-                pbar.set_postfix(converged=f"{int(ok.sum())}/{k}")
-            # an invariant subspace can make k Ritz pairs exact while missing eigenvalues outside
-            # it: only declare convergence once the wanted pairs are chosen among > k values
-            stop = bool(ok.all()) and m >= min(k + bs, d) and settled
-            if group is not None:  # data parallel: every rank stops at the same product
-                stop = agree_all(group, stop, op.device)
-            if stop:
-                break
-            if dense_due:
-                # a tiny operator that Lanczos has not solved in d products: form it densely
-                if pbar is not None:
-                    pbar.close()
-                    pbar = None
-                log.debug("eigsh: %d products without convergence on d = %d: dense solve",
-                          used, d)
-                return _dense_eigsh(op, k, which, tol, return_eigenvectors, n0, t0,
-                                    mode_of(), common, n_restarts)
-            if budget_out:
-                (log.warning if warn else log.debug)(
-                    "eigsh: %d of %d eigenpairs converged after %d products (max_matvecs)",
-                    int(ok.sum()), k, used)
-                break
-            if restart_due:
-                # thick restart: keep the wanted Ritz vectors and neighbours + the residual block
-                if kk is None:
-                    room = max_basis - k - 2 * bs
-                    kk = min(k + max(room // 2, 0), max_basis - 2 * bs)
-                keep = _keep_order(theta, which, k, kk)
-                kk_now = keep.numel()
-                Yk = Y[:, keep]
-                _rotate_rows_(Q, Yk, m, acc_dtype)
-                Q[kk_now:kk_now + bs].copy_(q)
-                coup = R @ Y[last[0]:last[1], keep]
-                T.zero_()
-                T[:kk_now, :kk_now] = torch.diag(theta[keep])
-                T[kk_now:kk_now + bs, :kk_now] = coup
-                T[:kk_now, kk_now:kk_now + bs] = coup.T
-                # the residual block couples to every kept Ritz vector: no short recurrence
-                lo, p, m = 0, kk_now, kk_now + bs
-                n_restarts += 1
-            else:
-                Q[m:m + bs].copy_(q)
-                m += bs
-    finally:
-        if pbar is not None:
-            pbar.close()
+        progress_bar = tqdm(total=max_matvecs, desc=f"eigsh(k={k}, {which})", unit="product",
+                            disable=not is_main_process())
+    return _LanczosRun(op=op, k=k, which=which, tol=tol, max_basis=max_basis,
+                       max_matvecs=max_matvecs, acc_dtype=acc_dtype,
+                       short_recurrence=short_recurrence, Q=Q, T=T,
+                       n_matvecs_start=n_matvecs_start, progress_bar=progress_bar, n_basis=b)
 
-    # ---- results --------------------------------------------------------------------------------
-    n_basis = last[1]
-    sel = _wanted(theta, which, k)
-    vals = theta[sel].clone()
-    res = res_all[sel].clone()
+
+def _extend_basis(run: _LanczosRun) -> int:
+    """One Lanczos step: the product of the block ``Q[block_start:n_basis]``, its
+    orthogonalization against the basis, its coefficients into ``T``. Returns the block's
+    size."""
+    Q, T = run.Q, run.T
+    start, end = run.block_start, run.n_basis
+    size = end - start
+    W = _products(run.op, Q[start:end], "eigsh").to(run.acc_dtype)
+    run.n_iterations += 1
+    if run.progress_bar is not None:
+        run.progress_bar.update(size)
+    if run.prev_block_start > 0 and run.short_recurrence:
+        # Lanczos: W = A Q[start:end] has large components only along the last two blocks
+        # Q[prev_block_start:end] (the block recurrence); the op removes those first (cheap:
+        # 2b rows), then the rest is small and one round over the whole basis suffices (two
+        # passes instead of three; a second round runs when a row kept less than 1/sqrt(2) of
+        # its norm)
+        q, C, R = block_orthonormalize(Q, W, end, rounds=1, local_rows=end - run.prev_block_start)
+    else:
+        q, C, R = block_orthonormalize(Q, W, end)
+    del W
+    C = C.cpu().double()
+    R = R.cpu().double()
+    T[:start, start:end] = C[:start]
+    T[start:end, :start] = C[:start].T
+    T[start:end, start:end] = 0.5 * (C[start:end] + C[start:end].T)
+    T[end:end + size, start:end] = R
+    T[start:end, end:end + size] = R.T
+    run.last_block = (start, end)
+    run.prev_block_start, run.block_start = start, end
+    run.new_block, run.coupling = q, R
+    # a lost direction, or one (numerically) decoupled from the basis, makes the basis an
+    # invariant subspace: the next block then holds fresh directions
+    run.fresh_seen, run.pending_fresh = run.pending_fresh, bool(
+        (torch.diagonal(R).abs() <= 1e-3 * run.tol * run.spectral_norm_estimate).any()
+        or (torch.diagonal(R) == 0).any())
+    return size
+
+
+def _append_block(run: _LanczosRun, size: int) -> None:
+    """Store the orthonormalized product as the next block of the basis."""
+    run.Q[run.n_basis:run.n_basis + size].copy_(run.new_block)
+    run.n_basis += size
+
+
+def _rayleigh_ritz(run: _LanczosRun) -> None:
+    """Ritz values and vectors of ``T`` in float64 and their residuals ``|R Y_{last block}|``
+    (no product needed)."""
+    theta, Y = torch.linalg.eigh(run.T[:run.n_basis, :run.n_basis])
+    run.ritz_residuals = torch.linalg.vector_norm(
+        run.coupling @ Y[run.last_block[0]:run.last_block[1]], dim=0)
+    run.spectral_norm_estimate = max(run.spectral_norm_estimate, float(theta.abs().max()))
+    run.theta, run.Y = theta, Y
+
+
+def _converged(run: _LanczosRun, size: int) -> Tuple[bool, Tensor]:
+    """Whether the run can stop (the same answer on every rank of a process group), and which
+    wanted pairs have converged."""
+    k = run.k
+    scale = run.tol * max(run.spectral_norm_estimate, 1e-300)
+    sel = _wanted(run.theta, run.which, k)
+    ok = run.ritz_residuals[sel] <= scale
+    wanted = run.theta[sel]
+    # after an invariant subspace, stop only once the fresh directions left the wanted
+    # values unchanged (a further copy of a wanted multiple eigenvalue would move them)
+    if run.fresh_seen:
+        settled = run.prev_wanted is not None and bool(
+            ((wanted - run.prev_wanted).abs() <= scale).all())
+    else:
+        settled = not run.pending_fresh
+    run.prev_wanted = wanted
+    if run.progress_bar is not None:
+        run.progress_bar.set_postfix(converged=f"{int(ok.sum())}/{k}")
+    # an invariant subspace can make k Ritz pairs exact while missing eigenvalues outside
+    # it: only declare convergence once the wanted pairs are chosen among > k values
+    stop = bool(ok.all()) and run.n_basis >= min(k + size, run.op.d) and settled
+    group = getattr(run.op, "process_group", None)
+    if group is not None:  # data parallel: every rank stops at the same product
+        stop = agree_all(group, stop, run.op.device)
+    return stop, ok
+
+
+def _thick_restart(run: _LanczosRun, size: int) -> None:
+    """Keep the wanted Ritz vectors and their neighbours (``Q <- Y_keep^T Q``) followed by the
+    new block; ``T`` becomes ``diag(theta_keep)`` bordered by the coupling ``R Y_keep``."""
+    if run.n_keep is None:
+        room = run.max_basis - run.k - 2 * size
+        run.n_keep = min(run.k + max(room // 2, 0), run.max_basis - 2 * size)
+    keep = _keep_order(run.theta, run.which, run.k, run.n_keep)
+    n_kept = keep.numel()
+    _rotate_rows_(run.Q, run.Y[:, keep], run.n_basis, run.acc_dtype)
+    run.Q[n_kept:n_kept + size].copy_(run.new_block)
+    coupling = run.coupling @ run.Y[run.last_block[0]:run.last_block[1], keep]
+    T = run.T
+    T.zero_()
+    T[:n_kept, :n_kept] = torch.diag(run.theta[keep])
+    T[n_kept:n_kept + size, :n_kept] = coupling
+    T[:n_kept, n_kept:n_kept + size] = coupling.T
+    # the new block couples to every kept Ritz vector: no short recurrence
+    run.prev_block_start, run.block_start, run.n_basis = 0, n_kept, n_kept + size
+    run.n_restarts += 1
+
+
+def _iterate(run: _LanczosRun, warn: bool) -> bool:
+    """Extend the basis until the wanted pairs converge or the budget runs out, restarting
+    when it is full. Returns True when a dense solve should take over: an operator with
+    ``d <= DENSE_MAX_D`` whose next block would take Lanczos past ``d`` products, when ``d``
+    more products fit in the budget."""
+    d, k = run.op.d, run.k
+    while True:
+        size = _extend_basis(run)
+        used = run.n_matvecs
+        restart_due = run.n_basis + size > run.max_basis
+        budget_out = used + size > run.max_matvecs
+        dense_due = (used + size > d and d <= DENSE_MAX_D and used + d <= run.max_matvecs)
+        if run.n_basis < min(k + size, d) and not (restart_due or budget_out or dense_due):
+            # the basis cannot hold the answer yet: no Rayleigh-Ritz needed
+            _append_block(run, size)
+            continue
+        _rayleigh_ritz(run)
+        stop, ok = _converged(run, size)
+        if stop:
+            return False
+        if dense_due:
+            log.debug("eigsh: %d products without convergence on d = %d: dense solve", used, d)
+            return True
+        if budget_out:
+            (log.warning if warn else log.debug)(
+                "eigsh: %d of %d eigenpairs converged after %d products (max_matvecs)",
+                int(ok.sum()), k, used)
+            return False
+        if restart_due:
+            _thick_restart(run, size)
+        else:
+            _append_block(run, size)
+
+
+def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] = None,
+          block_size: Optional[int] = None, max_basis: Optional[int] = None,
+          basis_dtype: Optional[torch.dtype] = None, seed: int = 0, v0: Optional[Tensor] = None,
+          max_matvecs: Optional[int] = None, return_eigenvectors: bool = True,
+          verify: bool = False, progress: bool = False, warn: bool = True) -> EigshResult:
+    r"""``k`` eigenpairs of a symmetric operator by thick-restart block Lanczos (the algorithm,
+    its switches and defaults: docs/algorithms.md).
+
+    Parameters
+    ----------
+    op : CurvatureOperator, Tensor or operator-like
+        The symmetric ``(d, d)`` operator (:class:`~landscape_ext.HessianOperator`, a dense
+        tensor, anything :func:`~landscape_ext.as_operator` accepts).
+    k : int
+        Number of eigenpairs, ``1 <= k <= d``.
+    which : {"largest", "smallest", "both", "magnitude"}
+        Algebraically largest, smallest, ``ceil(k/2)`` largest and ``floor(k/2)`` smallest, or
+        largest ``|lambda|``.
+    tol : float, optional
+        Converged when ``|A x - theta x| <= tol * max|theta|`` (the largest ``|theta|`` seen so
+        far). Default ``1e-8`` for float64 operators, ``1e-4`` otherwise. Eigenvalue errors are
+        about ``(tol |A|)^2 / gap``.
+    block_size : int, optional
+        Directions per batched product (default 1 for ``k <= 16``, 2 up to 128, else 8). Use at
+        least the multiplicity of a wanted eigenvalue cluster: a smaller block can converge
+        before it has found every member.
+    max_basis : int, optional
+        Basis rows kept (memory ``max_basis * d`` elements of ``basis_dtype``). Default
+        ``max(2k + 2b, k + 8b, 24)`` rounded up to a multiple of ``b``.
+    basis_dtype : torch.dtype, optional
+        Storage of the basis (float64/float32/float16/bfloat16; default: the operator's dtype).
+        The stored basis is orthonormal only to its own precision, so eigenvalue errors are at
+        least about ``eps(basis_dtype) * |A|`` (float16/bfloat16: ~1e-3 / 1e-2 relative).
+    seed : int
+        Seed of the random start block.
+    v0 : Tensor, optional
+        ``(d,)`` or ``(d, j)`` start directions (warm start); the rest of the block is random.
+    max_matvecs : int, optional
+        Budget of products (default ``max(200 * k, 2000)``); on exhaustion the unconverged pairs
+        are returned with ``converged=False``. Operators with ``d <= max_basis + block_size``
+        (and ``d <= max_matvecs``) are solved densely with ``d`` products; those with ``d <=
+        4096`` switch to that dense solve after about ``d`` Lanczos products if ``d`` more fit.
+    return_eigenvectors : bool
+    verify : bool
+        Recompute the final residuals with one more batched product of the ``k`` Ritz vectors
+        (counted in ``n_matvecs``) instead of the Lanczos residual formula.
+    progress : bool
+        Show a tqdm progress bar.
+    warn : bool
+        Log a WARNING when the budget runs out before convergence (default); ``False`` logs it
+        at DEBUG level (for callers that read ``converged`` themselves, e.g. training loops).
+
+    Returns
+    -------
+    EigshResult
+    """
+    t0 = time.perf_counter()
+    op = as_operator(op)
+    tol, b, max_basis, basis_dtype, max_matvecs = _eigsh_settings(
+        op, k, which, tol, block_size, max_basis, basis_dtype, max_matvecs)
+    common = dict(which=which, k=k, tol=float(tol), block_size=b, seed=int(seed))
+    if op.d <= max_basis + b and op.d <= max_matvecs:  # forming it densely costs d products
+        return _dense_eigsh(op, k, which, tol, return_eigenvectors, op.n_matvecs, t0,
+                            getattr(op, "mode_used", None), common)
+    run = _start_run(op, k, which, tol, b, max_basis, basis_dtype, max_matvecs, seed, v0,
+                     progress)
+    try:
+        dense_due = _iterate(run, warn)
+    finally:
+        if run.progress_bar is not None:
+            run.progress_bar.close()
+    if dense_due:
+        # a tiny operator that Lanczos has not solved in d products: form it densely
+        return _dense_eigsh(op, k, which, tol, return_eigenvectors, run.n_matvecs_start, t0,
+                            getattr(op, "mode_used", None), common, run.n_restarts)
+    return _lanczos_result(run, return_eigenvectors, verify, basis_dtype, t0, common)
+
+
+def _lanczos_result(run: _LanczosRun, return_eigenvectors: bool, verify: bool,
+                    basis_dtype: torch.dtype, t0: float, common: dict) -> EigshResult:
+    """The wanted Ritz pairs of the last Rayleigh-Ritz (eigenvectors ``Y^T Q``, residuals
+    recomputed by one product when ``verify``)."""
+    op, k = run.op, run.k
+    sel = _wanted(run.theta, run.which, k)
+    vals = run.theta[sel].clone()
+    res = run.ritz_residuals[sel].clone()
     vec_dtype = torch.float64 if op.dtype == torch.float64 else torch.float32
     X = None
     if return_eigenvectors or verify:
-        X = _combine_rows(Q, Y[:, sel], n_basis, vec_dtype, acc_dtype)
+        X = _combine_rows(run.Q, run.Y[:, sel], run.last_block[1], vec_dtype, run.acc_dtype)
     verified = False
     if verify:
-        HX = _finite(op.apply_rows(X), "eigsh").to(torch.float64)
-        res = torch.linalg.vector_norm(HX - vals.to(dev)[:, None] * X.to(torch.float64),
+        HX = _products(op, X, "eigsh").to(torch.float64)
+        res = torch.linalg.vector_norm(HX - vals.to(op.device)[:, None] * X.to(torch.float64),
                                        dim=1).cpu()
         del HX
         verified = True
-    converged = res <= tol * max(snorm, 1e-300)
-    if pbar is None:
+    snorm = run.spectral_norm_estimate
+    converged = res <= run.tol * max(snorm, 1e-300)
+    if run.progress_bar is None:
         log.info("eigsh: %d/%d converged, %d products, %d restarts", int(converged.sum()), k,
-                 op.n_matvecs - n0, n_restarts)
+                 run.n_matvecs, run.n_restarts)
     return EigshResult(
         eigenvalues=vals, eigenvectors=X.T if (return_eigenvectors and X is not None) else None,
-        residuals=res, converged=converged, n_matvecs=op.n_matvecs - n0, n_restarts=n_restarts,
-        n_iterations=n_iter, max_basis=max_basis, basis_dtype=str(basis_dtype),
-        spectral_norm_estimate=snorm, residuals_verified=verified, mode_used=mode_of(),
-        time_s=time.perf_counter() - t0, **common)
+        residuals=res, converged=converged, n_matvecs=run.n_matvecs, n_restarts=run.n_restarts,
+        n_iterations=run.n_iterations, max_basis=run.max_basis, basis_dtype=str(basis_dtype),
+        spectral_norm_estimate=snorm, residuals_verified=verified,
+        mode_used=getattr(op, "mode_used", None), time_s=time.perf_counter() - t0, **common)
 
 
 def _dense_eigsh(op: CurvatureOperator, k: int, which: str, tol: float,
-                 return_eigenvectors: bool, n0: int, t0: float, mode_used: Optional[str],
-                 common: dict, n_restarts: int = 0) -> EigshResult:
-    """Form the operator densely (``d`` products, in chunks) and solve by ``eigh``."""
+                 return_eigenvectors: bool, n_matvecs_start: int, t0: float,
+                 mode_used: Optional[str], common: dict, n_restarts: int = 0) -> EigshResult:
+    """Form the operator densely (``d`` products, ``max(b, 64)`` at a time) and solve by
+    ``eigh``."""
     d = op.d
-    b = common["block_size"]
-    A = torch.empty(d, d, dtype=torch.float64)
     eye = torch.eye(d, dtype=torch.float64)
-    for s in range(0, d, max(b, 64)):
-        e = min(s + max(b, 64), d)
-        A[s:e] = _finite(op.apply_rows(eye[s:e].to(op.device)), "eigsh").double().cpu()
+    A = _products_in_batches(op, eye, max(common["block_size"], 64), "eigsh")
     A = 0.5 * (A + A.T)
     theta, Y = torch.linalg.eigh(A)
     sel = _wanted(theta, which, k)
@@ -482,18 +584,11 @@ def _dense_eigsh(op: CurvatureOperator, k: int, which: str, tol: float,
     return EigshResult(
         eigenvalues=vals, eigenvectors=vecs.to(device=op.device, dtype=out_dtype)
         if return_eigenvectors else None, residuals=res,
-        converged=res <= tol * max(snorm, 1e-300), n_matvecs=op.n_matvecs - n0,
+        converged=res <= tol * max(snorm, 1e-300), n_matvecs=op.n_matvecs - n_matvecs_start,
         n_restarts=n_restarts, max_basis=d, basis_dtype=str(torch.float64),
         spectral_norm_estimate=snorm, residuals_verified=True,
         mode_used=getattr(op, "mode_used", None) or mode_used, method="dense",
         time_s=time.perf_counter() - t0, **common)
-
-
-def _finite(W: Tensor, where: str) -> Tensor:
-    if not bool(torch.isfinite(W).all()):
-        raise FloatingPointError(f"{where}: the operator product contains "
-                                 f"{int((~torch.isfinite(W)).sum())} NaN/Inf value(s)")
-    return W
 
 
 def _col_chunk(d: int, rows: int) -> int:
@@ -502,21 +597,21 @@ def _col_chunk(d: int, rows: int) -> int:
 
 
 def _rotate_rows_(Q: Tensor, Y: Tensor, m: int, acc: torch.dtype = torch.float64) -> None:
-    """In place ``Q[:kk] = Y^T Q[:m]`` (``Y (m, kk)``), column chunk by column chunk, summed in
-    ``acc``."""
+    """In place ``Q[:n_keep] = Y^T Q[:m]`` (``Y (m, n_keep)``), column chunk by column chunk,
+    summed in ``acc``."""
     d = Q.shape[1]
     Yt = Y.T.to(device=Q.device, dtype=acc).contiguous()
     c = _col_chunk(d, m)
-    kk = Y.shape[1]
+    n_keep = Y.shape[1]
     for s in range(0, d, c):
         e = min(s + c, d)
         blk = Yt @ Q[:m, s:e].to(acc)
-        Q[:kk, s:e].copy_(blk)
+        Q[:n_keep, s:e].copy_(blk)
 
 
 def _combine_rows(Q: Tensor, Y: Tensor, m: int, dtype: torch.dtype,
                   acc: torch.dtype = torch.float64) -> Tensor:
-    """``Y^T Q[:m]`` as ``(kk, d)`` in ``dtype``, summed in ``acc``."""
+    """``Y^T Q[:m]`` as ``(n, d)`` in ``dtype`` (``Y (m, n)``), summed in ``acc``."""
     d = Q.shape[1]
     Yt = Y.T.to(device=Q.device, dtype=acc).contiguous()
     out = torch.empty(Y.shape[1], d, dtype=dtype, device=Q.device)

@@ -9,15 +9,13 @@ import torch
 
 from landscape_ext import HessianOperator, spectral_density
 
+from _spectra import known_spectrum
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _matrix(ev, seed=0):
-    d = ev.numel()
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    A = (Q * ev) @ Q.T
-    return 0.5 * (A + A.T)
+    return known_spectrum(ev, seed)[0]
 
 
 def _probes(r, d, seed):

@@ -9,15 +9,9 @@ import torch
 import landscape_ext as le
 from landscape_ext import HessianOperator, eigsh, spectral_norm
 
+from _spectra import known_spectrum as _matrix
+
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _matrix(eigs, seed=0):
-    d = eigs.numel()
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    A = (Q * eigs) @ Q.T
-    return 0.5 * (A + A.T), Q
 
 
 def _spectrum(d=400, seed=0):
