@@ -39,7 +39,7 @@ from scipy import stats
 from scipy.integrate import cumulative_trapezoid
 from scipy.optimize import brentq
 
-from ._results import ResultMixin, as_float, as_float_array, format_float
+from .._results import ResultMixin, as_float, as_float_array, format_float
 
 __all__ = [
     "SemicircleFit",
