@@ -150,7 +150,7 @@ def _margin_function(
 
 
 @dataclasses.dataclass
-class _Bulk:
+class _BulkFit:
     """A fitted bulk in normalised units, ``scale`` and ``scale_se`` canonical (for the ratio <= 1)."""
 
     lower: float
@@ -166,50 +166,51 @@ class _Bulk:
     se_method: str
 
 
-def _fit_scale_fixed_ratio(y: np.ndarray, ratio: float, margin: Callable[[float, float], float], func: str) -> _Bulk:
+def _fit_scale_fixed_ratio(y: np.ndarray, ratio: float, margin_at: Callable[[float, float], float], func: str) -> _BulkFit:
     """``sigma^2`` = mean of the bulk window (the MP mean), iterated until the window settles.
 
     A one-parameter likelihood with the support tied to the scale is not robust to edge
-    fluctuations; the moment estimate is. A 2-cycle between two windows keeps their union.
+    fluctuations; the moment estimate is. A window seen before (a cycle) ends it with the union
+    of the last two windows and ``converged=False``.
     """
     g_c = ratio if ratio <= 1 else 1.0 / ratio  # canonical ratio <= 1
 
     def window(scale_c: float) -> Tuple[float, float, float, np.ndarray]:
         a, b = _mp_edges(g_c, scale_c)
-        m = margin(scale_c, g_c)
-        return a, b, m, (y >= a - m) & (y <= b + m)
+        margin = margin_at(scale_c, g_c)
+        return a, b, margin, (y >= a - margin) & (y <= b + margin)
 
     a0, b0 = _mp_edges(g_c, 1.0)
     scale_c = float(np.median(y) / _mp_ppf(np.array([0.5]), a0, b0)[0])
-    a, b, m, mask = window(scale_c)
+    a, b, margin, mask = window(scale_c)
     converged = True
     seen = []
     for _ in range(_MAX_SCALE_ITERATIONS):
         if mask.sum() < _MIN_POINTS:
             raise ValueError(f"{func}: fewer than {_MIN_POINTS} eigenvalues fall in the bulk for ratio={ratio:.4g}")
         scale_c = float(y[mask].mean())
-        a, b, m, new_mask = window(scale_c)
+        a, b, margin, new_mask = window(scale_c)
         if np.array_equal(new_mask, mask):
             break
         key = new_mask.tobytes()
-        if key in seen:  # a 2-cycle between windows: keep the larger one
+        if key in seen:  # a cycle between windows: keep the union of the last two
             mask = new_mask | mask
             scale_c = float(y[mask].mean())
-            a, b, m, _ = window(scale_c)
+            a, b, margin, _ = window(scale_c)
             converged = False
             break
         seen.append(key)
         mask = new_mask
-    return _Bulk(
-        a, b, mask, m, scale_c, scale_c * math.sqrt(g_c / mask.sum()), ratio, None, converged,
+    return _BulkFit(
+        a, b, mask, margin, scale_c, scale_c * math.sqrt(g_c / mask.sum()), ratio, None, converged,
         method="bulk mean (method of moments) with the ratio fixed",
         se_method="analytic: sigma^2 sqrt(ratio / n_used) under i.i.d. sampling",
     )
 
 
 def _fit_edges_free_ratio(
-    y: np.ndarray, margin: Callable[[float, float], float], n_bootstrap: int, seed: int, func: str
-) -> _Bulk:
+    y: np.ndarray, margin_at: Callable[[float, float], float], n_bootstrap: int, seed: int, func: str
+) -> _BulkFit:
     """Edges by maximum likelihood from a quantile-matched start, bias-corrected by a parametric bootstrap."""
     ratios, shape, med = _mp_shape_table()
     q25, q50, q75 = np.quantile(y, [0.25, 0.5, 0.75])
@@ -218,7 +219,7 @@ def _fit_edges_free_ratio(
 
     def margin_of_edges(a: float, b: float) -> float:
         g_fit, scale_c = _mp_from_edges(a, b)
-        return margin(scale_c, g_fit)
+        return margin_at(scale_c, g_fit)
 
     window = _grow_bulk_window(
         y, np.ones(y.size), "marchenko_pastur", _mp_edges(g0, scale0), margin_of_edges, func, lower_floor=0.5 * float(y.min())
@@ -236,9 +237,9 @@ def _fit_edges_free_ratio(
         se_method = boot.se_method
         method += _BIAS_CORRECTION
     g_c, scale_c = _mp_from_edges(a, b)
-    m = margin(scale_c, g_c)
-    mask = _widen_window(y, window.mask, a, b, m)
-    return _Bulk(a, b, mask, m, scale_c, scale_c_se, g_c, g_se, window.converged, method, se_method)
+    margin = margin_at(scale_c, g_c)
+    mask = _widen_window(y, window.mask, a, b, margin)
+    return _BulkFit(a, b, mask, margin, scale_c, scale_c_se, g_c, g_se, window.converged, method, se_method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,11 +302,11 @@ def fit_marchenko_pastur(
     n_pos = spectrum.positive.size
     spread = float(np.median(spectrum.positive))
     y = spectrum.positive / spread
-    margin = _margin_function(tw_multiple, edge_margin, spread, n_pos, func)
+    margin_at = _margin_function(tw_multiple, edge_margin, spread, n_pos, func)
     if ratio is not None:
-        bulk = _fit_scale_fixed_ratio(y, ratio, margin, func)
+        bulk = _fit_scale_fixed_ratio(y, ratio, margin_at, func)
     else:
-        bulk = _fit_edges_free_ratio(y, margin, n_bootstrap, seed, func)
+        bulk = _fit_edges_free_ratio(y, margin_at, n_bootstrap, seed, func)
 
     # Back to eigenvalue units and to the user's ratio (> 1: scale = canonical scale / ratio).
     conv_factor = spread / bulk.ratio if bulk.ratio > 1 else spread

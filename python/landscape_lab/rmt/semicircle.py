@@ -116,7 +116,7 @@ def _margin_function(
 
 
 @dataclasses.dataclass
-class _Errors:
+class _EdgesAndErrors:
     """Edges after the bootstrap (bias-corrected or not), standard errors (eigenvalue units), how."""
 
     lower: float
@@ -152,20 +152,20 @@ def _probe_bootstrap(
 
 def _bootstrap_errors(
     sample: _Sample, z: np.ndarray, window: _BulkWindow, n_bootstrap: int, seed: int, spread: float
-) -> _Errors:
+) -> _EdgesAndErrors:
     """Parametric bootstrap for eigenvalues (with bias correction), probe bootstrap for a density."""
     a, b = window.lower, window.upper
     if n_bootstrap < 2:
-        return _Errors(a, b)
+        return _EdgesAndErrors(a, b)
     rng = np.random.default_rng(seed)
     if sample.kind == "eigenvalues":
         boot = _parametric_bootstrap("semicircle", a, b, int(window.mask.sum()), n_bootstrap, rng)
         se = _center_sigma_se(boot.lower_draws, boot.upper_draws, spread)
-        return _Errors(boot.lower, boot.upper, *se, se_method=boot.se_method, bias_corrected=True)
+        return _EdgesAndErrors(boot.lower, boot.upper, *se, se_method=boot.se_method, bias_corrected=True)
     if sample.n_probes >= 2:
         se = _center_sigma_se(*_probe_bootstrap(sample, z, window, n_bootstrap, rng), spread)
-        return _Errors(a, b, *se, se_method=f"bootstrap over {sample.n_probes} probes ({n_bootstrap} replicates)")
-    return _Errors(a, b, se_method="none (a single-probe density has no independent replicate)")
+        return _EdgesAndErrors(a, b, *se, se_method=f"bootstrap over {sample.n_probes} probes ({n_bootstrap} replicates)")
+    return _EdgesAndErrors(a, b, se_method="none (a single-probe density has no independent replicate)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,15 +226,16 @@ def fit_semicircle(
     n_size = _matrix_size(sample, matrix_size, func)
     loc, spread = _robust_location_spread(x, w, func)
     z = (x - loc) / spread  # normalised units: median 0, IQR 1
-    margin = _margin_function(tw_multiple, edge_margin, spread, n_size, func)
+    margin_at = _margin_function(tw_multiple, edge_margin, spread, n_size, func)
 
     def margin_of_edges(a: float, b: float) -> float:
-        return margin((b - a) / 4.0)
+        return margin_at((b - a) / 4.0)  # the scale s is a quarter of the bulk width
 
     s0 = 1.0 / _SC_IQR_S1  # the scale whose IQR is 1
     window = _grow_bulk_window(z, w, "semicircle", (-2.0 * s0, 2.0 * s0), margin_of_edges, func)
     errors = _bootstrap_errors(sample, z, window, n_bootstrap, seed, spread)
     a, b = errors.lower, errors.upper
+    # Final window with the final edges (it can only grow after the outward bias correction).
     thr = margin_of_edges(a, b)
     mask = _widen_window(z, window.mask, a, b, thr)
     weights = None if sample.kind == "eigenvalues" else w[mask] / w[mask].sum()
