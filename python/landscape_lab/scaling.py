@@ -185,66 +185,17 @@ class ScalingFit(ResultMixin):
         return "\n".join(out)
 
 
-def fit_scaling_law(
+# Steps of fit_scaling_law: inputs, design matrix, bootstrap, intervals, goodness of fit.
+def _check_scaling_inputs(
     widths: ArrayLike,
     depths: ArrayLike,
     values: ArrayLike,
-    statistic: str = "spectral_norm",
-    n_bootstrap: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    *,
-    bootstrap: str = "residuals",
-) -> ScalingFit:
-    r"""Fit ``value = c * n^alpha * exp(beta * L)`` over a (width, depth) grid.
-
-    Log-linear least squares
-
-    .. math:: \log v_i = \log c + \alpha \log n_i + \beta L_i + \varepsilon_i,
-
-    i.e. multiplicative noise. Repeated (width, depth) cells are allowed.
-
-    Confidence intervals are percentile intervals of ``n_bootstrap`` bootstrap refits
-    (vectorised: one matrix product for all replicates):
-
-    * ``bootstrap="residuals"`` (default; the design is fixed by the experimenter): the fitted
-      values plus residuals drawn with replacement from the leverage-corrected, centred residuals
-      ``r_i / sqrt(1 - h_i)``;
-    * ``bootstrap="cases"``: (width, depth, value) rows drawn with replacement (robust to noise
-      that changes across the grid); replicates whose grid is degenerate are dropped.
-
-    Degenerate grids: with a single width, ``alpha`` is not identifiable and only ``log c`` and
-    ``beta`` are fitted (``alpha=None``, the prefactor absorbs ``n^alpha``); likewise a single depth
-    leaves ``beta=None``. The result says so in ``note`` and :meth:`ScalingFit.predict` refuses
-    other widths/depths. Widths and depths that are collinear (e.g. ``log n = k L`` on every
-    point) raise.
-
-    Parameters
-    ----------
-    widths, depths, values : array-like, shape (n_points,)
-        One entry per measurement (lists, numpy arrays or torch tensors).
-    statistic : str
-        Name of the statistic (label only).
-    n_bootstrap : int
-        Bootstrap replicates (0: no intervals).
-    confidence : float
-        Interval level in (0, 1).
-    seed : int
-        Bootstrap seed.
-    bootstrap : {"residuals", "cases"}
-        Resampling scheme.
-
-    Returns
-    -------
-    ScalingFit
-
-    Raises
-    ------
-    ValueError
-        Mismatched lengths, NaN/Inf, non-positive widths or values, fewer points than parameters
-        plus one, collinear grid, bad arguments.
-    """
-    func = "fit_scaling_law"
+    n_bootstrap: int,
+    confidence: float,
+    bootstrap: str,
+    func: str,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """(widths, depths, values) as float arrays, ``n_bootstrap`` and ``confidence`` checked."""
     n = as_float_array(widths, "widths", func)
     L = as_float_array(depths, "depths", func)
     v = as_float_array(values, "values", func)
@@ -258,11 +209,41 @@ def fit_scaling_law(
         raise ValueError(f"{func}: bootstrap must be 'residuals' or 'cases', got {bootstrap!r}")
     if int(n_bootstrap) != n_bootstrap or n_bootstrap < 0 or n_bootstrap == 1:
         raise ValueError(f"{func}: n_bootstrap must be 0 or an integer >= 2, got {n_bootstrap}")
-    n_bootstrap = int(n_bootstrap)
     confidence = as_float(confidence, "confidence", func)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"{func}: confidence must be in (0, 1), got {confidence}")
+    return n, L, v, int(n_bootstrap), confidence
 
+
+@dataclasses.dataclass
+class _Design:
+    """Columns ``1, log n, L`` of the log-linear model, less those a single width/depth leaves unidentifiable."""
+
+    X: np.ndarray  # (n_points, n_params)
+    names: List[str]
+    single_width: bool
+    single_depth: bool
+    note: str
+
+    @property
+    def n_params(self) -> int:
+        return self.X.shape[1]
+
+    def expand(self, coef: np.ndarray) -> np.ndarray:
+        """Rows of fitted coefficients -> rows of ``(log c, alpha, beta)``, 0 for the unidentified ones."""
+        full = np.zeros((coef.shape[0], 3))
+        full[:, 0] = coef[:, 0]
+        k = 1
+        if not self.single_width:
+            full[:, 1] = coef[:, k]
+            k += 1
+        if not self.single_depth:
+            full[:, 2] = coef[:, k]
+        return full
+
+
+def _design_matrix(n: np.ndarray, L: np.ndarray, func: str) -> _Design:
+    """The design matrix; a single width or depth is noted (and logged), a collinear grid raises."""
     ln = np.log(n)
     single_w = n.size > 0 and np.allclose(n, n[0], rtol=1e-12, atol=0)
     single_d = L.size > 0 and np.allclose(L, L[0], rtol=1e-12, atol=1e-12)
@@ -288,83 +269,145 @@ def fit_scaling_law(
             f"{func}: the grid is degenerate: log(width) and depth are collinear over the "
             f"{n.size} points ({len(np.unique(n))} widths, {len(np.unique(L))} depths); alpha and beta cannot be separated"
         )
-    y = np.log(v)
-    pinv = np.linalg.pinv(X)  # (p, n_points)
-    coef = pinv @ y
-    fitted = X @ coef
-    resid = y - fitted
-    dof = n.size - p
+    return _Design(X, names, bool(single_w), bool(single_d), note)
+
+
+def _goodness_of_fit(y: np.ndarray, resid: np.ndarray, n_params: int) -> Tuple[float, float]:
+    """(R^2, residual standard deviation with ``n_points - n_params`` degrees of freedom), log space."""
     ss_res = float(resid @ resid)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    resid_std = math.sqrt(ss_res / dof)
+    return r2, math.sqrt(ss_res / (y.size - n_params))
 
+
+def _residual_bootstrap(
+    X: np.ndarray, pinv: np.ndarray, fitted: np.ndarray, resid: np.ndarray, n_bootstrap: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(B, p) refits of fitted values plus leverage-corrected, centred residuals drawn with replacement."""
+    h = np.einsum("ij,ji->i", X, pinv)
+    mod = np.where(h < 1.0 - 1e-10, resid / np.sqrt(np.clip(1.0 - h, 1e-300, None)), 0.0)
+    mod = mod - mod.mean()
+    idx = rng.integers(0, resid.size, size=(n_bootstrap, resid.size))
+    return (fitted[None, :] + mod[idx]) @ pinv.T
+
+
+def _case_bootstrap(X: np.ndarray, y: np.ndarray, n_bootstrap: int, rng: np.random.Generator, func: str) -> np.ndarray:
+    """(B', p) refits of rows drawn with replacement; replicates with a degenerate grid are dropped."""
+    idx = rng.integers(0, y.size, size=(n_bootstrap, y.size))
+    Xb, yb = X[idx], y[idx]
+    xtx = np.einsum("bnp,bnq->bpq", Xb, Xb)
+    xty = np.einsum("bnp,bn->bp", Xb, yb)
+    cond = np.linalg.cond(xtx)
+    ok = np.isfinite(cond) & (cond < 1e12)
+    if ok.sum() < max(2, n_bootstrap // 2):
+        raise ValueError(
+            f"{func}: only {int(ok.sum())} of {n_bootstrap} case-bootstrap replicates have an identifiable grid; "
+            f"use bootstrap='residuals' or more points"
+        )
+    if not ok.all():
+        logger.info("%s: dropped %d of %d degenerate case-bootstrap replicates", func, int((~ok).sum()), n_bootstrap)
+    return np.linalg.solve(xtx[ok], xty[ok][..., None])[..., 0]
+
+
+@dataclasses.dataclass
+class _BootstrapSummary:
+    """Percentile intervals and standard deviations of the bootstrap draws (``None`` without draws)."""
+
+    draws: Optional[np.ndarray]  # (B, 3): log c, alpha, beta
+    confidence: float
+
+    def ci(self, j: int) -> Optional[Tuple[float, float]]:
+        if self.draws is None:
+            return None
+        q = (1.0 - self.confidence) / 2.0
+        lo, hi = np.quantile(self.draws[:, j], [q, 1.0 - q])
+        return (float(lo), float(hi))
+
+    def se(self, j: int) -> Optional[float]:
+        return None if self.draws is None else float(np.std(self.draws[:, j], ddof=1))
+
+
+def fit_scaling_law(
+    widths: ArrayLike,
+    depths: ArrayLike,
+    values: ArrayLike,
+    statistic: str = "spectral_norm",
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    *,
+    bootstrap: str = "residuals",
+) -> ScalingFit:
+    r"""Fit ``value = c * n^alpha * exp(beta * L)`` over a (width, depth) grid.
+
+    Log-linear least squares
+
+    .. math:: \log v_i = \log c + \alpha \log n_i + \beta L_i + \varepsilon_i,
+
+    i.e. multiplicative noise. Repeated (width, depth) cells are allowed. Confidence intervals
+    are percentile intervals of ``n_bootstrap`` bootstrap refits. A single width leaves
+    ``alpha=None`` (and a single depth ``beta=None``): not identifiable, said in ``note``; a
+    collinear grid raises. The bootstrap schemes and degenerate grids: ``docs/scaling.md``.
+
+    Parameters
+    ----------
+    widths, depths, values : array-like, shape (n_points,)
+        One entry per measurement (lists, numpy arrays or torch tensors).
+    statistic : str
+        Name of the statistic (label only).
+    n_bootstrap : int
+        Bootstrap replicates (0: no intervals).
+    confidence : float
+        Interval level in (0, 1).
+    seed : int
+        Bootstrap seed.
+    bootstrap : {"residuals", "cases"}
+        Resampling scheme: fitted values plus resampled leverage-corrected residuals (the design
+        is fixed by the experimenter), or (width, depth, value) rows drawn with replacement
+        (robust to noise that changes across the grid).
+
+    Returns
+    -------
+    ScalingFit
+
+    Raises
+    ------
+    ValueError
+        Mismatched lengths, NaN/Inf, non-positive widths or values, fewer points than parameters
+        plus one, collinear grid, bad arguments.
+    """
+    func = "fit_scaling_law"
+    n, L, v, n_bootstrap, confidence = _check_scaling_inputs(widths, depths, values, n_bootstrap, confidence, bootstrap, func)
+    design = _design_matrix(n, L, func)
+    y = np.log(v)
+    pinv = np.linalg.pinv(design.X)  # (p, n_points)
+    coef = pinv @ y
+    fitted = design.X @ coef
+    resid = y - fitted
+    r2, resid_std = _goodness_of_fit(y, resid, design.n_params)
     draws_full = None
     if n_bootstrap:
         rng = np.random.default_rng(seed)
         if bootstrap == "residuals":
-            h = np.einsum("ij,ji->i", X, pinv)
-            mod = np.where(h < 1.0 - 1e-10, resid / np.sqrt(np.clip(1.0 - h, 1e-300, None)), 0.0)
-            mod = mod - mod.mean()
-            idx = rng.integers(0, n.size, size=(n_bootstrap, n.size))
-            draws = (fitted[None, :] + mod[idx]) @ pinv.T  # (B, p)
+            draws = _residual_bootstrap(design.X, pinv, fitted, resid, n_bootstrap, rng)
         else:
-            idx = rng.integers(0, n.size, size=(n_bootstrap, n.size))
-            Xb, yb = X[idx], y[idx]
-            xtx = np.einsum("bnp,bnq->bpq", Xb, Xb)
-            xty = np.einsum("bnp,bn->bp", Xb, yb)
-            cond = np.linalg.cond(xtx)
-            ok = np.isfinite(cond) & (cond < 1e12)
-            if ok.sum() < max(2, n_bootstrap // 2):
-                raise ValueError(
-                    f"{func}: only {int(ok.sum())} of {n_bootstrap} case-bootstrap replicates have an identifiable grid; "
-                    f"use bootstrap='residuals' or more points"
-                )
-            if not ok.all():
-                logger.info("%s: dropped %d of %d degenerate case-bootstrap replicates", func, int((~ok).sum()), n_bootstrap)
-            draws = np.linalg.solve(xtx[ok], xty[ok][..., None])[..., 0]
-        # Expand to (log c, alpha, beta) with zeros for the unidentified ones.
-        draws_full = np.zeros((draws.shape[0], 3))
-        draws_full[:, 0] = draws[:, 0]
-        k = 1
-        if not single_w:
-            draws_full[:, 1] = draws[:, k]
-            k += 1
-        if not single_d:
-            draws_full[:, 2] = draws[:, k]
-
-    full = np.zeros(3)
-    full[0] = coef[0]
-    k = 1
-    if not single_w:
-        full[1] = coef[k]
-        k += 1
-    if not single_d:
-        full[2] = coef[k]
-
-    q = (1.0 - confidence) / 2.0
-
-    def ci(j: int) -> Optional[Tuple[float, float]]:
-        if draws_full is None:
-            return None
-        lo, hi = np.quantile(draws_full[:, j], [q, 1.0 - q])
-        return (float(lo), float(hi))
-
-    def se(j: int) -> Optional[float]:
-        return None if draws_full is None else float(np.std(draws_full[:, j], ddof=1))
-
-    c_ci = ci(0)
+            draws = _case_bootstrap(design.X, y, n_bootstrap, rng, func)
+        draws_full = design.expand(draws)
+    full = design.expand(coef[None, :])[0]
+    interval = _BootstrapSummary(draws_full, confidence)
+    c_ci = interval.ci(0)
+    single_w, single_d = design.single_width, design.single_depth
     res = ScalingFit(
         statistic=str(statistic),
         alpha=None if single_w else float(full[1]),
         beta=None if single_d else float(full[2]),
         c=float(math.exp(full[0])),
-        alpha_ci=None if single_w else ci(1),
-        beta_ci=None if single_d else ci(2),
+        alpha_ci=None if single_w else interval.ci(1),
+        beta_ci=None if single_d else interval.ci(2),
         c_ci=None if c_ci is None else (math.exp(c_ci[0]), math.exp(c_ci[1])),
-        alpha_se=None if single_w else se(1),
-        beta_se=None if single_d else se(2),
-        log_c_se=se(0),
+        alpha_se=None if single_w else interval.se(1),
+        beta_se=None if single_d else interval.se(2),
+        log_c_se=interval.se(0),
         r_squared=float(r2),
         residual_std=float(resid_std),
         residuals=resid.tolist(),
@@ -372,8 +415,8 @@ def fit_scaling_law(
         n_bootstrap=n_bootstrap,
         confidence=confidence,
         bootstrap=bootstrap,
-        identifiable=names,
-        note=note,
+        identifiable=design.names,
+        note=design.note,
         widths=n.tolist(),
         depths=L.tolist(),
         values=v.tolist(),
