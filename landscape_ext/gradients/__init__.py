@@ -114,10 +114,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from . import distributed as _dist
-from . import ops, reference
-from .operators import model_state_guard, select_parameter_names
-from .results import Result
+from .. import distributed as _dist
+from .. import ops, reference
+from ..operators import model_state_guard, select_parameter_names
+from ..results import Result
 
 __all__ = [
     "per_sample_gradients",
@@ -1645,7 +1645,7 @@ def _top_eigh(K: Tensor, k: int, seed: int) -> Tuple[Tensor, Tensor]:
     9 n^3, falling back to ``eigh`` if it does not converge."""
     n = K.shape[0]
     if n > 1024 and 8 * k <= n:
-        from .lanczos import eigsh
+        from ..lanczos import eigsh
         r = eigsh(K, k, which="largest", tol=1e-12, seed=seed)
         if bool(r.converged.all()):
             order = torch.argsort(r.eigenvalues, descending=True)
@@ -2025,8 +2025,8 @@ def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: 
     n_hvp = 0
     converged = None
     if hessian is None:
-        from .lanczos import eigsh
-        from .operators import HessianOperator
+        from ..lanczos import eigsh
+        from ..operators import HessianOperator
         op = HessianOperator(model, _mean_loss(loss_fn), data, params=pb.names)
         er = eigsh(op, k, which=which, seed=seed, **(eigsh_kwargs or {}))
         V, evals = er.eigenvectors, er.eigenvalues
@@ -2147,7 +2147,7 @@ def compare_covariance_to_hessian_diagonal(
         n_hvp = int(getattr(hessian_diagonal, "n_matvecs", 0))
         hm = "given"
     else:
-        from .operators import HessianOperator
+        from ..operators import HessianOperator
         op = HessianOperator(model, _mean_loss(loss_fn), data, params=pb.names)
         if hessian_method == "exact":
             if pb.d > 20000:
@@ -2162,7 +2162,7 @@ def compare_covariance_to_hessian_diagonal(
                 h[s:e] = torch.diagonal(op.apply_rows(X)[:, s:e]).double().cpu()
             n_hvp = pb.d
         else:
-            from .estimators import diagonal
+            from ..estimators import diagonal
             dr = diagonal(op, n_matvecs, method=hessian_method, seed=seed)
             h, stderr, n_hvp = dr.estimate, dr.stderr, dr.n_matvecs
         hm = hessian_method
