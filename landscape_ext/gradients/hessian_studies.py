@@ -173,10 +173,10 @@ def _top_hessian_eigenvectors(problem: PerSampleProblem, loss_fn: Callable, data
     """``(V, eigenvalues, n_hessian_matvecs, converged)``: by eigsh, or from ``hessian``."""
     if hessian is None:
         from ..lanczos import eigsh
-        er = eigsh(_hessian_operator(problem, loss_fn, data), k, which=which, seed=seed,
-                   **(eigsh_kwargs or {}))
-        converged = bool(er.converged.all()) if er.converged is not None else None
-        return er.eigenvectors, er.eigenvalues, er.n_matvecs, converged
+        top = eigsh(_hessian_operator(problem, loss_fn, data), k, which=which, seed=seed,
+                    **(eigsh_kwargs or {}))
+        converged = bool(top.converged.all()) if top.converged is not None else None
+        return top.eigenvectors, top.eigenvalues, top.n_matvecs, converged
     if isinstance(hessian, Tensor):
         n_vectors = hessian.shape[-1] if hessian.dim() == 2 else 1
         return hessian, torch.full((n_vectors,), float("nan"), dtype=torch.float64), 0, None
@@ -236,7 +236,7 @@ def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: 
         raise ValueError(f"{owner}: the Hessian eigenvectors have d = {V.shape[0]} rows but the "
                          f"selected parameters have d = {problem.d}")
     Qv = orthonormal_columns(V)
-    kk = Qv.shape[1]
+    n_directions = Qv.shape[1]
     with model_state_guard(model, "eval"):
         engine_method = "kronecker" if method == "gram" else method
         engine, used = make_engine(problem, engine_method, chunk_size, sketch_impl, seed,
@@ -258,11 +258,11 @@ def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: 
     return TopHessianSubspaceResult(
         gradient_fraction=gradient_fraction, covariance_trace_fraction=trace_fraction,
         per_direction_variance=per_direction.cpu(),
-        hessian_eigenvalues=eigenvalues.detach().cpu()[:kk], gradient_norm=math.sqrt(g2),
-        covariance_trace=trace, random_baseline=kk / problem.d, k=kk, n_samples=n,
-        n_params=problem.d, centered=centered, which=which, method_used=used,
-        n_hessian_matvecs=n_hvp, hessian_converged=converged, seed=seed,
-        time_s=time.perf_counter() - t0)
+        hessian_eigenvalues=eigenvalues.detach().cpu()[:n_directions],
+        gradient_norm=math.sqrt(g2), covariance_trace=trace,
+        random_baseline=n_directions / problem.d, k=n_directions, n_samples=n, n_params=problem.d,
+        centered=centered, which=which, method_used=used, n_hessian_matvecs=n_hvp,
+        hessian_converged=converged, seed=seed, time_s=time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,8 +296,8 @@ def _hessian_diagonal(problem: PerSampleProblem, loss_fn: Callable, data: Any,
     d = problem.d
     if hessian_method != "exact":
         from ..estimators import diagonal
-        dr = diagonal(op, n_matvecs, method=hessian_method, seed=seed)
-        return dr.estimate, dr.stderr, dr.n_matvecs, hessian_method
+        estimate = diagonal(op, n_matvecs, method=hessian_method, seed=seed)
+        return estimate.estimate, estimate.stderr, estimate.n_matvecs, hessian_method
     if d > 20000:
         raise ValueError(f"{problem.owner}: hessian_method='exact' needs d products; d = {d} "
                          f"is too large (use 'hutchinson' or 'xdiag')")
@@ -370,16 +370,16 @@ def compare_covariance_to_hessian_diagonal(
         raise ValueError(f"{owner}: the Hessian diagonal has {h.numel()} entries but the selected "
                          f"parameters have d = {problem.d}")
     h_norm = float(h.norm())
-    cc = float(c.pow(2).sum())
-    scale = float((c * h).sum()) / cc if cc > 0 else float("nan")
+    c_squared = float(c.pow(2).sum())
+    scale = float((c * h).sum()) / c_squared if c_squared > 0 else float("nan")
     se = None if stderr is None else torch.as_tensor(stderr).detach().double().cpu().reshape(-1)
     return CovarianceHessianDiagonalResult(
         covariance_diagonal=c, hessian_diagonal=h, hessian_diagonal_stderr=se,
         pearson=_pearson(c, h), spearman=_pearson(_rankdata(c), _rankdata(h)),
         relative_error=float((c - h).norm()) / h_norm if h_norm > 0 else float("nan"),
         scale=scale,
-        relative_error_scaled=(float((scale * c - h).norm()) / h_norm if h_norm > 0 and cc > 0
-                               else float("nan")),
+        relative_error_scaled=(float((scale * c - h).norm()) / h_norm
+                               if h_norm > 0 and c_squared > 0 else float("nan")),
         hessian_noise=float(se.norm()) / h_norm if se is not None and h_norm > 0 else 0.0,
         fraction_negative_hessian=float((h < 0).double().mean()),
         covariance_trace=float(c.sum()), hessian_trace=float(h.sum()), n_samples=n,

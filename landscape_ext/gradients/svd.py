@@ -416,13 +416,13 @@ def _svd_gram(problem: PerSampleProblem, engine: KroneckerEngine, k: int, center
     V_rows = None
     if return_vectors:
         # V = G_c^T U S^-1 / sqrt(n): one product from the stored factors
-        kk = min(k, n)
-        Wt = U[:, :kk] / (S[:kk].clamp_min(1e-300) * math.sqrt(n))
-        Wt = torch.where((S[:kk] > S[0] * 1e-12)[None, :], Wt, torch.zeros_like(Wt))
+        k_kept = min(k, n)
+        Wt = U[:, :k_kept] / (S[:k_kept].clamp_min(1e-300) * math.sqrt(n))
+        Wt = torch.where((S[:k_kept] > S[0] * 1e-12)[None, :], Wt, torch.zeros_like(Wt))
         if centered:
             Wt = Wt - Wt.mean(0, keepdim=True)
         Wt = shards.local_rows(Wt)
-        V_acc = torch.zeros(kk, problem.d, dtype=problem.dtype, device=problem.device)
+        V_acc = torch.zeros(k_kept, problem.d, dtype=problem.dtype, device=problem.device)
 
         def project_here():
             offset = 0
