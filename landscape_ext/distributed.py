@@ -346,3 +346,125 @@ def collective_errors(group: Any, where: str = "",
             raise
         error = exc
     exchange_status(group, error, (), where, device)
+
+
+# ------------------------------------------------------------------------------------------------
+# sample-sharded state of the distributed gradient-covariance SVD
+# ------------------------------------------------------------------------------------------------
+
+
+class SampleShards:
+    """The rows of a matrix sharded over the ranks of a process group, one row per sample, and
+    the collectives one call of :func:`landscape_ext.gradient_covariance_svd` makes on them.
+
+    Rank ``r`` holds ``counts[r]`` samples: rows ``offset .. offset + counts[r]`` of the global
+    matrix (ranks in order). ``group=None`` (one process): every method is the single-process
+    operation (no communication, errors raised directly). Local work that can fail (a data pass,
+    a probe) runs through :meth:`run_local`, which exchanges a failure status right after it, so
+    a rank that raises makes every rank raise (the others :class:`RankFailure`) before the next
+    collective instead of leaving them waiting in it.
+
+    Parameters
+    ----------
+    group : torch.distributed group or None
+    owner : str
+        Names the caller in error messages.
+    """
+
+    def __init__(self, group: Any, owner: str):
+        self.group = group
+        self.owner = owner
+        self.rank, self.world = rank_and_world(group)
+        self.counts: Optional[List[int]] = None
+        self.device: Optional[torch.device] = None   # where an NCCL group's status exchanges run
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def run_local(self, where: str, fn: Any, *args: Any, report: Any = None, n_report: int = 0,
+                  **kwargs: Any) -> Tuple[Any, Tensor]:
+        """Run ``fn(*args, **kwargs)`` here, then the status exchange (every rank must call this
+        at the same point). ``report(out)`` gives ``n_report`` floats exchanged with the status.
+        Returns ``(out, table)``: ``table`` is ``(W, n_report)``, row ``r`` from rank ``r``."""
+        error: Optional[BaseException] = None
+        out: Any = None
+        values: Sequence[float] = ()
+        try:
+            out = fn(*args, **kwargs)
+            if report is not None:
+                values = [float(v) for v in report(out)]
+                if len(values) != n_report:
+                    raise RuntimeError(f"{self.owner}: internal: {len(values)} status values, "
+                                       f"{n_report} expected")
+        except Exception as exc:  # noqa: BLE001 - every rank raises in exchange_status
+            if self.group is None:
+                raise
+            error = exc
+            values = [0.0] * n_report
+        table = exchange_status(self.group, error, values, where, self.device)
+        return out, table
+
+    def set_counts(self, table: Tensor) -> None:
+        """Sample counts of the ranks from column 0 of a status table."""
+        self.counts = [int(round(v)) for v in table[:, 0].tolist()]
+
+    @property
+    def n_total(self) -> int:
+        assert self.counts is not None
+        return sum(self.counts)
+
+    @property
+    def n_local(self) -> int:
+        assert self.counts is not None
+        return self.counts[self.rank]
+
+    @property
+    def offset(self) -> int:
+        assert self.counts is not None
+        return sum(self.counts[:self.rank])
+
+    def sum_(self, t: Tensor) -> Tensor:
+        """All-reduce (sum over the ranks) in place."""
+        return all_reduce_sum_(t, self.group)
+
+    def center(self, X: Tensor, centered: bool) -> Tensor:
+        """Subtract from the row-sharded ``X`` its column mean over the samples of all ranks
+        (``X`` unchanged unless ``centered``)."""
+        if not centered:
+            return X
+        if self.group is None:
+            return X - X.mean(0, keepdim=True)
+        mean = self.sum_(X.sum(0, keepdim=True)) / self.n_total
+        return X - mean
+
+    def orthonormal_basis(self, Y: Tensor) -> Tensor:
+        """Orthonormal basis ``Q`` (row-sharded like ``Y``, ``min(n, l)`` columns) of the range of
+        the row-sharded ``Y (n, l)``. Distributed: TSQR (Demmel et al. 2012) - local Householder
+        QR ``Y_r = Q_r R_r``, all-gather of the ``R_r``, QR of their stack ``= Q_s R``, ``Q`` on
+        rank ``r`` = ``Q_r Q_s[block r]``: orthonormal to machine precision for any
+        conditioning or rank (unlike CholeskyQR on ``Y^T Y``). Every rank factors the same
+        stack."""
+        if self.group is None:
+            return torch.linalg.qr(Y, mode="reduced")[0]
+        assert self.counts is not None
+        l = Y.shape[1]
+        Q_local, R_local = torch.linalg.qr(Y, mode="reduced")      # (n_r, c_r), (c_r, l)
+        r_rows = [min(c, l) for c in self.counts]
+        stack = all_gather_rows(R_local, r_rows, self.group)       # (sum c_r, l)
+        Q_stack, _ = torch.linalg.qr(stack, mode="reduced")
+        start = sum(r_rows[:self.rank])
+        return Q_local @ Q_stack[start:start + r_rows[self.rank]]
+
+    def gather_rows(self, t: Tensor) -> Tensor:
+        """The row-sharded ``t`` whole on every rank."""
+        if self.group is None:
+            return t
+        assert self.counts is not None
+        return all_gather_rows(t, self.counts, self.group)
+
+    def local_rows(self, t: Tensor) -> Tensor:
+        """This rank's rows of a global ``(n, ...)`` tensor."""
+        if self.group is None:
+            return t
+        return t[self.offset:self.offset + self.n_local]

@@ -516,7 +516,7 @@ class DoubleUse(nn.Module):
 @pytest.fixture
 def force_streaming(monkeypatch):
     """Make 'auto' skip materialize and gram so that small models exercise the other branches."""
-    import landscape_ext.gradients as gm
+    import landscape_ext.gradients._method as gm
     monkeypatch.setattr(gm, "_MATERIALIZE_MAX", 0)
     monkeypatch.setattr(gm, "_GRAM_MAX_N", 0)
 
@@ -544,7 +544,7 @@ def test_auto_falls_back_to_jvp_when_factors_miss_a_use(force_streaming):
 
 
 def test_auto_picks_kronecker_and_gram(force_streaming, monkeypatch, mlp_problem):
-    import landscape_ext.gradients as gm
+    import landscape_ext.gradients._method as gm
     model, x, y, G = mlp_problem
     res = gradient_covariance_svd(model, CE, batches(x, y, 60), 4, n_power_iter=3)
     assert res.method_used == "kronecker" and res.sketch_impl == "fused"
@@ -571,13 +571,13 @@ def test_gram_with_parameters_outside_linear_layers():
 
 def test_jvp_falls_back_to_double_backward(monkeypatch, mlp_problem):
     # a model with an op lacking forward-mode AD (SDPA attention): G z by double backward instead
-    import landscape_ext.gradients as gm
+    from landscape_ext.gradients._engines import JvpEngine
     model, x, y, G = mlp_problem
 
     def no_forward_ad(self, ctx, Z):
         raise RuntimeError("derivative for aten::foo is not implemented for forward AD (jvp)")
 
-    monkeypatch.setattr(gm._JvpEngine, "_forward_jvp", no_forward_ad)
+    monkeypatch.setattr(JvpEngine, "_sketch_by_jvp", no_forward_ad)
     res = gradient_covariance_svd(model, CE, batches(x, y, 70), 5, method="jvp", n_power_iter=3,
                                   chunk_size=4)
     assert res.forward_mode_used == "double-backward"
@@ -587,7 +587,7 @@ def test_jvp_falls_back_to_double_backward(monkeypatch, mlp_problem):
 
 def test_gram_top_eigenpairs_by_lanczos_match_eigh():
     # n > 1024, k <= n / 8: the gram method's eigen-solve runs block Lanczos on K
-    from landscape_ext.gradients import _top_eigh
+    from landscape_ext.gradients.svd import _top_eigh
     g = torch.Generator().manual_seed(30)
     X = torch.randn(1100, 300, generator=g, dtype=torch.float64) / torch.arange(
         1, 301, dtype=torch.float64)
