@@ -38,6 +38,9 @@ __all__ = [
     "broadcast_",
     "all_gather_rows",
     "sync_replica_inputs",
+    "parameter_checksum",
+    "check_same_parameters",
+    "SampleShards",
 ]
 
 log = logging.getLogger(__name__)
@@ -255,6 +258,25 @@ def agree_all(group: Any, flag: bool, device: Optional[torch.device] = None) -> 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
 
 
+def parameter_checksum(params: Sequence[Tensor]) -> Tensor:
+    """A float64 checksum of parameter values (order-sensitive: ``sum_i (i+1) sum(p_i) +
+    |p_i|``), compared across ranks to catch replicas that differ."""
+    f64 = torch.float64
+    with torch.no_grad():
+        return torch.stack([p.detach().sum(dtype=f64).cpu() * (i + 1)
+                            + torch.linalg.vector_norm(p.detach(), dtype=f64).cpu()
+                            for i, p in enumerate(params)]).sum()
+
+
+def check_same_parameters(checksums: Tensor, owner: str) -> None:
+    """Raise on every rank when the ranks' parameter checksums (one per rank) differ."""
+    if not bool(((checksums - checksums[0]).abs() <= 1e-9 * (checksums[0].abs() + 1.0)).all()):
+        raise ValueError(f"{owner}: the model parameters differ between ranks (checksums "
+                         f"{[f'{v:.12g}' for v in checksums.tolist()]}); seed the model "
+                         f"identically or broadcast rank 0's parameters (DDP does this at "
+                         f"construction)")
+
+
 def _replica_table(group: Any, params: Callable[[], Sequence[Tensor]], X: Tensor, d: int,
                    dtype: torch.dtype, device: torch.device) -> Tensor:
     """Gather ``(d, k, dtype codes, parameter checksum, |X|, 4 partial sums of X)`` of every
@@ -264,13 +286,11 @@ def _replica_table(group: Any, params: Callable[[], Sequence[Tensor]], X: Tensor
     values = [0.0] * 9       # the same length on every rank, failed or not
     try:
         with torch.no_grad():
-            param_sums = [p.detach().sum(dtype=f64) * (i + 1) +
-                          torch.linalg.vector_norm(p.detach(), dtype=f64)
-                          for i, p in enumerate(params())]
-            stats = [torch.stack(param_sums).sum(), torch.linalg.vector_norm(X, dtype=f64)]
+            stats = [parameter_checksum(params()),
+                     torch.linalg.vector_norm(X, dtype=f64).cpu()]
             # column blocks: no copy of a non-contiguous X; 4 sums make directions that
             # differ (e.g. independent random ones) very unlikely to look alike
-            stats += [c.sum(dtype=f64) for c in torch.tensor_split(X, 4, dim=1)]
+            stats += [c.sum(dtype=f64).cpu() for c in torch.tensor_split(X, 4, dim=1)]
             stats = torch.stack(stats).cpu().tolist()
         values = [float(d), float(X.shape[0]),
                   float(10 * _DTYPE_CODES.get(dtype, 9) + _DTYPE_CODES.get(X.dtype, 9))] + stats
@@ -301,12 +321,7 @@ def sync_replica_inputs(X: Tensor, group: Any, params: Callable[[], Sequence[Ten
             raise ValueError(f"{owner}: the ranks have different {what} in a product "
                              f"({sizes}); every rank must hold the same model and make the "
                              f"same products (same solver calls with the same arguments)")
-    checksums = table[:, 3]
-    if not bool(((checksums - checksums[0]).abs() <= 1e-9 * (checksums[0].abs() + 1.0)).all()):
-        raise ValueError(f"{owner}: the model parameters differ between ranks (checksums "
-                         f"{[f'{v:.12g}' for v in checksums.tolist()]}); seed the model "
-                         f"identically or broadcast rank 0's parameters (DDP does this at "
-                         f"construction)")
+    check_same_parameters(table[:, 3], owner)
     sums = table[:, 4:]
     if not bool(torch.isfinite(sums).all()):
         bad = [r for r in range(world) if not bool(torch.isfinite(sums[r]).all())]

@@ -14,6 +14,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as _dist
 from .. import ops
 from .._model import model_state_guard
 from ..distributed import SampleShards, resolve_group
@@ -214,13 +215,7 @@ def _sample_shards(model: Any, process_group: Any, owner: str) -> SampleShards:
 
 def _parameter_checksum(problem: PerSampleProblem) -> float:
     values = problem.layout.values(problem.model)
-    with torch.no_grad():
-        acc = torch.zeros((), dtype=torch.float64)
-        for i, name in enumerate(problem.names):
-            p = values[name]
-            acc += (p.sum(dtype=torch.float64) * (i + 1)
-                    + torch.linalg.vector_norm(p, dtype=torch.float64)).cpu()
-    return float(acc)
+    return float(_dist.parameter_checksum([values[n] for n in problem.names]))
 
 
 def _check_same_model(table: Tensor, owner: str) -> None:
@@ -229,12 +224,7 @@ def _check_same_model(table: Tensor, owner: str) -> None:
         sizes = ", ".join(f"rank {r}: {int(v)}" for r, v in enumerate(table[:, 1].tolist()))
         raise ValueError(f"{owner}: the ranks have different parameter counts ({sizes}); "
                          f"every rank must hold the same model")
-    checksums = table[:, 2]
-    if bool(((checksums - checksums[0]).abs() > 1e-9 * (checksums[0].abs() + 1.0)).any()):
-        raise ValueError(f"{owner}: the model parameters differ between ranks (checksums "
-                         f"{[f'{v:.12g}' for v in checksums.tolist()]}); seed the model "
-                         f"identically or broadcast rank 0's parameters (DDP does this at "
-                         f"construction)")
+    _dist.check_same_parameters(table[:, 2], owner)
 
 
 def _set_up(model: Any, loss_fn: Callable, data: Any, params: ParamSpec, k: Any,
