@@ -251,7 +251,7 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
                                     owner="curvature_stats", warn=True)
         ev = est["eigenvalues"]
         out.update(lambda_max=ev[0], top_eigenvalues=ev, residuals=est["residuals"],
-                   converged=est["converged"], eigsh_matvecs=est["n_matvecs"])
+                   converged=est["converged"], n_matvecs_eigsh=est["n_matvecs"])
     if spectral_norm:
         s = le.spectral_norm(op, tol=tol, seed=seed,
                              v0=vecs[:, 0] if vecs is not None else None)
@@ -264,11 +264,8 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
         out.update(trace=t.estimate, trace_stderr=t.stderr)
     out["hvp_mode"] = op.mode_used
     if grad_k > 0:
-        api = gradient_api()
-        # ``api`` is None only where a caller stubbed gradient_api out (tests do, to run without
-        # the gradient statistics)
-        if api is not None and per_sample_loss is not None:
-            gsvd, grank = api
+        if per_sample_loss is not None:
+            gsvd, grank = gradient_api()
             n = int(batch[1].shape[0])
             kk = max(1, min(int(grad_k), n, op.d))
             g = gradient_svd(gsvd, model, per_sample_loss, batch, kk, seed=seed)
@@ -276,7 +273,7 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
             out.update(grad_effective_rank=rk.effective_rank, grad_stable_rank=rk.stable_rank,
                        grad_numerical_rank=rk.numerical_rank, grad_k=kk,
                        grad_rank_truncated=rk.truncated)
-    out["matvecs"] = op.n_matvecs
+    out["n_matvecs"] = op.n_matvecs
     out["curvature_time_s"] = time.perf_counter() - t0
     return out, vecs
 
