@@ -141,8 +141,9 @@ class Result:
         """``json.dumps(self.to_dict(), **kwargs)``."""
         return json.dumps(self.to_dict(), **kwargs)
 
-    def save(self, path: Any, *, all_ranks: bool = False, **kwargs: Any) -> Optional[Path]:
-        """Write :meth:`to_json` to ``path`` (parents created). In a :mod:`torch.distributed` run
+    def save(self, path: PathLike, *, all_ranks: bool = False, **kwargs: Any) -> Optional[Path]:
+        """Write :meth:`to_json` to ``path`` (parents created; atomically, see
+        :func:`write_text_atomic`). In a :mod:`torch.distributed` run
         only rank 0 writes (every rank holds the same result of a ``process_group=`` call); the
         others return ``None``. ``all_ranks=True`` writes on every rank (results computed per
         rank, without a process group: give each rank its own ``path``)."""
