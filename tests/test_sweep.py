@@ -129,9 +129,9 @@ def test_parse_shard_and_lock(tmp_path, monkeypatch):
     assert parse_shard("slurm") == (2, 4)
     if os.name == "posix":
         p = tmp_path / "results.jsonl"
-        with sweep._exclusive(p):
+        with sweep.store._exclusive(p):
             with pytest.raises(RuntimeError, match="in use"):
-                with sweep._exclusive(p):
+                with sweep.store._exclusive(p):
                     pass
 
 
@@ -244,17 +244,17 @@ def test_shard_auto_from_torchrun_and_slurm(clean_env):
 def test_torch_distributed_ranks_barrier_and_rank0_fits(tmp_path, clean_env, monkeypatch,
                                                           count_training):
     barriers = []
-    monkeypatch.setattr(sweep, "_rank_sync", lambda error: barriers.append(error))
+    monkeypatch.setattr(sweep.sharding, "_rank_sync", lambda error: barriers.append(error))
     cfg = _cfg(measure_epochs=[1])
-    monkeypatch.setattr(sweep, "_dist_shard", lambda: (0, 2))
+    monkeypatch.setattr(sweep.sharding, "_dist_shard", lambda: (0, 2))
     assert parse_shard("auto") == (0, 2)
     a = run_sweep(cfg, tmp_path, progress=False, report=False)   # rank 0: cells 0, 2
     assert a.shard == (0, 2) and a.n_run == 2 and a.fit is None and len(barriers) == 1
-    monkeypatch.setattr(sweep, "_dist_shard", lambda: (1, 2))
+    monkeypatch.setattr(sweep.sharding, "_dist_shard", lambda: (1, 2))
     b = run_sweep(cfg, tmp_path, progress=False, report=False)   # rank 1 completes the grid
     assert b.n_run == 2 and len(barriers) == 2
     assert b.fit is None and not (tmp_path / "scaling_fit.json").exists()   # only rank 0 fits
-    monkeypatch.setattr(sweep, "_dist_shard", lambda: (0, 2))
+    monkeypatch.setattr(sweep.sharding, "_dist_shard", lambda: (0, 2))
     c = run_sweep(cfg, tmp_path, progress=False, report=False)
     assert c.n_run == 0 and c.fit is not None and (tmp_path / "scaling_fit.json").exists()
     assert len(count_training) == 4
@@ -279,7 +279,7 @@ def test_second_copy_of_a_shard_fails_clearly(tmp_path, clean_env, capsys):
     from landscape_lab.cli import main
 
     cfg = _cfg(widths=[3], depths=[1], measure_epochs=[0])
-    with sweep._exclusive(sweep._shard_lock_path(tmp_path, (0, 2))):
+    with sweep.store._exclusive(sweep.store._shard_lock_path(tmp_path, (0, 2))):
         with pytest.raises(sweep.ShardBusyError, match=r"shard 0/2 .* in use by another"):
             run_sweep(cfg, tmp_path, shard=(0, 2), progress=False)
         rc = main([*_CLI_SWEEP, "--shard", "0/2", "--out", str(tmp_path)])
@@ -325,7 +325,7 @@ def test_torn_line_skipped_and_incomplete_cell_reruns(tmp_path, clean_env, count
 
 
 def _append_many(path, tag, n):
-    with sweep._SharedResults(path) as w:
+    with sweep.store._results_writer(path) as w:
         for k in range(n):
             w.write({"kind": "stress", "tag": tag, "k": k, "pad": tag * 12000})
 
@@ -366,9 +366,9 @@ def _gloo_sweep_worker(rank, tmp, fail_rank, fail_in="cell"):
             def broken(*a, **k):
                 raise RuntimeError(f"{fail_in} failed on rank {rank}")
             if fail_in == "cell":
-                sweep._run_cell = broken
+                sweep.running._run_cell = broken
             else:   # before the cells: writing sweep_config.json
-                sweep._write_atomic = broken
+                sweep.store._write_sweep_config = broken
         s = run_sweep(_cfg(widths=[3], depths=[1, 2], measure_epochs=[0]), f"{tmp}/sweep",
                       progress=False, report=False)
         (Path(tmp) / f"ok{rank}").write_text(f"{s.shard} {s.n_run} {s.fit is not None}")

@@ -1,53 +1,43 @@
 """Small helpers shared by the fit and barrier modules of :mod:`landscape_lab`.
 
-* :class:`ResultMixin` gives the result dataclasses ``to_dict()`` (JSON-serialisable: plain
-  floats, ints, strings, lists, dicts and ``None``) and ``to_json()``.
+* :class:`ResultMixin` is the engine's :class:`landscape_ext.results.Result` (``to_dict()``,
+  ``to_json()``, ``save()``) for the science layer's result dataclasses, whose dicts carry no
+  ``"type"`` key.
 * ``as_float_array`` / ``as_float`` convert user input (lists, numpy arrays, torch tensors,
   Python or numpy scalars) to float64 numpy values and reject NaN/Inf with a message that names
   the calling function, the argument and the offending index.
+* ``PathLike``: the type of a path argument (``str`` or ``os.PathLike``); ``json_clean``,
+  ``JsonlWriter``, ``read_jsonl``: the engine's JSON writer/reader (:mod:`landscape_ext.results`),
+  re-exported for the science layer.
 
 Nothing here is public API; the result classes built on it are.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-# one converter for the engine's and the science layer's results
+# one result base, one converter, one JSON writer/reader and one path type for the engine and
+# the science layer
+from landscape_ext.results import JsonlWriter, PathLike, Result, json_clean, read_jsonl, to_builtin
 from landscape_ext.results import format_float as _format_float
-from landscape_ext.results import to_builtin
 
-__all__ = ["ResultMixin", "to_builtin", "as_float_array", "as_float", "format_float"]
+__all__ = ["ResultMixin", "to_builtin", "as_float_array", "as_float", "format_float",
+           "PathLike", "JsonlWriter", "json_clean", "read_jsonl"]
 
 
 def _is_torch_tensor(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "cpu")
 
 
-class ResultMixin:
-    """Mixin for result dataclasses: ``to_dict()`` and ``to_json()``.
+class ResultMixin(Result):
+    """:class:`~landscape_ext.results.Result` without the ``"type"`` key in ``to_dict()`` (the
+    science layer's dicts never had it). Subclasses define their own ``__str__``; their
+    ``__repr__`` is the dataclass one."""
 
-    Fields whose metadata has ``export=False`` (large internal arrays such as bootstrap draws)
-    are left out of ``to_dict()``.
-    """
-
-    def to_dict(self) -> dict:
-        """The result as a dict of JSON-serialisable builtins (floats, lists, None)."""
-        out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if not f.metadata.get("export", True):
-                continue
-            out[f.name] = to_builtin(getattr(self, f.name))
-        return out
-
-    def to_json(self, **kwargs: Any) -> str:
-        """``json.dumps(self.to_dict(), **kwargs)``."""
-        return json.dumps(self.to_dict(), **kwargs)
+    _dict_has_type = False
 
 
 def format_float(x: Any, digits: int = 4) -> str:

@@ -16,16 +16,17 @@ All return a :class:`Dataset`; a missing file raises :class:`DataFileNotFoundErr
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._results import PathLike
 
 __all__ = [
     "Dataset",
@@ -39,8 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PathLike = Union[str, os.PathLike]
 
 
 class DataFileNotFoundError(FileNotFoundError):

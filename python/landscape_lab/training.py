@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 import landscape_ext as le
 
-from ._results import to_builtin
+# the project's one JSON writer/reader (landscape_ext.results), re-exported here
+from ._results import JsonlWriter, PathLike, json_clean, read_jsonl
 from .data import Dataset
 from .models import model_spec, n_params, sequence_cross_entropy
 from .optim.curvature import _top_eigenpairs
@@ -68,29 +69,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-
 
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def json_clean(obj: Any) -> Any:
-    """``obj`` as JSON builtins (tensors/arrays to lists) with non-finite floats as ``None``, so
-    that every file written here is strict JSON."""
-    obj = to_builtin(obj)
-
-    def fix(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, list):
-            return [fix(v) for v in x]
-        if isinstance(x, dict):
-            return {k: fix(v) for k, v in x.items()}
-        return x
-
-    return fix(obj)
 
 
 def gradient_api() -> Tuple[Callable, Callable]:
@@ -151,52 +133,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, *,
         return tot_loss / max(n, 1), correct / max(n_tok, 1)
     finally:
         model.train(was)
-
-
-class JsonlWriter:
-    """Append JSON objects as lines to ``path`` (flushed after each line). ``path=None``: a
-    no-op writer."""
-
-    def __init__(self, path: Optional[PathLike]):
-        self.path = Path(path) if path is not None else None
-        self._f = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
-
-    def write(self, record: Dict[str, Any]) -> None:
-        if self._f is None:
-            return
-        self._f.write(json.dumps(json_clean(record), allow_nan=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> "JsonlWriter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def read_jsonl(path: PathLike) -> List[Dict[str, Any]]:
-    """Records of a JSON-lines file; a line that does not parse (e.g. cut by an interruption)
-    is skipped with a warning."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d: skipping a line that is not valid JSON (interrupted write?)",
-                            path, i)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
