@@ -40,13 +40,13 @@ from torch import nn
 
 import landscape_ext as le
 
-from . import training
-from ._results import format_float
-from .barriers import interpolate
-from .data import Dataset, get_dataset
-from .models import MLP, n_params
-from .rmt import fit_marchenko_pastur, fit_semicircle, spike_strength
-from .training import (CurvatureCallback, MetricsCallback, TrainConfig, json_clean, read_jsonl,
+from .. import training
+from .._results import format_float
+from ..barriers import interpolate
+from ..data import Dataset, get_dataset
+from ..models import MLP, n_params
+from ..rmt import fit_marchenko_pastur, fit_semicircle, spike_strength
+from ..training import (CurvatureCallback, MetricsCallback, TrainConfig, json_clean, read_jsonl,
                        save_checkpoint)
 
 __all__ = ["ReportConfig", "ReportResult", "model_report", "sweep_report", "example_report",
