@@ -34,6 +34,19 @@ def _save(fig: Any, path: Path) -> str:
     return str(path)
 
 
+def _label(ax: Any, xlabel: str, ylabel: str, title: str, *, title_size: Optional[str] = None,
+           legend_size: str = "small", legend_loc: Optional[str] = None,
+           grid: Optional[str] = None) -> None:
+    """Axis labels, title and legend of one panel; ``grid`` ("major" or "both") adds a light
+    grid on those ticks."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **({"fontsize": title_size} if title_size else {}))
+    ax.legend(fontsize=legend_size, **({"loc": legend_loc} if legend_loc else {}))
+    if grid is not None:
+        ax.grid(alpha=0.3, which=grid)
+
+
 def _plain_log_ticks(axis: Any, ticks: Optional[Sequence[float]] = None) -> None:
     """Plain numbers (8, 16, 50, 100) instead of 10^x labels on a log axis."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -67,18 +80,12 @@ def _fig_topk(eig: Any, tol: float, path: Path) -> str:
     if (~conv).any():
         a1.errorbar(i[~conv], lam[~conv], yerr=res[~conv], fmt="x", color="C3", capsize=3,
                     label="not converged")
-    a1.set_xlabel("index i (largest first)")
-    a1.set_ylabel(f"eigenvalue $\\lambda_i$ ({EIG_UNIT})")
-    a1.set_title(f"Top-{lam.size} Hessian eigenvalues (block Lanczos)")
-    a1.legend(fontsize="small")
-    a1.grid(alpha=0.3)
+    _label(a1, "index i (largest first)", f"eigenvalue $\\lambda_i$ ({EIG_UNIT})",
+           f"Top-{lam.size} Hessian eigenvalues (block Lanczos)", grid="major")
     a2.semilogy(i, np.maximum(rel, 1e-17), "o-", color="C0", label="relative residual")
     a2.axhline(tol, color="k", ls="--", lw=1, label=f"tolerance {tol:g}")
-    a2.set_xlabel("index i")
-    a2.set_ylabel("$\\|Hx-\\lambda x\\| / \\|H\\|$ (dimensionless)")
-    a2.set_title(f"Ritz residuals ({eig.n_matvecs} Hessian-vector products)")
-    a2.legend(fontsize="small")
-    a2.grid(alpha=0.3, which="both")
+    _label(a2, "index i", "$\\|Hx-\\lambda x\\| / \\|H\\|$ (dimensionless)",
+           f"Ritz residuals ({eig.n_matvecs} Hessian-vector products)", grid="both")
     return _save(fig, path)
 
 
@@ -116,11 +123,10 @@ def _fig_esd(dens: Any, esd: Dict[str, Any], eig: Any, path: Path) -> str:
                        label=("spike (beyond the bulk)" if is_spike and v == spikes[0] else
                               ("top-k eigenvalue" if (not is_spike and j == len(lam) - 1)
                                else None)))
-    a1.set_xlabel(f"eigenvalue $\\lambda$ ({EIG_UNIT})")
-    a1.set_ylabel("spectral density (normalized to 1)")
-    a1.set_title(f"Hessian ESD: {dens.n_probes} probes x {dens.n_steps} Lanczos steps, "
-                 f"$\\sigma_{{broad}}$={curve.sigma:.2g}", fontsize="medium")
-    a1.legend(fontsize="x-small", loc="upper right")
+    _label(a1, f"eigenvalue $\\lambda$ ({EIG_UNIT})", "spectral density (normalized to 1)",
+           f"Hessian ESD: {dens.n_probes} probes x {dens.n_steps} Lanczos steps, "
+           f"$\\sigma_{{broad}}$={curve.sigma:.2g}", title_size="medium",
+           legend_size="x-small", legend_loc="upper right")
     # bulk zoom: cumulative distribution of the quadrature nodes (no broadening) against the
     # semicircle -- the comparison the KS distance measures
     nodes = dens.nodes.numpy().reshape(-1)
@@ -144,11 +150,10 @@ def _fig_esd(dens: Any, esd: Dict[str, Any], eig: Any, path: Path) -> str:
         a2.axvspan(sc["lower_edge"], sc["upper_edge"], color="C1", alpha=0.08,
                    label="fitted bulk")
     a2.set_xlim(lo_z, hi_z)
-    a2.set_xlabel(f"eigenvalue $\\lambda$ ({EIG_UNIT})")
-    a2.set_ylabel("cumulative spectral mass")
     ks = f"KS D = {sc['ks_statistic']:.3f}" if sc is not None else "no semicircle fit"
-    a2.set_title(f"Bulk: cumulative distribution, {ks}", fontsize="medium")
-    a2.legend(fontsize="x-small", loc="upper left")
+    _label(a2, f"eigenvalue $\\lambda$ ({EIG_UNIT})", "cumulative spectral mass",
+           f"Bulk: cumulative distribution, {ks}", title_size="medium", legend_size="x-small",
+           legend_loc="upper left")
     return _save(fig, path)
 
 
@@ -171,12 +176,10 @@ def _fig_gradients(g: Dict[str, Any], path: Path) -> str:
         a1.axvline(rk["effective_rank"], color="C2", ls=":",
                    label=f"effective rank {rk['effective_rank']:.1f}")
     a1.axvline(100, color="0.5", ls="-.", lw=1, label="rank 100 (proposal's threshold)")
-    a1.set_xlabel("index i")
-    a1.set_ylabel("covariance eigenvalue $\\sigma_i^2$ (loss$^2$ / param$^2$)")
-    a1.set_title(f"Gradient covariance spectrum (n={g['n_samples']}, d={g['n_params']}, "
-                 f"{g['method']}; {int((~pos).sum())} zero(s) not shown)", fontsize="medium")
-    a1.legend(fontsize="x-small")
-    a1.grid(alpha=0.3, which="both")
+    _label(a1, "index i", "covariance eigenvalue $\\sigma_i^2$ (loss$^2$ / param$^2$)",
+           f"Gradient covariance spectrum (n={g['n_samples']}, d={g['n_params']}, "
+           f"{g['method']}; {int((~pos).sum())} zero(s) not shown)", title_size="medium",
+           legend_size="x-small", grid="both")
     ep = e[pos]
     bins = np.geomspace(ep.min(), ep.max(), 40) if ep.size > 1 and ep.max() > ep.min() else 10
     a2.hist(ep, bins=bins, density=True, color="C0", alpha=0.5, label="eigenvalues")
@@ -192,10 +195,8 @@ def _fig_gradients(g: Dict[str, Any], path: Path) -> str:
         a2.plot(xs, inside * pdf, color="C1",
                 label=f"Marchenko-Pastur fit (ratio {mp['ratio']:.2g}, "
                       f"KS D {mp['ks_statistic']:.2f})")
-    a2.set_xlabel("covariance eigenvalue (loss$^2$ / param$^2$)")
-    a2.set_ylabel("density")
-    a2.set_title("Eigenvalue histogram and MP fit", fontsize="medium")
-    a2.legend(fontsize="x-small")
+    _label(a2, "covariance eigenvalue (loss$^2$ / param$^2$)", "density",
+           "Eigenvalue histogram and MP fit", title_size="medium", legend_size="x-small")
     return _save(fig, path)
 
 
@@ -325,9 +326,7 @@ def _fig_gap_vs_rank(pts: List[Dict[str, Any]], depths: Sequence[int], epoch: in
     ax.axvline(100, color="0.4", ls="--", lw=1, label="rank 100 (proposal's plateau)")
     ax.set_xscale("log")
     _plain_log_ticks(ax.xaxis)
-    ax.set_xlabel("gradient effective rank (Roy-Vetterli, dimensionless)")
-    ax.set_ylabel("generalization gap = train acc - test acc")
-    ax.set_title(f"Gap vs gradient rank at epoch {epoch} (marker size ~ width)")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3, which="both")
+    _label(ax, "gradient effective rank (Roy-Vetterli, dimensionless)",
+           "generalization gap = train acc - test acc",
+           f"Gap vs gradient rank at epoch {epoch} (marker size ~ width)", grid="both")
     return _save(fig, path)

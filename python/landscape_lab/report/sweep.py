@@ -100,12 +100,23 @@ def _claim_verdict(ci: Sequence[float], low: float, high: Optional[float] = None
     return "not resolved"
 
 
+def _records_with(doc: _Doc, heading: str, records: List[Dict[str, Any]], key: str,
+                  missing: str) -> List[Dict[str, Any]]:
+    """Open the part ``heading``; return the records that have ``key``, or say ``missing`` in
+    the report when none has it."""
+    doc.h(heading)
+    found = [r for r in records if r.get(key) is not None]
+    if not found:
+        doc.p(missing)
+    return found
+
+
 def _write_phi(doc: _Doc, last: List[Dict[str, Any]], widths: List[int], depths: List[int],
                last_epoch: int, figdir: Path) -> None:
-    doc.h("Phi over the grid")
-    with_phi = [r for r in last if r.get("phi") is not None]
+    with_phi = _records_with(doc, "Phi over the grid", last, "phi",
+                             "Phi needs the gradient rank (grad_k > 0); not available in these "
+                             "measurements.")
     if not with_phi:
-        doc.p("Phi needs the gradient rank (grad_k > 0); not available in these measurements.")
         return
     _fig_phi_grid(with_phi, widths, depths, figdir / "phi_grid.png")
     best = max(with_phi, key=lambda r: r["phi"])
@@ -118,10 +129,10 @@ def _write_phi(doc: _Doc, last: List[Dict[str, Any]], widths: List[int], depths:
 
 def _write_gap_vs_rank(doc: _Doc, last: List[Dict[str, Any]], depths: List[int],
                        last_epoch: int, figdir: Path) -> None:
-    doc.h("Generalization gap against gradient rank")
-    pts = [r for r in last if r.get("grad_effective_rank") is not None]
+    pts = _records_with(doc, "Generalization gap against gradient rank", last,
+                        "grad_effective_rank", "No gradient ranks in these measurements "
+                                               "(grad_k = 0).")
     if not pts:
-        doc.p("No gradient ranks in these measurements (grad_k = 0).")
         return
     _fig_gap_vs_rank(pts, depths, last_epoch, figdir / "gap_vs_rank.png")
     rank = np.array([r["grad_effective_rank"] for r in pts])
