@@ -135,9 +135,9 @@ def model_report(model: nn.Module, dataset: Dataset, out_dir: PathLike, *,
     Parameters
     ----------
     model : nn.Module
-        Its parameters and buffers keep their values (the engine's functions restore them).
-        It is moved to ``config.device`` for the measurements and moved back to the device of
-        its first parameter when the report returns or raises.
+        Its parameters keep their values (the engine's functions restore them; the test suite
+        checks it). It is moved to ``config.device`` for the measurements and moved back to the
+        device of its first parameter when the report returns or raises.
     dataset : Dataset
     out_dir : path
     config : ReportConfig, optional
