@@ -1,12 +1,13 @@
 """Reports: one model (every section, files exist and parse, numbers match the dense Hessian),
-the gradient section's skip path, HTML, and the sweep report from synthetic measurements."""
+the notes for missing inputs, the models moved back to their device, HTML, and the sweep report
+from synthetic measurements."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from landscape_lab import report, training
+from landscape_lab import report
 from landscape_lab.data import gaussian_mixture
 from landscape_lab.models import MLP
 from landscape_lab.report import ReportConfig, model_report, sweep_report
@@ -81,16 +82,59 @@ def test_model_report_all_sections(trained, tmp_path):
     assert set(res.figures) == {"topk", "esd", "gradients", "training", "barrier"}
 
 
-def test_report_without_gradients_module_and_optional_inputs(trained, tmp_path, monkeypatch):
+def test_report_without_optional_inputs(trained, tmp_path):
     ds, a, _, _ = trained
-    monkeypatch.setattr(training, "gradient_api", lambda: None)
     res = model_report(a, ds, tmp_path, config=ReportConfig(**CFG))
     r = res.results
-    assert r["gradients"]["available"] is False
+    assert r["gradients"]["available"] is True and "gradients" in res.figures
     assert "barrier" not in r and "training" not in r
     assert any("--checkpoint-b" in n for n in r["notes"])
-    assert not (tmp_path / "figures" / "gradient_spectrum.png").exists()
-    assert "not available" in (tmp_path / "report.md").read_text()
+    assert any("--train-log" in n for n in r["notes"])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Notes" in md and "## Loss barrier" not in md
+
+
+def _record_moves(models, moves, monkeypatch):
+    """Make ``.to(device)`` of the models ``{name: model}`` append ``(name, device)`` to
+    ``moves`` (copies of them, and every other module, move unrecorded)."""
+    real_to = torch.nn.Module.to
+    names = {id(m): name for name, m in models.items()}
+
+    def to(self, *args, **kwargs):
+        if id(self) in names:
+            moves.append((names[id(self)], torch.device(args[0])))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+
+
+def test_model_report_moves_the_models_back(trained, tmp_path, monkeypatch):
+    """model_report moves both models to config.device and back to where they were, also when
+    a section raises (on a CUDA machine the move is a real one)."""
+    import landscape_ext
+
+    ds, a, b, _ = trained
+    home = torch.device("cpu")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    moves = []
+    _record_moves({"a": a, "b": b}, moves, monkeypatch)
+    params = [p.detach().clone() for p in list(a.parameters()) + list(b.parameters())]
+    cfg = ReportConfig(**{**CFG, "device": str(dev), "sections": ("trace", "barrier")})
+    res = model_report(a, ds, tmp_path / "ok", config=cfg, model_b=b)
+    assert "barrier" in res.results
+    assert moves == [("a", dev), ("b", dev), ("a", home), ("b", home)]
+    after = list(a.parameters()) + list(b.parameters())
+    assert all(p.device == home and torch.equal(p, q) for p, q in zip(after, params))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("trace failed")
+
+    monkeypatch.setattr(landscape_ext, "trace", fail)
+    moves.clear()
+    with pytest.raises(RuntimeError, match="trace failed"):
+        model_report(a, ds, tmp_path / "fail", config=cfg, model_b=b)
+    assert moves == [("a", dev), ("a", home), ("b", home)]
+    assert all(p.device == home for p in after)
 
 
 def test_report_sections_subset_and_ggn(trained, tmp_path):

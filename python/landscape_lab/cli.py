@@ -118,36 +118,92 @@ def _measure_opts(p: argparse.ArgumentParser, k: int = 12) -> None:
                    help="random probes of the spectral density (its error band)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``landscape-lab`` argument parser."""
-    ap = argparse.ArgumentParser(
-        prog="landscape-lab", formatter_class=_Fmt,
-        description="Loss-landscape studies from the command line: Hessian spectra, trace, "
-                    "spectral density with random-matrix fits, gradient-covariance rank, loss "
-                    "barriers, width/depth sweeps with scaling-law fits.",
-        epilog="examples:\n"
-               "  landscape-lab report --example digits-mlp --out out/report\n"
-               "  landscape-lab train --dataset digits --width 64 --depth 3 --out out/run\n"
-               "  landscape-lab report --checkpoint out/run/checkpoint.pt "
-               "--train-log out/run/train_log.jsonl\n"
-               "  landscape-lab sweep --widths 8,16,32 --depths 1,2,3 --shard 0/4 --out out/sweep\n"
-               "  landscape-lab sweep --fit-only --out out/sweep\n\n" + _EPILOG)
-    sub = ap.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    sub.required = True
+#: The built-in examples (keys of ``landscape_lab.report.EXAMPLES``; spelled out here so that
+#: building the parser does not import torch).
+_EXAMPLE_NAMES = ["digits-mlp", "gaussian-mlp"]
 
-    # -- report ----------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "report", formatter_class=_Fmt, epilog=_EPILOG,
-        help="full landscape report of one model (example or checkpoint)",
-        description="Write a landscape report (report.md or .html, figures/*.png, "
-                    "results.json) for one model: top-k Hessian eigenvalues with residuals, "
-                    "trace with its error bar, the SLQ spectral density with a semicircle fit "
-                    "and spikes, the gradient-covariance spectrum with its Marchenko-Pastur fit "
-                    "and gradient rank, lambda_max over training (with a training log) and the "
-                    "loss barrier to a second model. Without --checkpoint it trains the "
-                    "built-in example first (two seeds, for the barrier).")
+#: Type and help of the options that change an example's size, shared by report, barrier and
+#: spectrum (each takes a subset, in its own order).
+_EXAMPLE_SIZES = {"width": (int, "example: hidden width"), "depth": (int, "example: hidden layers"),
+                  "epochs": (int, "example: training epochs"),
+                  "lr": (float, "example: SGD learning rate")}
+
+
+#: Each subcommand's one-line help (in the command list) and description (its --help).
+_SUBCOMMAND_TEXTS = {
+    "report": (
+        "full landscape report of one model (example or checkpoint)",
+        "Write a landscape report (report.md or .html, figures/*.png, "
+        "results.json) for one model: top-k Hessian eigenvalues with residuals, "
+        "trace with its error bar, the SLQ spectral density with a semicircle fit "
+        "and spikes, the gradient-covariance spectrum with its Marchenko-Pastur fit "
+        "and gradient rank, lambda_max over training (with a training log) and the "
+        "loss barrier to a second model. Without --checkpoint it trains the "
+        "built-in example first (two seeds, for the barrier)."),
+    "train": (
+        "train a model with a metrics/curvature log; save a checkpoint",
+        "Train a model and record, every N steps, loss/accuracy and landscape "
+        "statistics (lambda_max and top-k, trace, gradient rank) to "
+        "OUT/train_log.jsonl; save OUT/checkpoint.pt and OUT/summary.json. The "
+        "checkpoint feeds `report`, `spectrum` and `barrier`."),
+    "sweep": (
+        "width x depth sweep with resume, sharding and the scaling-law fit",
+        "Train every (data set, optimizer, width, depth, seed) cell, measure "
+        "||H||_2, lambda_max, tr(H), gradient rank, train/test accuracy and Phi at "
+        "the chosen epochs, one JSON line per measurement in OUT/results.jsonl. "
+        "Finished cells are skipped on a re-run (resume); an interrupted cell is "
+        "run again. --shard i/N runs every N-th cell (parallel processes, torchrun "
+        "ranks or job-array tasks); every shard appends to the one results file "
+        "under a file lock. --shard auto takes i/N from torch.distributed, "
+        "torchrun's RANK/WORLD_SIZE or a Slurm job array. When the grid is complete "
+        "(or with --fit-only) one process fits the scaling law "
+        "||H||_2 = c n^alpha exp(beta L) and writes OUT/sweep_report.md with its "
+        "figures."),
+    "barrier": (
+        "loss along the straight line between two models",
+        "Evaluate the loss (and accuracy) at (1-t) w_A + t w_B for t in [0, 1] and "
+        "report the barrier height (maximum of the loss above the chord). Writes "
+        "OUT/barrier.json and OUT/barrier.png. Without checkpoints, two seeds of "
+        "the digits example are trained first."),
+    "spectrum": (
+        "top-k eigenvalues, trace and spectral density of one model",
+        "Hessian (or Gauss-Newton) spectrum of a checkpoint or of the example "
+        "model: top-k eigenpairs with residuals, Hutch++ trace with standard "
+        "error, SLQ density with semicircle fit. Writes OUT/spectrum.md, "
+        "OUT/results.json and OUT/figures/{topk,esd}.png."),
+}
+
+
+def _add_subparser(sub: Any, name: str) -> argparse.ArgumentParser:
+    """The subcommand ``name``'s parser: its texts, the shared formatter and epilog."""
+    help_text, description = _SUBCOMMAND_TEXTS[name]
+    return sub.add_parser(name, formatter_class=_Fmt, epilog=_EPILOG, help=help_text,
+                          description=description)
+
+
+def _model_source_opts(p: argparse.ArgumentParser, checkpoints: Dict[str, str],
+                       example_help: str) -> None:
+    """Where barrier and spectrum get their models: the ``checkpoints`` options (flag: help),
+    else the built-in ``--example`` (digits-mlp by default) with its ``--epochs`` and
+    ``--width``."""
+    for flag, text in checkpoints.items():
+        p.add_argument(flag, default=None, help=text)
+    p.add_argument("--example", default="digits-mlp", choices=_EXAMPLE_NAMES, help=example_help)
+    _example_size_opts(p, ["epochs", "width"])
+
+
+def _example_size_opts(g: Any, sizes: Sequence[str]) -> None:
+    """The options ``--<size>`` for ``sizes`` (keys of :data:`_EXAMPLE_SIZES`), in that order."""
+    for name in sizes:
+        kind, text = _EXAMPLE_SIZES[name]
+        g.add_argument(f"--{name}", type=kind, default=None, help=text)
+
+
+def _add_report_parser(sub: Any) -> None:
+    """``report``: one model's full landscape report (example or checkpoint)."""
+    p = _add_subparser(sub, "report")
     g = p.add_argument_group("model")
-    g.add_argument("--example", default=None, choices=["digits-mlp", "gaussian-mlp"],
+    g.add_argument("--example", default=None, choices=_EXAMPLE_NAMES,
                    help="built-in example to train and report on (the default when no "
                         "--checkpoint is given: digits-mlp)")
     g.add_argument("--checkpoint", default=None,
@@ -156,10 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="second checkpoint (same architecture) for the loss barrier")
     g.add_argument("--train-log", default=None,
                    help="training log (train_log.jsonl) for lambda_max over training")
-    g.add_argument("--width", type=int, default=None, help="example: hidden width")
-    g.add_argument("--depth", type=int, default=None, help="example: hidden layers")
-    g.add_argument("--epochs", type=int, default=None, help="example: training epochs")
-    g.add_argument("--lr", type=float, default=None, help="example: SGD learning rate")
+    _example_size_opts(g, ["width", "depth", "epochs", "lr"])
     g.add_argument("--curvature-every", type=int, default=25,
                    help="example: steps between lambda_max measurements during training")
     g.add_argument("--no-barrier", action="store_true",
@@ -179,14 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report format")
     _common(p, "out/report")
 
-    # -- train -----------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "train", formatter_class=_Fmt, epilog=_EPILOG,
-        help="train a model with a metrics/curvature log; save a checkpoint",
-        description="Train a model and record, every N steps, loss/accuracy and landscape "
-                    "statistics (lambda_max and top-k, trace, gradient rank) to "
-                    "OUT/train_log.jsonl; save OUT/checkpoint.pt and OUT/summary.json. The "
-                    "checkpoint feeds `report`, `spectrum` and `barrier`.")
+
+def _add_train_parser(sub: Any) -> None:
+    """``train``: a model trained with a metrics/curvature log and a checkpoint."""
+    p = _add_subparser(sub, "train")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mlp", choices=["mlp", "resnet", "vit", "lm"],
                    help="MLP, CIFAR-style ResNet, small ViT, or causal Transformer LM "
@@ -221,21 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient-covariance singular values for the gradient rank (0: off)")
     _common(p, "out/train")
 
-    # -- sweep -----------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "sweep", formatter_class=_Fmt, epilog=_EPILOG,
-        help="width x depth sweep with resume, sharding and the scaling-law fit",
-        description="Train every (data set, optimizer, width, depth, seed) cell, measure "
-                    "||H||_2, lambda_max, tr(H), gradient rank, train/test accuracy and Phi at "
-                    "the chosen epochs, one JSON line per measurement in OUT/results.jsonl. "
-                    "Finished cells are skipped on a re-run (resume); an interrupted cell is "
-                    "run again. --shard i/N runs every N-th cell (parallel processes, torchrun "
-                    "ranks or job-array tasks); every shard appends to the one results file "
-                    "under a file lock. --shard auto takes i/N from torch.distributed, "
-                    "torchrun's RANK/WORLD_SIZE or a Slurm job array. When the grid is complete "
-                    "(or with --fit-only) one process fits the scaling law "
-                    "||H||_2 = c n^alpha exp(beta L) and writes OUT/sweep_report.md with its "
-                    "figures.")
+
+def _add_sweep_parser(sub: Any) -> None:
+    """``sweep``: the width x depth grid, its execution (resume, shards) and the fit."""
+    p = _add_subparser(sub, "sweep")
     g = p.add_argument_group("grid")
     g.add_argument("--widths", type=_ints, default=[8, 16], help="comma-separated widths")
     g.add_argument("--depths", type=_ints, default=[1, 2], help="comma-separated depths")
@@ -287,20 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap replicates of the fit's confidence intervals")
     _common(p, "out/sweep")
 
-    # -- barrier ---------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "barrier", formatter_class=_Fmt, epilog=_EPILOG,
-        help="loss along the straight line between two models",
-        description="Evaluate the loss (and accuracy) at (1-t) w_A + t w_B for t in [0, 1] and "
-                    "report the barrier height (maximum of the loss above the chord). Writes "
-                    "OUT/barrier.json and OUT/barrier.png. Without checkpoints, two seeds of "
-                    "the digits example are trained first.")
-    p.add_argument("--checkpoint-a", default=None, help="first model (checkpoint.pt)")
-    p.add_argument("--checkpoint-b", default=None, help="second model, same architecture")
-    p.add_argument("--example", default="digits-mlp", choices=["digits-mlp", "gaussian-mlp"],
-                   help="built-in example to train twice when no checkpoints are given")
-    p.add_argument("--epochs", type=int, default=None, help="example: training epochs")
-    p.add_argument("--width", type=int, default=None, help="example: hidden width")
+
+def _add_barrier_parser(sub: Any) -> None:
+    """``barrier``: the loss along the line between two models."""
+    p = _add_subparser(sub, "barrier")
+    _model_source_opts(p, {"--checkpoint-a": "first model (checkpoint.pt)",
+                           "--checkpoint-b": "second model, same architecture"},
+                       "built-in example to train twice when no checkpoints are given")
     p.add_argument("--points", type=int, default=25, help="points on the line")
     p.add_argument("--samples", type=int, default=1024,
                    help="samples the loss is evaluated on")
@@ -311,19 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_opts(p, default=None)
     _common(p, "out/barrier")
 
-    # -- spectrum --------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "spectrum", formatter_class=_Fmt, epilog=_EPILOG,
-        help="top-k eigenvalues, trace and spectral density of one model",
-        description="Hessian (or Gauss-Newton) spectrum of a checkpoint or of the example "
-                    "model: top-k eigenpairs with residuals, Hutch++ trace with standard "
-                    "error, SLQ density with semicircle fit. Writes OUT/spectrum.md, "
-                    "OUT/results.json and OUT/figures/{topk,esd}.png.")
-    p.add_argument("--checkpoint", default=None, help="model checkpoint (default: example)")
-    p.add_argument("--example", default="digits-mlp", choices=["digits-mlp", "gaussian-mlp"],
-                   help="built-in example to train when no checkpoint is given")
-    p.add_argument("--epochs", type=int, default=None, help="example: training epochs")
-    p.add_argument("--width", type=int, default=None, help="example: hidden width")
+
+def _add_spectrum_parser(sub: Any) -> None:
+    """``spectrum``: top-k eigenvalues, trace and density of one model."""
+    p = _add_subparser(sub, "spectrum")
+    _model_source_opts(p, {"--checkpoint": "model checkpoint (default: example)"},
+                       "built-in example to train when no checkpoint is given")
     p.add_argument("--operator", default="hessian", choices=["hessian", "ggn"],
                    help="curvature matrix: exact Hessian or Gauss-Newton")
     p.add_argument("--which", default="largest",
@@ -332,6 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
     _data_opts(p, default=None)
     _measure_opts(p)
     _common(p, "out/spectrum")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``landscape-lab`` argument parser."""
+    ap = argparse.ArgumentParser(
+        prog="landscape-lab", formatter_class=_Fmt,
+        description="Loss-landscape studies from the command line: Hessian spectra, trace, "
+                    "spectral density with random-matrix fits, gradient-covariance rank, loss "
+                    "barriers, width/depth sweeps with scaling-law fits.",
+        epilog="examples:\n"
+               "  landscape-lab report --example digits-mlp --out out/report\n"
+               "  landscape-lab train --dataset digits --width 64 --depth 3 --out out/run\n"
+               "  landscape-lab report --checkpoint out/run/checkpoint.pt "
+               "--train-log out/run/train_log.jsonl\n"
+               "  landscape-lab sweep --widths 8,16,32 --depths 1,2,3 --shard 0/4 --out out/sweep\n"
+               "  landscape-lab sweep --fit-only --out out/sweep\n\n" + _EPILOG)
+    sub = ap.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    for add_parser in (_add_report_parser, _add_train_parser, _add_sweep_parser,
+                       _add_barrier_parser, _add_spectrum_parser):
+        add_parser(sub)
     return ap
 
 
@@ -416,6 +462,29 @@ def _report_config(args: argparse.Namespace, dev: str, **kw: Any):
     return ReportConfig(**base)
 
 
+def _train_example(args: argparse.Namespace, dev: str, seeds: Sequence[int]):
+    """Train the built-in example ``args.example`` (with the size options given) once per
+    seed in ``seeds``; returns the data set, the example's settings and the models."""
+    import numpy as np
+
+    from . import training
+    from .data import get_dataset
+    from .models import MLP
+    from .report import EXAMPLES
+
+    ex = {**EXAMPLES[args.example], **_overrides(args)}
+    ds = get_dataset(ex["dataset"], seed=args.seed, **ex["dataset_kwargs"])
+    models = []
+    for seed in seeds:
+        model = MLP(int(np.prod(ds.input_shape)), ex["width"], ex["depth"], ds.n_classes,
+                    ex["activation"], seed=seed)
+        training.train(model, ds, training.TrainConfig(
+            epochs=ex["epochs"], batch_size=ex["batch_size"], optimizer=ex["optimizer"],
+            lr=ex["lr"], seed=seed, device=dev), progress=not args.quiet)
+        models.append(model)
+    return ds, ex, models
+
+
 def _done(what: str, path: Any, t0: float) -> None:
     print(f"{what}: {path}")
     print(f"elapsed: {time.perf_counter() - t0:.1f} s")
@@ -454,9 +523,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"lambda_max = {r['topk']['eigenvalues'][0]:.6g}" if "topk" in r else "", end="")
     if "trace" in r:
         print(f", trace = {r['trace']['estimate']:.6g} +- {r['trace']['stderr']:.2g}", end="")
-    g = r.get("gradients") or {}
-    if g.get("available"):
-        print(f", gradient effective rank = {g['rank']['effective_rank']:.1f}", end="")
+    if "gradients" in r:
+        print(f", gradient effective rank = {r['gradients']['rank']['effective_rank']:.1f}",
+              end="")
     if "barrier" in r:
         print(f", barrier = {r['barrier']['height']:.4g}", end="")
     print()
@@ -592,8 +661,9 @@ def cmd_barrier(args: argparse.Namespace) -> int:
     dev = _setup(args)
     import numpy as np
 
-    from . import report, training
+    from . import training
     from .barriers import interpolate
+    from .report.figures import _fig_barrier
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -605,25 +675,10 @@ def cmd_barrier(args: argparse.Namespace) -> int:
         mb, _ = training.load_checkpoint(args.checkpoint_b, dev)
         ds = _load_dataset(args, meta)
     else:
-        from .data import get_dataset
-        from .models import MLP
-        from .report import EXAMPLES
-
-        ex = {**EXAMPLES[args.example], **_overrides(args)}
-        ds = get_dataset(ex["dataset"], seed=args.seed, **ex["dataset_kwargs"])
-        tc = training.TrainConfig(epochs=ex["epochs"], batch_size=ex["batch_size"],
-                                  optimizer=ex["optimizer"], lr=ex["lr"], seed=args.seed,
-                                  device=dev)
-        models = []
-        for s in (args.seed, args.seed + 1):
-            m = MLP(int(np.prod(ds.input_shape)), ex["width"], ex["depth"], ds.n_classes,
-                    ex["activation"], seed=s)
-            training.train(m, ds, training.TrainConfig(**{**asdict(tc), "seed": s}),
-                           progress=not args.quiet)
-            training.save_checkpoint(out / f"model_{'ab'[len(models)]}.pt", m, dataset=ds.name,
+        ds, ex, (ma, mb) = _train_example(args, dev, (args.seed, args.seed + 1))
+        for letter, model in zip("ab", (ma, mb)):
+            training.save_checkpoint(out / f"model_{letter}.pt", model, dataset=ds.name,
                                      dataset_kwargs=ex["dataset_kwargs"], split_seed=args.seed)
-            models.append(m)
-        ma, mb = models
     loss_fn, _ = training.loss_functions(ds.task)
     x, y = ds.subset(args.samples, args.split, seed=args.seed)
     path = interpolate(ma, mb, loss_fn, (x.to(dev), y.to(dev)),
@@ -632,7 +687,7 @@ def cmd_barrier(args: argparse.Namespace) -> int:
     res = path.to_dict()
     res.update(height=path.height, t_max=path.t_max, split=args.split, dataset=ds.name)
     (out / "barrier.json").write_text(json.dumps(training.json_clean(res), indent=2))
-    fig = report._fig_barrier(path, out / "barrier.png")
+    fig = _fig_barrier(path, out / "barrier.png")
     print(f"barrier height {path.height:.6g} at t = {path.t_max:.3g} "
           f"(loss {path.losses[0]:.4g} -> {path.losses[-1]:.4g})")
     print(f"figure: {fig}")
@@ -652,22 +707,11 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         ds = _load_dataset(args, meta)
         ctx = {"checkpoint": args.checkpoint}
     else:
-        from .data import get_dataset
-        from .models import MLP
-        from .report import EXAMPLES
-        import numpy as np
-
-        ex = {**EXAMPLES[args.example], **_overrides(args)}
-        ds = get_dataset(ex["dataset"], seed=args.seed, **ex["dataset_kwargs"])
-        model = MLP(int(np.prod(ds.input_shape)), ex["width"], ex["depth"], ds.n_classes,
-                    ex["activation"], seed=args.seed)
-        training.train(model, ds, training.TrainConfig(
-            epochs=ex["epochs"], batch_size=ex["batch_size"], optimizer=ex["optimizer"],
-            lr=ex["lr"], seed=args.seed, device=dev), progress=not args.quiet)
+        ds, _, (model,) = _train_example(args, dev, (args.seed,))
         ctx = {"example": args.example}
+    operator_name = "GGN" if args.operator == "ggn" else "Hessian"
     res = report.model_report(model, ds, args.out, config=cfg, context=ctx, stem="spectrum",
-                              title=f"{args.operator.upper() if args.operator == 'ggn' else 'Hessian'}"
-                                    f" spectrum")
+                              title=f"{operator_name} spectrum")
     r = res.results
     ev = r["topk"]["eigenvalues"]
     print(f"top-{len(ev)} ({args.which}): " + ", ".join(f"{v:.5g}" for v in ev))
