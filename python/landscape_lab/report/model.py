@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 import landscape_ext as le
 
+from .._results import PathLike
 from .. import training
 from ..barriers import interpolate
 from ..data import Dataset
@@ -31,7 +31,6 @@ from .document import _Doc, check_format
 from .figures import _fig_barrier, _fig_esd, _fig_gradients, _fig_topk, _fig_training
 from .model_doc import _write_model_doc
 
-PathLike = Union[str, os.PathLike]
 
 SECTIONS = ("topk", "trace", "esd", "gradients", "training", "barrier")
 

@@ -4,16 +4,15 @@ rank, from the measurement records of :mod:`landscape_lab.sweep`. See docs/repor
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._results import PathLike
 from .document import _Doc, _fmt, _fmt_ci
 from .figures import _fig_gap_vs_rank, _fig_phi_grid, _fig_scaling_law
 
-PathLike = Union[str, os.PathLike]
 
 
 def sweep_report(measurements: Sequence[Dict[str, Any]], out_dir: PathLike, *,
