@@ -249,15 +249,15 @@ def _check_same_architecture(model_a: nn.Module, model_b: nn.Module, func: str) 
     def shapes(named) -> Dict[str, Tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in named}
 
-    for kind, pa, pb in (
+    for kind, shapes_a, shapes_b in (
         ("parameters", shapes(model_a.named_parameters()), shapes(model_b.named_parameters())),
         ("buffers", shapes(model_a.named_buffers()), shapes(model_b.named_buffers())),
     ):
-        if pa == pb:
+        if shapes_a == shapes_b:
             continue
-        only_a = sorted(set(pa) - set(pb))
-        only_b = sorted(set(pb) - set(pa))
-        diff = [f"{k}: {pa[k]} vs {pb[k]}" for k in sorted(set(pa) & set(pb)) if pa[k] != pb[k]]
+        only_a = sorted(set(shapes_a) - set(shapes_b))
+        only_b = sorted(set(shapes_b) - set(shapes_a))
+        diff = [f"{k}: {shapes_a[k]} vs {shapes_b[k]}" for k in sorted(set(shapes_a) & set(shapes_b)) if shapes_a[k] != shapes_b[k]]
         parts = []
         if only_a:
             parts.append(f"only in model_a: {', '.join(only_a[:5])}{' ...' if len(only_a) > 5 else ''}")
@@ -267,7 +267,7 @@ def _check_same_architecture(model_a: nn.Module, model_b: nn.Module, func: str) 
             parts.append(f"shape mismatch: {'; '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}")
         raise ValueError(
             f"{func}: model_a and model_b must have the same architecture; {kind} differ "
-            f"({len(pa)} vs {len(pb)} tensors): " + "; ".join(parts)
+            f"({len(shapes_a)} vs {len(shapes_b)} tensors): " + "; ".join(parts)
         )
 
 
