@@ -137,6 +137,25 @@ at::Tensor project_rows(at::Tensor v, const at::Tensor& Qrows, at::Tensor* coef)
   return v;
 }
 
+// A unit direction orthogonal to basis[:, :n] (a one-run basis) and to the rows of Qk (none when
+// undefined) for replacing lost direction `index`: the first of 8 pseudo-random tries that keeps
+// more than half its norm after the projections; undefined if none does. Device and dtype of
+// `like`, whose last dimension is d.
+at::Tensor fresh_orthogonal_direction(const Passes& passes, const at::Tensor& basis, int64_t n,
+                                      const at::Tensor& Qk, int64_t index, const at::Tensor& like,
+                                      const char* op, const char* basis_name) {
+  const int64_t d = like.size(-1);
+  for (int64_t attempt = 0; attempt < 8; ++attempt) {
+    at::Tensor z = fresh_direction(d, index, attempt, like);
+    z = z / z.norm();
+    if (n > 0) z = project_twice(passes, basis, z.view({1, 1, d}), n, op, basis_name).W2.view({d});
+    if (Qk.defined()) z = project_rows(z, Qk, nullptr);
+    const double zn = z.norm().item<double>();
+    if (zn > 0.5) return z / zn;
+  }
+  return at::Tensor();
+}
+
 void check_finite_rows(const at::Tensor& norms_cpu, const char* op, const char* name) {
   auto acc = norms_cpu.accessor<double, 1>();
   for (int64_t i = 0; i < norms_cpu.size(0); ++i) {
@@ -328,20 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
       continue;
     }
     // Lost direction: its (tiny) remainder is dropped, r[k, k] stays 0.
-    bool found = false;
-    for (int64_t attempt = 0; attempt < 8 && !found; ++attempt) {
-      at::Tensor z = fresh_direction(d, k, attempt, W2);
-      z = z / z.norm();
-      if (n > 0) z = project_twice(passes, basis, z.view({1, 1, d}), n, op, "basis").W2.view({d});
-      z = project_rows(z, Qk, nullptr);
-      const double zn = z.norm().item<double>();
-      if (zn > 0.5) {
-        q[k].copy_(z / zn);
-        found = true;
-      }
-    }
-    TORCH_CHECK(found, op, ": could not find a direction orthogonal to the ", n,
+    const at::Tensor z = fresh_orthogonal_direction(passes, basis, n, Qk, k, W2, op, "basis");
+    TORCH_CHECK(z.defined(), op, ": could not find a direction orthogonal to the ", n,
                 " basis rows and ", k, " block rows in dimension d = ", d);
+    q[k].copy_(z);
   }
   return {q, C, r.to(opts)};
 }
@@ -380,20 +389,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_impl(
   for (int64_t i = 0; i < r; ++i) {
     if (ncpu[i] > tol * n0[i] && ncpu[i] > 0.0) continue;
     // vectors[i] lies in the span of bases[i, :n]: report norm 0 and a fresh unit direction.
-    const at::Tensor basis_i = bases.narrow(0, i, 1);
-    bool found = false;
-    for (int64_t attempt = 0; attempt < 8 && !found; ++attempt) {
-      at::Tensor z = fresh_direction(d, i, attempt, vectors);
-      z = z / z.norm();
-      if (n > 0) z = project_twice(passes, basis_i, z.view({1, 1, d}), n, op, "bases").W2.view({d});
-      const double zn = z.norm().item<double>();
-      if (zn > 0.5) {
-        q[i].copy_(z / zn);
-        found = true;
-      }
-    }
-    TORCH_CHECK(found, op, ": could not find a direction orthogonal to the ", n,
+    const at::Tensor z = fresh_orthogonal_direction(passes, bases.narrow(0, i, 1), n,
+                                                    at::Tensor(), i, vectors, op, "bases");
+    TORCH_CHECK(z.defined(), op, ": could not find a direction orthogonal to the ", n,
                 " basis rows of run ", i, " in dimension d = ", d);
+    q[i].copy_(z);
     norms.index_put_({i}, 0.0);
   }
   return {q, p.C.view({r, n}), norms};

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import landscape_ext
 from landscape_ext import ops, reference
 
+from _op_common import on_one_and_many_threads
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 ACTS = ["identity", "relu", "gelu", "tanh", "silu"]
@@ -179,14 +181,7 @@ def test_results_do_not_depend_on_thread_count():
     logits = randn(257, 1000, dtype=torch.float32, seed=21)
     target = targets(257, 1000, "cpu", seed=22)
     dirs = randn(3, 257, 1000, dtype=torch.float32, seed=23)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.xent_hvp(logits, target, dirs)
-        torch.set_num_threads(max(2, threads))
-        many = ops.xent_hvp(logits, target, dirs)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = on_one_and_many_threads(lambda: ops.xent_hvp(logits, target, dirs))
     assert torch.equal(one, many)
 
 

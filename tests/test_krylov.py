@@ -6,6 +6,8 @@ import torch
 import landscape_ext
 from landscape_ext import ops, reference
 
+from _op_common import on_one_and_many_threads
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BASIS_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 BLOCK_DTYPES = [torch.float64, torch.float32]
@@ -363,14 +365,7 @@ def test_results_do_not_depend_on_thread_count():
     d, m, b = 300_001, 6, 3
     basis = orthonormal_rows(m, d, torch.float32, "cpu", seed=13)
     block = randn(b, d, dtype=torch.float32, device="cpu", seed=14)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.block_orthonormalize(basis, block, m)
-        torch.set_num_threads(max(2, threads))
-        many = ops.block_orthonormalize(basis, block, m)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = on_one_and_many_threads(lambda: ops.block_orthonormalize(basis, block, m))
     for a, b_ in zip(one, many):
         assert torch.equal(a, b_)
 

@@ -12,6 +12,8 @@ import torch
 import landscape_ext
 from landscape_ext import ops, reference
 
+from _op_common import on_one_and_many_threads
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32]
 # rounding of the float32 kernels relative to sum |e| |V| |a| (the condition of each entry)
@@ -146,14 +148,7 @@ def test_every_cpu_variant_matches_reference(isa):
 def test_results_do_not_depend_on_thread_count():
     A, E = factors(301, None, 77, 90, torch.float32, "cpu", seed=14)
     V = randn(9, 90, 77, dtype=torch.float32, device="cpu", seed=15)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.linear_grad_sketch(A, E, V)
-        torch.set_num_threads(max(2, threads))
-        many = ops.linear_grad_sketch(A, E, V)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = on_one_and_many_threads(lambda: ops.linear_grad_sketch(A, E, V))
     assert torch.equal(one, many)
 
 
