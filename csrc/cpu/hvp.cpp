@@ -10,7 +10,7 @@
 //
 // act_derivs: one pass over z writing sigma, sigma', sigma''. Float, half and bfloat16 run on
 // float vectors with polynomial exp / erf / tanh (errors measured against float64: exp 1 ulp,
-// erf and tanh 2 ulp; see tests/test_mlp_hvp.py); float64 runs a scalar loop over the libm
+// erf and tanh 2 ulp; see tests/test_hvp.py); float64 runs a scalar loop over the libm
 // functions (exact to libm's accuracy; float64 is the precision of tests, not of speed).
 //
 // Inner loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per
