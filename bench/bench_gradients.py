@@ -1,15 +1,12 @@
-"""Benchmark the gradient-covariance SVD and the sketch ops, side by side in one run.
+"""Benchmark the gradient-covariance SVD against materialized per-sample gradients.
 
     python bench/bench_gradients.py                 # full run (~10 min on 2 CPU cores)
     python bench/bench_gradients.py --quick         # < 2 min: smaller n, no large model
     python bench/bench_gradients.py --device cuda   # on a GPU (JSON named after the card)
-    python bench/bench_gradients.py --section ops   # only the op table
 
-Section "ops": linear_grad_sketch (fused kernel) against its plain-PyTorch reference (the einsum
-composite, which materializes an (N T, l, n_out) temporary) and linear_grad_project (a GEMM
-composite) against its einsum reference; GFLOP/s count 2 N T l n_in n_out multiply-adds.
+(The sketch ops it builds on: bench/bench_sketch.py.)
 
-Section "svd": the top-k singular values of the n x d per-sample gradient matrix (k = 32,
+The top-k singular values of the n x d per-sample gradient matrix (k = 32,
 centred, singular values of G / sqrt(n)) of an MLP briefly trained on a 10-class Gaussian
 mixture, by
   * ours: landscape_ext.gradient_covariance_svd with method "kronecker" (randomized, layer
@@ -41,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, markdown_table, time_fn, write_results  # noqa: E402
+from common import machine_info, markdown_table, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -285,60 +282,10 @@ def bench_svd(args, rows, info):
         info.setdefault("reference_time_s", {})[model_name] = t_ref
 
 
-# ------------------------------------------------------------------------------------------------
-# ops table
-# ------------------------------------------------------------------------------------------------
-
-
-def bench_ops(args, rows):
-    from landscape_ext import ops, reference
-    device = args.device
-    shapes = [(512, None, 784, 320, 42), (512, None, 320, 128, 42), (256, None, 1024, 1024, 42),
-              (64, 16, 256, 256, 42), (2048, None, 128, 10, 42)]
-    if args.quick:
-        shapes = [(512, None, 784, 320, 42), (64, 16, 256, 256, 42)]
-    g = torch.Generator().manual_seed(0)
-    for N, T, n_in, n_out, l in shapes:
-        lead = (N,) if T is None else (N, T)
-        A = torch.randn(*lead, n_in, generator=g).to(device)
-        E = torch.randn(*lead, n_out, generator=g).to(device)
-        V = torch.randn(l, n_out, n_in, generator=g).to(device)
-        W = torch.randn(N, l, generator=g).to(device)
-        # correctness before timing
-        y = ops.linear_grad_sketch(A, E, V)
-        y_ref = reference.linear_grad_sketch(A.double(), E.double(), V.double())
-        err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
-        assert err < 1e-5, f"linear_grad_sketch disagrees with the reference: {err}"
-        P = ops.linear_grad_project(A, E, W)
-        P_ref = reference.linear_grad_project(A.double(), E.double(), W.double())
-        assert ((P.double() - P_ref).norm() / P_ref.norm()).item() < 1e-5
-        flops = 2 * N * (T or 1) * l * n_in * n_out
-        shape = f"N={N} T={T or 1} {n_in}->{n_out} l={l}"
-        for op, fused, ref in (
-                ("linear_grad_sketch", lambda: ops.linear_grad_sketch(A, E, V),
-                 lambda: reference.linear_grad_sketch(A, E, V)),
-                ("linear_grad_project", lambda: ops.linear_grad_project(A, E, W),
-                 lambda: reference.linear_grad_project(A, E, W))):
-            # interleave the two so that load on a shared machine hits both alike
-            ta, tb = [], []
-            for _ in range(args.repeats):
-                ta.append(time_fn(fused, device, warmup=1, repeats=1)["median_s"])
-                tb.append(time_fn(ref, device, warmup=0, repeats=1)["median_s"])
-            ta.sort()
-            tb.sort()
-            t_op, t_ref = ta[len(ta) // 2], tb[len(tb) // 2]
-            for impl, t in (("landscape_ext", t_op), ("einsum reference", t_ref)):
-                rows.append({"op": op, "shape": shape, "impl": impl, "median_ms": t * 1e3,
-                             "GFLOP/s": flops / t / 1e9, "speedup": t_ref / t})
-            print(markdown_table(rows[-2:], list(rows[-1].keys())).split("\n", 2)[2], flush=True)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--section", choices=["all", "ops", "svd"], default="all")
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--p", type=int, default=10, help="oversampling of every randomized method")
     p.add_argument("--q", type=int, default=3, help="power iterations of every randomized method")
     p.add_argument("--batch", type=int, default=512, help="batch size of the data loader")
@@ -364,14 +311,8 @@ def main(argv=None):
                         "batch": args.batch, "quick": args.quick}
     print(f"# gradient covariance SVD on {info['device_name']} ({args.device}), torch "
           f"{info['torch']}, {info['cpu_threads']} threads")
-    op_rows, svd_rows = [], []
-    if args.section in ("all", "ops"):
-        bench_ops(args, op_rows)
-    if args.section in ("all", "svd"):
-        bench_svd(args, svd_rows, info)
-    if op_rows:
-        print("\n## sketch ops\n")
-        print(markdown_table(op_rows, list(op_rows[0].keys())))
+    svd_rows = []
+    bench_svd(args, svd_rows, info)
     if svd_rows:
         cols = ["model", "d", "n", "k", "impl", "time_s", "peak_MB", "extra_MB", "err_top32",
                 "speedup_vs_svd_lowrank", "extra_mem_ratio", "passes", "note"]
@@ -384,7 +325,7 @@ def main(argv=None):
         name = "gradients_cuda_" + torch.cuda.get_device_name().replace(" ", "_")
     else:
         name = "gradients_cpu" + ("_quick" if args.quick else "")
-    path = write_results(name, {"machine": info, "ops": op_rows, "svd": svd_rows}, args.out)
+    path = write_results(name, {"machine": info, "svd": svd_rows}, args.out)
     print(f"\nwrote {path}")
 
 

@@ -46,6 +46,20 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 1, repe
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu",
+                     repeats: int = 5) -> Dict[str, float]:
+    """Median seconds of each of ``fns`` over ``repeats`` rounds. Each fn is called once to warm
+    up, then every round calls each fn once, so load on a shared machine hits all alike."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device, warmup=0, repeats=1)["median_s"])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def copy_bandwidth_gbs(device: str = "cpu", n_bytes: int = 1 << 29) -> float:
     """Measured device copy bandwidth in GB/s (read + write bytes per second), the roofline that
     memory-bound kernels are judged against."""

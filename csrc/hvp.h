@@ -33,7 +33,7 @@
 namespace landscape_ext {
 namespace hvp {
 
-// Activation codes of act_derivs (the Python side maps names to them: landscape_ext.ops.ACTIVATIONS).
+// Activation codes of act_derivs.
 enum Act : int64_t {
   kIdentity = 0,
   kReLU = 1,
@@ -41,12 +41,44 @@ enum Act : int64_t {
   kTanh = 3,
   kSiLU = 4,
 };
-constexpr int64_t kNumActs = 5;
+// Their names, indexed by code: the one table of activations. The error messages print it and
+// the Python side reads it (landscape_ext._C.activations() -> landscape_ext.ops.ACTIVATIONS).
+constexpr const char* kActNames[] = {"identity", "relu", "gelu", "tanh", "silu"};
+constexpr int64_t kNumActs = sizeof(kActNames) / sizeof(kActNames[0]);
+static_assert(kNumActs == kSiLU + 1, "kActNames must name every Act code, in code order");
 
 // ---- argument checks (messages name the op, the argument and the sizes) ------------------------
 void check_xent_hvp_args(const at::Tensor& logits, const at::Tensor& target,
                          const at::Tensor& directions, double label_smoothing);
 void check_act_derivs_args(const at::Tensor& z, int64_t act);
+
+// ---- call setup shared by the backends ----------------------------------------------------------
+// One xent_hvp call as both backends' kernels address it (pointers; strides in elements).
+struct XentLayout {
+  const void* logits;
+  int64_t ls;             // logits row stride; the stride along C is 1
+  const int64_t* target;  // contiguous (N,)
+  const void* dirs;       // null when k == 0
+  int64_t dsk, dsn;       // directions strides of dims 0 and 1; dim 2 has stride 1
+  void* out;              // contiguous (k, N, C), dtype of directions
+  int64_t N, C, k, ignore_index;
+};
+
+// The checked inputs of xent_hvp in the layout the kernels read (logits and directions with unit
+// stride along C are read in place, others copied; target contiguous) and its new output.
+struct XentCall {
+  at::Tensor logits, target, dirs, out;
+  XentLayout layout;
+};
+XentCall prepare_xent_hvp(const at::Tensor& logits, const at::Tensor& target,
+                          const at::Tensor& directions, double label_smoothing,
+                          int64_t ignore_index);
+
+// The checked input of act_derivs made contiguous and its three new outputs (shape and dtype of z).
+struct ActCall {
+  at::Tensor z, a, d1, d2;
+};
+ActCall prepare_act_derivs(const at::Tensor& z, int64_t act);
 
 // Count of rows with target != ignore_index on the CPU; raises for a target outside [0, C)
 // that is not ignore_index (naming the first such row and its value). target: CPU int64 (N,).

@@ -1,4 +1,5 @@
-// hvp op family: argument checks and the messages both backends raise (see hvp.h).
+// hvp op family: argument checks, the call setup and the messages both backends raise (see
+// hvp.h).
 #include "hvp.h"
 
 #include <c10/util/Exception.h>
@@ -7,21 +8,10 @@
 #include <sstream>
 #include <string>
 
+#include "checks.h"
+
 namespace landscape_ext {
 namespace hvp {
-namespace {
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
-
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-}  // namespace
 
 void check_xent_hvp_args(const at::Tensor& logits, const at::Tensor& target,
                          const at::Tensor& directions, double label_smoothing) {
@@ -38,10 +28,10 @@ void check_xent_hvp_args(const at::Tensor& logits, const at::Tensor& target,
               shape_str(directions));
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64 class indices, got ",
               target.scalar_type());
-  TORCH_CHECK(is_float_dtype(logits.scalar_type()), op,
+  TORCH_CHECK(is_float_or_half(logits.scalar_type()), op,
               ": logits must be float64, float32, float16 or bfloat16, got ",
               logits.scalar_type());
-  TORCH_CHECK(is_float_dtype(directions.scalar_type()), op,
+  TORCH_CHECK(is_float_or_half(directions.scalar_type()), op,
               ": directions must be float64, float32, float16 or bfloat16, got ",
               directions.scalar_type());
   TORCH_CHECK(logits.device() == directions.device(), op, ": logits is on ", logits.device(),
@@ -54,10 +44,49 @@ void check_xent_hvp_args(const at::Tensor& logits, const at::Tensor& target,
 
 void check_act_derivs_args(const at::Tensor& z, int64_t act) {
   const char* op = "act_derivs";
-  TORCH_CHECK(act >= 0 && act < kNumActs, op, ": act = ", act,
-              " is not an activation code (0 identity, 1 relu, 2 gelu, 3 tanh, 4 silu)");
-  TORCH_CHECK(is_float_dtype(z.scalar_type()), op,
+  if (act < 0 || act >= kNumActs) {
+    std::ostringstream codes;
+    for (int64_t c = 0; c < kNumActs; ++c) codes << (c ? ", " : "") << c << " " << kActNames[c];
+    TORCH_CHECK(false, op, ": act = ", act, " is not an activation code (", codes.str(), ")");
+  }
+  TORCH_CHECK(is_float_or_half(z.scalar_type()), op,
               ": z must be float64, float32, float16 or bfloat16, got ", z.scalar_type());
+}
+
+XentCall prepare_xent_hvp(const at::Tensor& logits, const at::Tensor& target,
+                          const at::Tensor& directions, double label_smoothing,
+                          int64_t ignore_index) {
+  check_xent_hvp_args(logits, target, directions, label_smoothing);
+  const int64_t N = logits.size(0), C = logits.size(1), k = directions.size(0);
+  XentCall call;
+  call.out = at::empty({k, N, C}, directions.options());
+  call.target = target.contiguous();
+  // rows with unit stride in C are read in place (any row / direction strides)
+  call.logits = logits.stride(1) == 1 ? logits : logits.contiguous();
+  call.dirs = (k == 0 || directions.stride(2) == 1) ? directions : directions.contiguous();
+  XentLayout& io = call.layout;
+  io.logits = call.logits.data_ptr();
+  io.ls = call.logits.stride(0);
+  io.target = call.target.data_ptr<int64_t>();
+  io.dirs = k == 0 ? nullptr : call.dirs.data_ptr();
+  io.dsk = k == 0 ? 0 : call.dirs.stride(0);
+  io.dsn = k == 0 ? 0 : call.dirs.stride(1);
+  io.out = call.out.data_ptr();
+  io.N = N;
+  io.C = C;
+  io.k = k;
+  io.ignore_index = ignore_index;
+  return call;
+}
+
+ActCall prepare_act_derivs(const at::Tensor& z, int64_t act) {
+  check_act_derivs_args(z, act);
+  ActCall call;
+  call.z = z.contiguous();
+  call.a = at::empty(call.z.sizes(), call.z.options());
+  call.d1 = at::empty(call.z.sizes(), call.z.options());
+  call.d2 = at::empty(call.z.sizes(), call.z.options());
+  return call;
 }
 
 void xent_bad_target(int64_t row, int64_t value, int64_t C, int64_t ignore_index) {

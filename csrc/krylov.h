@@ -17,6 +17,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -61,6 +62,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_impl(
     const Passes& passes, const at::Tensor& bases, const at::Tensor& vectors, int64_t n_basis,
     double rank_tol);
+
+// The registered kernels of a backend whose passes are kPasses (a Passes object with static
+// storage): its TORCH_LIBRARY_IMPL block calls register_kernels<kPasses>(m).
+template <const Passes& kPasses>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_kernel(
+    const at::Tensor& basis, const at::Tensor& block, int64_t n_basis, double rank_tol,
+    int64_t rounds, int64_t local_rows) {
+  return block_orthonormalize_impl(kPasses, basis, block, n_basis, rank_tol, rounds, local_rows);
+}
+
+template <const Passes& kPasses>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_kernel(
+    const at::Tensor& bases, const at::Tensor& vectors, int64_t n_basis, double rank_tol) {
+  return orthogonalize_batched_impl(kPasses, bases, vectors, n_basis, rank_tol);
+}
+
+template <const Passes& kPasses>
+void register_kernels(torch::Library& m) {
+  m.impl("block_orthonormalize", &block_orthonormalize_kernel<kPasses>);
+  m.impl("orthogonalize_batched", &orthogonalize_batched_kernel<kPasses>);
+}
 
 // Element math shared by backends: deterministic partition of d into chunks for the
 // per-chunk partial sums (the partition depends only on d, so results do not depend on the

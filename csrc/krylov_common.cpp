@@ -7,24 +7,14 @@
 
 #include <cmath>
 #include <limits>
-#include <sstream>
+#include <string>
 #include <vector>
+
+#include "checks.h"
 
 namespace landscape_ext {
 namespace krylov {
 namespace {
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
-
-bool is_basis_dtype(at::ScalarType t) {
-  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-bool is_block_dtype(at::ScalarType t) { return t == at::kDouble || t == at::kFloat; }
 
 double unit_roundoff(at::ScalarType t) {
   switch (t) {
@@ -147,6 +137,25 @@ at::Tensor project_rows(at::Tensor v, const at::Tensor& Qrows, at::Tensor* coef)
   return v;
 }
 
+// A unit direction orthogonal to basis[:, :n] (a one-run basis) and to the rows of Qk (none when
+// undefined) for replacing lost direction `index`: the first of 8 pseudo-random tries that keeps
+// more than half its norm after the projections; undefined if none does. Device and dtype of
+// `like`, whose last dimension is d.
+at::Tensor fresh_orthogonal_direction(const Passes& passes, const at::Tensor& basis, int64_t n,
+                                      const at::Tensor& Qk, int64_t index, const at::Tensor& like,
+                                      const char* op, const char* basis_name) {
+  const int64_t d = like.size(-1);
+  for (int64_t attempt = 0; attempt < 8; ++attempt) {
+    at::Tensor z = fresh_direction(d, index, attempt, like);
+    z = z / z.norm();
+    if (n > 0) z = project_twice(passes, basis, z.view({1, 1, d}), n, op, basis_name).W2.view({d});
+    if (Qk.defined()) z = project_rows(z, Qk, nullptr);
+    const double zn = z.norm().item<double>();
+    if (zn > 0.5) return z / zn;
+  }
+  return at::Tensor();
+}
+
 void check_finite_rows(const at::Tensor& norms_cpu, const char* op, const char* name) {
   auto acc = norms_cpu.accessor<double, 1>();
   for (int64_t i = 0; i < norms_cpu.size(0); ++i) {
@@ -161,26 +170,41 @@ double default_rank_tol(at::ScalarType basis_dtype, at::ScalarType block_dtype) 
   return 10.0 * std::max(unit_roundoff(basis_dtype), unit_roundoff(block_dtype));
 }
 
+namespace {
+
+// The checks both ops share: a basis of any float or half dtype and a block (or vectors) of
+// float32 or float64 on one device; n_basis within the m basis rows; rank_tol.
+void check_basis_and_block(const char* op, const char* basis_name, const at::Tensor& basis,
+                           const char* block_name, const at::Tensor& block) {
+  TORCH_CHECK(basis.device() == block.device(), op, ": ", basis_name, " is on ", basis.device(),
+              " but ", block_name, " is on ", block.device());
+  TORCH_CHECK(is_float_or_half(basis.scalar_type()), op, ": ", basis_name,
+              " must be float64, float32, float16 or bfloat16, got ", basis.scalar_type());
+  TORCH_CHECK(is_float32_or_64(block.scalar_type()), op, ": ", block_name,
+              " must be float32 or float64, got ", block.scalar_type());
+}
+
+void check_n_basis_and_rank_tol(const char* op, int64_t n_basis, int64_t m, double rank_tol) {
+  TORCH_CHECK(n_basis >= 0 && n_basis <= m, op, ": n_basis = ", n_basis,
+              " must be in [0, m] with m = ", m, " basis rows");
+  TORCH_CHECK(std::isfinite(rank_tol) && rank_tol < 1.0, op,
+              ": rank_tol must be finite and < 1 (negative selects the default), got ", rank_tol);
+}
+
+}  // namespace
+
 void check_block_orthonormalize_args(const at::Tensor& basis, const at::Tensor& block,
                                      int64_t n_basis, double rank_tol) {
   const char* op = "block_orthonormalize";
   TORCH_CHECK(basis.dim() == 2, op, ": basis must be 2-D (m, d), got shape ", shape_str(basis));
   TORCH_CHECK(block.dim() == 2, op, ": block must be 2-D (b, d), got shape ", shape_str(block));
-  TORCH_CHECK(basis.device() == block.device(), op, ": basis is on ", basis.device(),
-              " but block is on ", block.device());
-  TORCH_CHECK(is_basis_dtype(basis.scalar_type()), op,
-              ": basis must be float64, float32, float16 or bfloat16, got ", basis.scalar_type());
-  TORCH_CHECK(is_block_dtype(block.scalar_type()), op,
-              ": block must be float32 or float64, got ", block.scalar_type());
+  check_basis_and_block(op, "basis", basis, "block", block);
   const int64_t m = basis.size(0), d = basis.size(1), b = block.size(0);
   TORCH_CHECK(block.size(1) == d, op, ": basis has d = ", d, " columns but block has d = ",
               block.size(1));
-  TORCH_CHECK(n_basis >= 0 && n_basis <= m, op, ": n_basis = ", n_basis,
-              " must be in [0, m] with m = ", m, " basis rows");
+  check_n_basis_and_rank_tol(op, n_basis, m, rank_tol);
   TORCH_CHECK(n_basis + b <= d, op, ": n_basis (", n_basis, ") + block rows (", b,
               ") exceeds the dimension d = ", d, ": no room for orthonormal directions");
-  TORCH_CHECK(std::isfinite(rank_tol) && rank_tol < 1.0, op,
-              ": rank_tol must be finite and < 1 (negative selects the default), got ", rank_tol);
 }
 
 void check_orthogonalize_batched_args(const at::Tensor& bases, const at::Tensor& vectors,
@@ -190,23 +214,15 @@ void check_orthogonalize_batched_args(const at::Tensor& bases, const at::Tensor&
               shape_str(bases));
   TORCH_CHECK(vectors.dim() == 2, op, ": vectors must be 2-D (r, d), got shape ",
               shape_str(vectors));
-  TORCH_CHECK(bases.device() == vectors.device(), op, ": bases is on ", bases.device(),
-              " but vectors is on ", vectors.device());
-  TORCH_CHECK(is_basis_dtype(bases.scalar_type()), op,
-              ": bases must be float64, float32, float16 or bfloat16, got ", bases.scalar_type());
-  TORCH_CHECK(is_block_dtype(vectors.scalar_type()), op,
-              ": vectors must be float32 or float64, got ", vectors.scalar_type());
+  check_basis_and_block(op, "bases", bases, "vectors", vectors);
   const int64_t r = bases.size(0), m = bases.size(1), d = bases.size(2);
   TORCH_CHECK(vectors.size(0) == r, op, ": bases holds r = ", r, " runs but vectors has ",
               vectors.size(0), " rows");
   TORCH_CHECK(vectors.size(1) == d, op, ": bases has d = ", d, " but vectors has d = ",
               vectors.size(1));
-  TORCH_CHECK(n_basis >= 0 && n_basis <= m, op, ": n_basis = ", n_basis,
-              " must be in [0, m] with m = ", m, " basis rows");
+  check_n_basis_and_rank_tol(op, n_basis, m, rank_tol);
   TORCH_CHECK(r == 0 || n_basis + 1 <= d, op, ": n_basis (", n_basis,
               ") + 1 exceeds the dimension d = ", d, ": no room for an orthogonal direction");
-  TORCH_CHECK(std::isfinite(rank_tol) && rank_tol < 1.0, op,
-              ": rank_tol must be finite and < 1 (negative selects the default), got ", rank_tol);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
@@ -331,20 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_impl(
       continue;
     }
     // Lost direction: its (tiny) remainder is dropped, r[k, k] stays 0.
-    bool found = false;
-    for (int64_t attempt = 0; attempt < 8 && !found; ++attempt) {
-      at::Tensor z = fresh_direction(d, k, attempt, W2);
-      z = z / z.norm();
-      if (n > 0) z = project_twice(passes, basis, z.view({1, 1, d}), n, op, "basis").W2.view({d});
-      z = project_rows(z, Qk, nullptr);
-      const double zn = z.norm().item<double>();
-      if (zn > 0.5) {
-        q[k].copy_(z / zn);
-        found = true;
-      }
-    }
-    TORCH_CHECK(found, op, ": could not find a direction orthogonal to the ", n,
+    const at::Tensor z = fresh_orthogonal_direction(passes, basis, n, Qk, k, W2, op, "basis");
+    TORCH_CHECK(z.defined(), op, ": could not find a direction orthogonal to the ", n,
                 " basis rows and ", k, " block rows in dimension d = ", d);
+    q[k].copy_(z);
   }
   return {q, C, r.to(opts)};
 }
@@ -383,20 +389,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_impl(
   for (int64_t i = 0; i < r; ++i) {
     if (ncpu[i] > tol * n0[i] && ncpu[i] > 0.0) continue;
     // vectors[i] lies in the span of bases[i, :n]: report norm 0 and a fresh unit direction.
-    const at::Tensor basis_i = bases.narrow(0, i, 1);
-    bool found = false;
-    for (int64_t attempt = 0; attempt < 8 && !found; ++attempt) {
-      at::Tensor z = fresh_direction(d, i, attempt, vectors);
-      z = z / z.norm();
-      if (n > 0) z = project_twice(passes, basis_i, z.view({1, 1, d}), n, op, "bases").W2.view({d});
-      const double zn = z.norm().item<double>();
-      if (zn > 0.5) {
-        q[i].copy_(z / zn);
-        found = true;
-      }
-    }
-    TORCH_CHECK(found, op, ": could not find a direction orthogonal to the ", n,
+    const at::Tensor z = fresh_orthogonal_direction(passes, bases.narrow(0, i, 1), n,
+                                                    at::Tensor(), i, vectors, op, "bases");
+    TORCH_CHECK(z.defined(), op, ": could not find a direction orthogonal to the ", n,
                 " basis rows of run ", i, " in dimension d = ", d);
+    q[i].copy_(z);
     norms.index_put_({i}, 0.0);
   }
   return {q, p.C.view({r, n}), norms};

@@ -36,8 +36,8 @@ TORCH_LIBRARY(landscape_ext, m) {
   m.def("xent_hvp(Tensor logits, Tensor target, Tensor directions, float label_smoothing=0.0, "
         "int ignore_index=-100) -> Tensor");
   // Pointwise activation and its first two derivatives in one pass: z (any shape, f64/f32/f16/
-  // bf16) -> (sigma(z), sigma'(z), sigma''(z)), contiguous, dtype of z; act: 0 identity, 1 relu,
-  // 2 gelu (erf), 3 tanh, 4 silu. Mutates nothing; not differentiable.
+  // bf16) -> (sigma(z), sigma'(z), sigma''(z)), contiguous, dtype of z; act: an activation code
+  // (hvp::kActNames in csrc/hvp.h). Mutates nothing; not differentiable.
   m.def("act_derivs(Tensor z, int act) -> (Tensor a, Tensor d1, Tensor d2)");
   // ---- end hvp family ------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 namespace landscape_ext {
 namespace sketch {
@@ -46,11 +47,31 @@ inline bool sketch_forms_gradients(int64_t T, int64_t l) { return T > 1 && T * l
 using DirectSketchFn = at::Tensor (*)(const at::Tensor& A, const at::Tensor& E,
                                       const at::Tensor& V);
 
-// Device-agnostic drivers (sketch_common.cpp), called by each backend's registered kernel.
+// Device-agnostic drivers (sketch_common.cpp), called by each backend's registered kernel; they
+// make the inputs' device current.
 at::Tensor linear_grad_sketch_impl(DirectSketchFn direct, const at::Tensor& acts,
                                    const at::Tensor& out_grads, const at::Tensor& directions);
 at::Tensor linear_grad_project_impl(const at::Tensor& acts, const at::Tensor& out_grads,
                                     const at::Tensor& weights);
+
+// The registered kernels of a backend whose direct sketch kernel is kDirect: its
+// TORCH_LIBRARY_IMPL block calls register_kernels<&its_direct_sketch>(m).
+template <DirectSketchFn kDirect>
+at::Tensor linear_grad_sketch_kernel(const at::Tensor& acts, const at::Tensor& out_grads,
+                                     const at::Tensor& directions) {
+  return linear_grad_sketch_impl(kDirect, acts, out_grads, directions);
+}
+
+template <DirectSketchFn kDirect>
+void register_kernels(torch::Library& m) {
+  m.impl("linear_grad_sketch", &linear_grad_sketch_kernel<kDirect>);
+  m.impl("linear_grad_project", &linear_grad_project_impl);
+}
+
+// CPU backend (cpu/sketch.cpp): the x86-64 level whose variant of the direct sketch kernel runs
+// ("x86-64-v4", "x86-64-v3" or "default"): this CPU's level, or a lower one named by the
+// environment variable LANDSCAPE_EXT_SKETCH_ISA, read once at the first call.
+const char* cpu_sketch_isa_level();
 
 // Elements of temporaries the composite routes may allocate at once (per chunk).
 constexpr int64_t kChunkElements = int64_t(1) << 23;  // 8 Mi elements = 32 MiB in float32

@@ -4,25 +4,28 @@
 // temporaries stay below kChunkElements elements.
 #include "sketch.h"
 
+#include <ATen/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <sstream>
-#include <string>
+
+#include "checks.h"
 
 namespace landscape_ext {
 namespace sketch {
 namespace {
 
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
+// `other` (named `name`) on the device and of the dtype of acts.
+void check_like_acts(const char* op, const at::Tensor& acts, const at::Tensor& other,
+                     const char* name) {
+  TORCH_CHECK(other.device() == acts.device(), op, ": acts is on ", acts.device(), " but ", name,
+              " is on ", other.device());
+  TORCH_CHECK(other.scalar_type() == acts.scalar_type(), op, ": acts is ", acts.scalar_type(),
+              " but ", name, " is ", other.scalar_type(), ": all inputs must share one dtype");
 }
 
-bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
-
-// acts / out_grads pair shared by both ops: (N, n_in) & (N, n_out), or (N, T, n_in) & (N, T, n_out).
+// acts / out_grads pair shared by both ops: (N, n_in) & (N, n_out), or (N, T, n_in) &
+// (N, T, n_out).
 void check_factor_pair(const char* op, const at::Tensor& acts, const at::Tensor& out_grads) {
   TORCH_CHECK(acts.dim() == 2 || acts.dim() == 3, op,
               ": acts must be 2-D (N, n_in) or 3-D (N, T, n_in), got shape ", shape_str(acts));
@@ -35,13 +38,9 @@ void check_factor_pair(const char* op, const at::Tensor& acts, const at::Tensor&
     TORCH_CHECK(out_grads.size(1) == acts.size(1), op, ": acts has T = ", acts.size(1),
                 " positions per sample but out_grads has T = ", out_grads.size(1));
   }
-  TORCH_CHECK(acts.device() == out_grads.device(), op, ": acts is on ", acts.device(),
-              " but out_grads is on ", out_grads.device());
-  TORCH_CHECK(is_float_dtype(acts.scalar_type()), op, ": acts must be float32 or float64, got ",
+  TORCH_CHECK(is_float32_or_64(acts.scalar_type()), op, ": acts must be float32 or float64, got ",
               acts.scalar_type());
-  TORCH_CHECK(out_grads.scalar_type() == acts.scalar_type(), op, ": acts is ",
-              acts.scalar_type(), " but out_grads is ", out_grads.scalar_type(),
-              ": all inputs must share one dtype");
+  check_like_acts(op, acts, out_grads, "out_grads");
 }
 
 // Directions in the layout the kernels address as V + j * stride(0) + o * n_in + i.
@@ -61,11 +60,7 @@ void check_linear_grad_sketch_args(const at::Tensor& acts, const at::Tensor& out
               directions.size(1), " but out_grads has n_out = ", out_grads.size(-1));
   TORCH_CHECK(directions.size(2) == acts.size(-1), op, ": directions has n_in = ",
               directions.size(2), " but acts has n_in = ", acts.size(-1));
-  TORCH_CHECK(directions.device() == acts.device(), op, ": acts is on ", acts.device(),
-              " but directions is on ", directions.device());
-  TORCH_CHECK(directions.scalar_type() == acts.scalar_type(), op, ": acts is ",
-              acts.scalar_type(), " but directions is ", directions.scalar_type(),
-              ": all inputs must share one dtype");
+  check_like_acts(op, acts, directions, "directions");
 }
 
 void check_linear_grad_project_args(const at::Tensor& acts, const at::Tensor& out_grads,
@@ -76,15 +71,13 @@ void check_linear_grad_project_args(const at::Tensor& acts, const at::Tensor& ou
               shape_str(weights));
   TORCH_CHECK(weights.size(0) == acts.size(0), op, ": acts has N = ", acts.size(0),
               " samples but weights has ", weights.size(0), " rows");
-  TORCH_CHECK(weights.device() == acts.device(), op, ": acts is on ", acts.device(),
-              " but weights is on ", weights.device());
-  TORCH_CHECK(weights.scalar_type() == acts.scalar_type(), op, ": acts is ", acts.scalar_type(),
-              " but weights is ", weights.scalar_type(), ": all inputs must share one dtype");
+  check_like_acts(op, acts, weights, "weights");
 }
 
 at::Tensor linear_grad_sketch_impl(DirectSketchFn direct, const at::Tensor& acts,
                                    const at::Tensor& out_grads, const at::Tensor& directions) {
   check_linear_grad_sketch_args(acts, out_grads, directions);
+  const at::OptionalDeviceGuard guard(at::device_of(acts));
   const int64_t N = acts.size(0), T = acts.dim() == 3 ? acts.size(1) : 1;
   const int64_t n_in = acts.size(-1), n_out = out_grads.size(-1), l = directions.size(0);
   const auto opts = acts.options();
@@ -116,6 +109,7 @@ at::Tensor linear_grad_sketch_impl(DirectSketchFn direct, const at::Tensor& acts
 at::Tensor linear_grad_project_impl(const at::Tensor& acts, const at::Tensor& out_grads,
                                     const at::Tensor& weights) {
   check_linear_grad_project_args(acts, out_grads, weights);
+  const at::OptionalDeviceGuard guard(at::device_of(acts));
   const int64_t N = acts.size(0), T = acts.dim() == 3 ? acts.size(1) : 1;
   const int64_t n_in = acts.size(-1), n_out = out_grads.size(-1), l = weights.size(1);
   const auto opts = acts.options();

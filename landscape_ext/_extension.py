@@ -1,8 +1,9 @@
-"""Loading the compiled library ``landscape_ext._C`` and reporting how it was built."""
+"""Loading the compiled library ``landscape_ext._C``, reporting how it was built, and the facts
+the Python side reads from it (op names, activation codes) instead of writing them again."""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -13,9 +14,7 @@ _REBUILD = (
     "this torch."
 )
 
-_OPS = ("block_orthonormalize", "orthogonalize_batched")
-_OPS += ("linear_grad_sketch", "linear_grad_project")  # sketch family
-_OPS += ("xent_hvp", "act_derivs")  # hvp family
+_NAMESPACE = "landscape_ext::"
 
 
 def load_extension():
@@ -37,6 +36,27 @@ def load_extension():
     return ext
 
 
+def op_names() -> Tuple[str, ...]:
+    """Names of the ops of the ``landscape_ext`` namespace, sorted: the schemas that
+    ``csrc/registration.cpp`` defined, read from torch's dispatcher."""
+    return tuple(sorted(name[len(_NAMESPACE):] for name in torch._C._dispatch_get_all_op_names()
+                        if name.startswith(_NAMESPACE)))
+
+
+def registered_kernels() -> Dict[str, List[str]]:
+    """For each op, the dispatch keys (``"CPU"``, ``"CUDA"``) that have a kernel registered."""
+    return {op: [key for key in ("CPU", "CUDA")
+                 if torch._C._dispatch_has_kernel_for_dispatch_key(_NAMESPACE + op, key)]
+            for op in op_names()}
+
+
+def activation_codes() -> Dict[str, int]:
+    """``{name: code}`` of the activations of ``act_derivs``, from the table in ``csrc/hvp.h``."""
+    from . import _C
+
+    return {str(name): int(code) for name, code in _C.activations().items()}
+
+
 def build_info() -> Dict[str, Any]:
     """How the extension was built and what it can run here.
 
@@ -47,8 +67,9 @@ def build_info() -> Dict[str, Any]:
         compiled in), ``cuda_arch_list`` (the ``TORCH_CUDA_ARCH_LIST`` they were built for),
         ``cuda_available`` (a GPU is usable now), ``cpu_multiversioning`` (how the CPU
         kernels pick an instruction set), ``cpu_isa_level`` (the x86-64 level this CPU selects:
-        ``x86-64-v4`` runs the AVX-512 clones, ``x86-64-v3`` the AVX2 ones) and ``kernels``: for
-        each op, the dispatch keys that have a kernel registered.
+        ``x86-64-v4`` runs the AVX-512 clones, ``x86-64-v3`` the AVX2 ones),
+        ``sketch_isa_level`` (the level whose variant of the CPU sketch kernel runs) and
+        ``kernels``: for each op, the dispatch keys that have a kernel registered.
     """
     from . import _C
 
@@ -56,10 +77,5 @@ def build_info() -> Dict[str, Any]:
     info["torch_version"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda
     info["cuda_available"] = torch.cuda.is_available()
-    kernels = {}
-    for op in _OPS:
-        name = f"landscape_ext::{op}"
-        kernels[op] = [key for key in ("CPU", "CUDA")
-                       if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
-    info["kernels"] = kernels
+    info["kernels"] = registered_kernels()
     return info

@@ -2,16 +2,94 @@
 
 This is the only module that touches ``torch.ops.landscape_ext``; everything else in the
 library calls the functions below. Each op has a plain-PyTorch reference of the same name in
-:mod:`landscape_ext.reference`.
+:mod:`landscape_ext.reference`. Ops that have both a kernel and a composite worth running take
+``impl="auto" | "fused" | "composite"``; :data:`IMPL_DEFAULTS` and :func:`resolve_impl` decide
+what ``"auto"`` runs.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import warnings
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from . import reference
+from ._extension import activation_codes, registered_kernels
+from .reference import _einsum_positions
+
 _lib = torch.ops.landscape_ext
+
+# ------------------------------------------------------------------------------------------------
+# fused or composite
+# ------------------------------------------------------------------------------------------------
+
+#: What ``impl="auto"`` runs, per op and device type: ``"fused"`` (the registered kernel) or
+#: ``"composite"`` (the plain-PyTorch reference of the op). A device type not listed gets the
+#: composite. Measurements: bench/README.md.
+IMPL_DEFAULTS: Dict[str, Dict[str, str]] = {
+    # bench/bench_sketch.py: on CPU the fused kernel beats the einsum composite for mid-sized
+    # layers (not for every shape: see bench/README.md); on CUDA the composite (cuBLAS) until the
+    # kernel has been measured on a GPU.
+    "linear_grad_sketch": {"cpu": "fused", "cuda": "composite"},
+    # bench/bench_sketch.py: the op's chunked ATen GEMMs against the einsum composite (CPU); on
+    # CUDA the composite, as for linear_grad_sketch.
+    "linear_grad_project": {"cpu": "fused", "cuda": "composite"},
+    # bench/bench_hvp.py: one pass over the logits, faster than the closed form in torch ops and
+    # without its k x N x C temporaries (the memory is the reason on CUDA too, not yet timed).
+    "xent_hvp": {"cpu": "fused", "cuda": "fused"},
+    # bench/bench_hvp.py: one pass over z for sigma, sigma', sigma'' against the torch
+    # composition's several (CPU); CUDA: one elementwise kernel, not yet timed.
+    "act_derivs": {"cpu": "fused", "cuda": "fused"},
+}
+
+_IMPLS = (None, "auto", "fused", "composite")
+# dispatch keys with a kernel, per op: fixed once landscape_ext._C is loaded (its static
+# initializers register every kernel), so read once
+_KERNEL_KEYS = {op: tuple(keys) for op, keys in registered_kernels().items()}
+
+
+def resolve_impl(op: str, device: Union[torch.device, str],
+                 impl: Optional[str] = "auto") -> str:
+    """``"fused"`` or ``"composite"``: what an op called with ``impl`` on ``device`` runs.
+
+    Parameters
+    ----------
+    op : str
+        A key of :data:`IMPL_DEFAULTS`.
+    device : torch.device or str
+    impl : {"auto", None, "fused", "composite"}
+        ``"auto"`` (or None): the entry of :data:`IMPL_DEFAULTS` for the device type (a type not
+        listed: ``"composite"``), and ``"composite"`` where that says ``"fused"`` but this build
+        has no kernel of the op for the device. ``"fused"`` and ``"composite"``: as asked.
+
+    Raises
+    ------
+    ValueError
+        For an unknown op or impl.
+    NotImplementedError
+        For ``impl="fused"`` on a device without a kernel of the op.
+    """
+    table = IMPL_DEFAULTS.get(op)
+    if table is None:
+        raise ValueError(f"resolve_impl: unknown op {op!r}; one of {sorted(IMPL_DEFAULTS)}")
+    if impl not in _IMPLS:
+        raise ValueError(f"{op}: impl must be 'auto', 'fused' or 'composite' (None means "
+                         f"'auto'), got {impl!r}")
+    if impl == "composite":
+        return "composite"
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    has_kernel = kind.upper() in _KERNEL_KEYS.get(op, ())
+    if impl == "fused":
+        if not has_kernel:
+            raise NotImplementedError(
+                f"{op}: impl='fused' but this build has no {op} kernel for device type "
+                f"{kind!r} (kernels for: {', '.join(_KERNEL_KEYS.get(op, ())) or 'none'}); use "
+                f"impl='auto' or 'composite'")
+        return "fused"
+    choice = table.get(kind, "composite")
+    return "fused" if choice == "fused" and has_kernel else "composite"
+
 
 # ------------------------------------------------------------------------------------------------
 # krylov: block_orthonormalize
@@ -34,9 +112,13 @@ def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = 
     ----------
     basis : Tensor
         ``(m, d)``; rows ``[:n_basis]`` orthonormal. float64, float32, float16 or bfloat16
-        (half storage halves the bytes read; sums accumulate in the block's dtype).
+        (half storage halves the bytes read: rows are widened in registers).
     block : Tensor
-        ``(b, d)``, float32 or float64 (the accumulation and output dtype).
+        ``(b, d)``, float32 or float64: the output dtype, and the dtype the passes over the
+        basis accumulate in, except that a float64 basis with a float32 block runs in float64
+        (and returns float32). Sums over ``d`` are lane-wise partials per column chunk, added in
+        a fixed order (results do not depend on the thread count); the ``b x b`` algebra
+        (Cholesky factors, their inverses, rank decisions) runs in float64.
     n_basis : int, optional
         How many leading rows of ``basis`` to project against (default: all ``m``).
     rank_tol : float
@@ -152,7 +234,8 @@ def numerical_rank(r: Tensor) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor) -> Tensor:
+def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor, *,
+                       impl: str = "auto") -> Tensor:
     r"""Sketch per-sample gradients of a Linear layer against ``l`` directions, without forming
     them.
 
@@ -178,6 +261,9 @@ def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor) -> T
         ``(N, n_out)`` or ``(N, T, n_out)`` gradients of each sample's loss w.r.t. the layer output.
     directions : Tensor
         ``(l, n_out, n_in)``; any stride in the first dimension.
+    impl : {"auto", "fused", "composite"}
+        The kernel or :func:`landscape_ext.reference.linear_grad_sketch` (``torch.einsum``);
+        ``"auto"``: see :func:`resolve_impl`.
 
     Returns
     -------
@@ -185,7 +271,9 @@ def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor) -> T
         ``(N, l)``, dtype of the inputs (float32 or float64, all three the same). Differentiable
         in all three inputs.
     """
-    return _lib.linear_grad_sketch(acts, out_grads, directions)
+    if resolve_impl("linear_grad_sketch", acts.device, impl) == "fused":
+        return _lib.linear_grad_sketch(acts, out_grads, directions)
+    return reference.linear_grad_sketch(acts, out_grads, directions)
 
 
 @torch.library.register_fake("landscape_ext::linear_grad_sketch")
@@ -195,7 +283,8 @@ def _linear_grad_sketch_fake(acts, out_grads, directions):
     return acts.new_empty((acts.shape[0], directions.shape[0]))
 
 
-def linear_grad_project(acts: Tensor, out_grads: Tensor, weights: Tensor) -> Tensor:
+def linear_grad_project(acts: Tensor, out_grads: Tensor, weights: Tensor, *,
+                        impl: str = "auto") -> Tensor:
     r"""Weighted sums of per-sample Linear-layer gradients, without forming them (the transpose
     of :func:`linear_grad_sketch`):
 
@@ -209,9 +298,13 @@ def linear_grad_project(acts: Tensor, out_grads: Tensor, weights: Tensor) -> Ten
     Shapes
     ------
     acts ``(N, [T,] n_in)``, out_grads ``(N, [T,] n_out)``, weights ``(N, l)`` ->
-    ``(l, n_out, n_in)``; one dtype (float32 or float64). Differentiable.
+    ``(l, n_out, n_in)``; one dtype (float32 or float64). Differentiable. ``impl``: the op or
+    :func:`landscape_ext.reference.linear_grad_project` (``torch.einsum``, not chunked), see
+    :func:`resolve_impl`.
     """
-    return _lib.linear_grad_project(acts, out_grads, weights)
+    if resolve_impl("linear_grad_project", acts.device, impl) == "fused":
+        return _lib.linear_grad_project(acts, out_grads, weights)
+    return reference.linear_grad_project(acts, out_grads, weights)
 
 
 @torch.library.register_fake("landscape_ext::linear_grad_project")
@@ -221,45 +314,36 @@ def _linear_grad_project_fake(acts, out_grads, weights):
     return acts.new_empty((weights.shape[1], out_grads.shape[-1], acts.shape[-1]))
 
 
-def _sketch_contract_acts(coef: Tensor, out_grads: Tensor, mats: Tensor) -> Tensor:
-    """``sum_j coef[n, j] mats[j]^T e[n, (t)]`` -> shaped like acts."""
-    if out_grads.dim() == 2:
-        return torch.einsum("nj,no,joi->ni", coef, out_grads, mats)
-    return torch.einsum("nj,nto,joi->nti", coef, out_grads, mats)
-
-
-def _sketch_contract_out_grads(coef: Tensor, acts: Tensor, mats: Tensor) -> Tensor:
-    """``sum_j coef[n, j] mats[j] a[n, (t)]`` -> shaped like out_grads."""
-    if acts.dim() == 2:
-        return torch.einsum("nj,ni,joi->no", coef, acts, mats)
-    return torch.einsum("nj,nti,joi->nto", coef, acts, mats)
-
-
 def _sketch_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _factor_grads(ctx, coef: Tensor, mats: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients with respect to acts and out_grads of ``sum_{n, j} coef[n, j] <g_n, mats[j]>``
+    (the first two inputs of both sketch ops)."""
+    acts, out_grads, _ = ctx.saved_tensors
+    positions = acts.dim() == 3
+    d_acts = d_out = None
+    if ctx.needs_input_grad[0]:
+        d_acts = _einsum_positions("nj,nto,joi->nti", coef, out_grads, mats, positions=positions)
+    if ctx.needs_input_grad[1]:
+        d_out = _einsum_positions("nj,nti,joi->nto", coef, acts, mats, positions=positions)
+    return d_acts, d_out
+
+
 def _linear_grad_sketch_backward(ctx, gy):
     acts, out_grads, directions = ctx.saved_tensors
-    d_acts = d_out = d_dirs = None
-    if ctx.needs_input_grad[0]:
-        d_acts = _sketch_contract_acts(gy, out_grads, directions)
-    if ctx.needs_input_grad[1]:
-        d_out = _sketch_contract_out_grads(gy, acts, directions)
-    if ctx.needs_input_grad[2]:
-        d_dirs = linear_grad_project(acts, out_grads, gy.contiguous())
+    d_acts, d_out = _factor_grads(ctx, gy, directions)
+    d_dirs = (_lib.linear_grad_project(acts, out_grads, gy.contiguous())
+              if ctx.needs_input_grad[2] else None)
     return d_acts, d_out, d_dirs
 
 
 def _linear_grad_project_backward(ctx, gp):
     acts, out_grads, weights = ctx.saved_tensors
-    d_acts = d_out = d_w = None
-    if ctx.needs_input_grad[0]:
-        d_acts = _sketch_contract_acts(weights, out_grads, gp)
-    if ctx.needs_input_grad[1]:
-        d_out = _sketch_contract_out_grads(weights, acts, gp)
-    if ctx.needs_input_grad[2]:
-        d_w = linear_grad_sketch(acts, out_grads, gp.contiguous())
+    d_acts, d_out = _factor_grads(ctx, weights, gp)
+    d_w = (_lib.linear_grad_sketch(acts, out_grads, gp.contiguous())
+           if ctx.needs_input_grad[2] else None)
     return d_acts, d_out, d_w
 
 
@@ -275,7 +359,7 @@ torch.library.register_autograd("landscape_ext::linear_grad_project",
 
 
 def xent_hvp(logits: Tensor, target: Tensor, directions: Tensor, label_smoothing: float = 0.0,
-             ignore_index: int = -100) -> Tensor:
+             ignore_index: int = -100, *, impl: str = "auto") -> Tensor:
     r"""Hessian of the mean softmax cross-entropy w.r.t. the logits, applied to k directions.
 
     For ``loss = F.cross_entropy(logits, target, ignore_index=..., label_smoothing=...)``
@@ -305,6 +389,9 @@ def xent_hvp(logits: Tensor, target: Tensor, directions: Tensor, label_smoothing
     label_smoothing : float
         In ``[0, 1]``; does not change the result.
     ignore_index : int
+    impl : {"auto", "fused", "composite"}
+        The kernel or :func:`landscape_ext.reference.xent_hvp` (the closed form in torch ops:
+        ``k x N x C`` temporaries, no argument checks); ``"auto"``: see :func:`resolve_impl`.
 
     Returns
     -------
@@ -315,19 +402,21 @@ def xent_hvp(logits: Tensor, target: Tensor, directions: Tensor, label_smoothing
     ------
     logits (N, C), target (N,), directions (k, N, C) -> (k, N, C)
     """
-    one = directions.dim() == 2
-    out = _lib.xent_hvp(logits, target, directions.unsqueeze(0) if one else directions,
-                        float(label_smoothing), int(ignore_index))
-    # the kernel returns zeros when every row is ignored; the warning is issued here because a
+    if resolve_impl("xent_hvp", logits.device, impl) == "fused":
+        one = directions.dim() == 2
+        out = _lib.xent_hvp(logits, target, directions.unsqueeze(0) if one else directions,
+                            float(label_smoothing), int(ignore_index))
+        out = out[0] if one else out
+    else:
+        out = reference.xent_hvp(logits, target, directions, label_smoothing, ignore_index)
+    # both return zeros when every row is ignored; the warning is issued here because a
     # TORCH_WARN inside a torch.ops call only reaches stderr, not Python's warnings (torch 2.13)
     if (target.numel() and not torch.compiler.is_compiling()
             and not bool((target != ignore_index).any())):
-        import warnings
-
         warnings.warn(f"xent_hvp: all N = {target.numel()} targets equal ignore_index = "
                       f"{int(ignore_index)}, so the mean cross-entropy has no rows (torch's "
                       f"cross_entropy returns NaN); returning zeros", stacklevel=2)
-    return out[0] if one else out
+    return out
 
 
 @torch.library.register_fake("landscape_ext::xent_hvp")
@@ -341,11 +430,12 @@ def _xent_hvp_fake(logits, target, directions, label_smoothing=0.0, ignore_index
 # hvp: act_derivs
 # ------------------------------------------------------------------------------------------------
 
-#: Activation codes of :func:`act_derivs` (and of the MLP Hessian products).
-ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "tanh": 3, "silu": 4}
+#: Activation codes of :func:`act_derivs` (and of the MLP Hessian products), ``{name: code}``:
+#: the table of ``csrc/hvp.h``, read from the compiled library.
+ACTIVATIONS: Dict[str, int] = activation_codes()
 
 
-def act_derivs(z: Tensor, act) -> Tuple[Tensor, Tensor, Tensor]:
+def act_derivs(z: Tensor, act, *, impl: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     r"""A pointwise activation and its first two derivatives, in one pass over ``z``.
 
     ======== =================== ============================ ===============================
@@ -368,6 +458,9 @@ def act_derivs(z: Tensor, act) -> Tuple[Tensor, Tensor, Tensor]:
         Any shape; float64/32/16 or bfloat16.
     act : str or int
         A key or value of :data:`ACTIVATIONS`.
+    impl : {"auto", "fused", "composite"}
+        The kernel or :func:`landscape_ext.reference.act_derivs` (torch ops);
+        ``"auto"``: see :func:`resolve_impl`.
 
     Returns
     -------
@@ -379,7 +472,9 @@ def act_derivs(z: Tensor, act) -> Tuple[Tensor, Tensor, Tensor]:
             raise ValueError(f"act_derivs: unknown activation {act!r}; one of "
                              f"{sorted(ACTIVATIONS)}")
         act = ACTIVATIONS[act]
-    return _lib.act_derivs(z, int(act))
+    if resolve_impl("act_derivs", z.device, impl) == "fused":
+        return _lib.act_derivs(z, int(act))
+    return reference.act_derivs(z, act)
 
 
 @torch.library.register_fake("landscape_ext::act_derivs")

@@ -6,6 +6,8 @@ import torch
 import landscape_ext
 from landscape_ext import ops, reference
 
+from _op_common import on_one_and_many_threads
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BASIS_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 BLOCK_DTYPES = [torch.float64, torch.float32]
@@ -152,6 +154,61 @@ def test_local_rows_first(device, dtype, rounds, local_rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("basis_dtype,block_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32),
+    (torch.float64, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("rounds", [1, 2])
+@pytest.mark.parametrize("local_rows", [0, 6])
+def test_rounds_and_local_rows_match_reference(device, basis_dtype, block_dtype, rounds,
+                                               local_rows):
+    # the reference takes rounds and local_rows with the op's meaning: same results
+    d, m, n_basis, b = 1009, 20, 18, 3
+    basis = orthonormal_rows(m, d, basis_dtype, device, seed=44)
+    coef = randn(b, n_basis, dtype=torch.float64, device=device, seed=45) * 1e-2
+    coef[:, n_basis - 6:] *= 1e2
+    block = (coef @ basis[:n_basis].double()
+             + randn(b, d, dtype=torch.float64, device=device, seed=46) / d ** 0.5)
+    block = block.to(block_dtype)
+    kwargs = dict(rounds=rounds, local_rows=local_rows)
+    q, coeffs, r = ops.block_orthonormalize(basis, block, n_basis, **kwargs)
+    q_ref, c_ref, r_ref = reference.block_orthonormalize(basis, block, n_basis, **kwargs)
+    assert q_ref.dtype == c_ref.dtype == r_ref.dtype == block_dtype
+    check_promises(basis, block, n_basis, q_ref, c_ref, r_ref, ORTHO_TOL[block_dtype])
+    mt = MATCH_TOL[block_dtype]
+    torch.testing.assert_close(coeffs, c_ref, rtol=mt, atol=mt * c_ref.abs().max().item())
+    torch.testing.assert_close(r, r_ref, rtol=mt, atol=mt * r_ref.abs().max().item())
+    torch.testing.assert_close(q, q_ref, rtol=mt, atol=mt * 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_tol_matches_reference(device):
+    # row 2 keeps ~4e-4 of its norm after the rows before it are removed: numerically dependent
+    # for rank_tol = 1e-2 (r[2, 2] = 0, a fresh q[2]), kept for 1e-5, in the op and the
+    # reference alike; with the default tolerance, the rows of the rank-deficiency test
+    d, n_basis = 301, 10
+    basis = orthonormal_rows(n_basis, d, torch.float64, device, seed=47)
+    w = randn(3, d, dtype=torch.float64, device=device, seed=48)
+    near = torch.stack([w[0], w[1], w[0] - 2 * w[1] + 1e-3 * w[2]])
+    in_span = basis[2] * 3.0 - basis[7]
+    dependent = torch.stack([w[0], w[1], 2 * w[0] - w[1], in_span, torch.zeros_like(w[0]), w[2]])
+    for block, rank_tol, lost in ((near, 1e-5, []), (near, 1e-2, [2]),
+                                  (dependent, -1.0, [2, 3, 4])):
+        got = ops.block_orthonormalize(basis, block, n_basis, rank_tol=rank_tol)
+        want = reference.block_orthonormalize(basis, block, n_basis, rank_tol=rank_tol)
+        for q, coeffs, r in (got, want):
+            assert torch.diagonal(r).eq(0).nonzero().flatten().tolist() == lost
+            eye = torch.eye(block.shape[0], dtype=q.dtype, device=device)
+            assert (q @ q.T - eye).abs().max().item() < 1e-12
+            assert (q @ basis.T).abs().max().item() < 1e-12
+        # rows up to the first lost one, and that row's coefficients, are determined
+        k = lost[0] if lost else block.shape[0]
+        torch.testing.assert_close(got[0][:k], want[0][:k], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[2][:k, :k + 1], want[2][:k, :k + 1], rtol=1e-9,
+                                   atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_one_round_rank_deficiency(device):
     d, n_basis = 301, 10
     basis = orthonormal_rows(n_basis, d, torch.float32, device, seed=24)
@@ -285,18 +342,30 @@ def test_orthogonalize_batched_vector_in_span(device):
     assert (bases[1] @ q[1]).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_orthogonalize_batched_rank_tol_matches_reference(device):
+    d = 97
+    bases = torch.stack([orthonormal_rows(5, d, torch.float64, device, seed=i) for i in range(3)])
+    vectors = randn(3, d, dtype=torch.float64, device=device, seed=49)
+    vectors[1] = 2.0 * bases[1, 0] - bases[1, 3] + 1e-6 * vectors[0]   # keeps ~1e-6 of its norm
+    for rank_tol, lost in ((1e-8, []), (1e-4, [1])):
+        got = ops.orthogonalize_batched(bases, vectors, 5, rank_tol=rank_tol)
+        want = reference.orthogonalize_batched(bases, vectors, 5, rank_tol=rank_tol)
+        for q, coeffs, norms in (got, want):
+            assert norms.eq(0).nonzero().flatten().tolist() == lost
+            assert (q.norm(dim=1) - 1).abs().max().item() < 1e-12
+            assert (bases @ q.unsqueeze(-1)).abs().max().item() < 1e-12
+        keep = [i for i in range(3) if i not in lost]
+        torch.testing.assert_close(got[0][keep], want[0][keep], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-12)
+
+
 def test_results_do_not_depend_on_thread_count():
     d, m, b = 300_001, 6, 3
     basis = orthonormal_rows(m, d, torch.float32, "cpu", seed=13)
     block = randn(b, d, dtype=torch.float32, device="cpu", seed=14)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.block_orthonormalize(basis, block, m)
-        torch.set_num_threads(max(2, threads))
-        many = ops.block_orthonormalize(basis, block, m)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = on_one_and_many_threads(lambda: ops.block_orthonormalize(basis, block, m))
     for a, b_ in zip(one, many):
         assert torch.equal(a, b_)
 

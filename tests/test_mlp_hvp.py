@@ -1,6 +1,6 @@
-"""hvp op family: act_derivs (against float64 math, opcheck, compile) and mlp_hvp / mlp_matmat
-against dense Hessians and GGNs of small MLPs in float64 (every activation, both losses, with
-and without biases, k = 1 and k = 3), structure recognition and the engine interface."""
+"""mlp_hvp / mlp_matmat against dense Hessians and GGNs of small MLPs in float64 (every
+activation, both losses, with and without biases, k = 1 and k = 3), structure recognition and
+the engine interface. (The act_derivs op: tests/test_hvp.py.)"""
 import math
 
 import pytest
@@ -9,100 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape_ext import mlp, ops, reference
+from landscape_ext import mlp
 from landscape_ext.mlp import NotAnMLP, mlp_hvp, mlp_matmat, mlp_structure
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ACTS = ["identity", "relu", "gelu", "tanh", "silu"]
 ACT_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
                "silu": nn.SiLU}
-
-
-# ---- act_derivs --------------------------------------------------------------------------------
-
-def exact_derivs(z, act):
-    """sigma, sigma', sigma'' by autograd in float64 (independent of the formulas)."""
-    fn = {"identity": lambda x: x, "relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh,
-          "silu": F.silu}[act]
-    x = z.double().detach().requires_grad_(True)
-    a = fn(x)
-    (d1,) = torch.autograd.grad(a.sum(), x, create_graph=True)
-    d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
-    return a.detach(), d1.detach(), (torch.zeros_like(x) if d2 is None else d2.detach())
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act", ACTS)
-def test_act_derivs_float64_matches_autograd(device, act):
-    z = torch.linspace(-9, 9, 2001, dtype=torch.float64, device=device)
-    z = z[z != 0]  # relu's kink
-    got = ops.act_derivs(z, act)
-    want = exact_derivs(z, act)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-14)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_act_derivs_low_precision_accuracy(device, act, dtype):
-    # dense grid through every branch of the vector math (erf: |x| <= 1, 1..4, >= 4; tanh:
-    # |x| < 0.625 and above; exp underflow), odd length for the vector tail
-    z = torch.cat([torch.linspace(-30, 30, 60_001, dtype=torch.float64),
-                   torch.linspace(-1e-3, 1e-3, 1001, dtype=torch.float64)]).to(dtype)
-    z = z[z != 0].to(device)
-    got = ops.act_derivs(z, act)
-    truth = exact_derivs(z, act)
-    torch_vals = reference.act_derivs(z, act)
-    for name, g, t, r in zip(("a", "d1", "d2"), got, truth, torch_vals):
-        assert g.dtype == dtype and g.shape == z.shape
-        # error against the float64 truth of the stored inputs: at most ~2x what the torch
-        # composition at the same precision errs, plus 3 ulp of the output dtype
-        err = (g.double() - t).abs()
-        ulp = torch.finfo(dtype).eps * t.abs().clamp_min(torch.finfo(dtype).tiny)
-        if r is None:
-            r = torch.zeros_like(g)
-        torch_err = (r.double() - t).abs()
-        bad = err > 2 * torch_err + 3 * ulp + 1e-30
-        # absolute floor for values that cancel (d2 crosses 0): 2 ulp of the function's scale
-        bad &= err > 2 * torch.finfo(dtype).eps * t.abs().max()
-        assert not bad.any(), (name, z[bad][:5], g[bad][:5], t[bad][:5])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_act_derivs_shapes_and_strides(device):
-    z = torch.randn(7, 5, 3, device=device).transpose(0, 2)   # non-contiguous
-    a, d1, d2 = ops.act_derivs(z, "tanh")
-    assert a.shape == z.shape and a.is_contiguous()
-    torch.testing.assert_close(a, torch.tanh(z))
-    e = ops.act_derivs(torch.empty(0, 4, device=device), 2)
-    assert all(t.shape == (0, 4) for t in e)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_act_derivs_opcheck_and_errors(device):
-    z = torch.randn(33, 17, device=device)
-    for code in (1, 2):
-        torch.library.opcheck(torch.ops.landscape_ext.act_derivs, (z, code))
-    torch.library.opcheck(torch.ops.landscape_ext.act_derivs, (z.bfloat16(), 2))
-    with pytest.raises(RuntimeError, match=r"act_derivs: act = 7 is not an activation code"):
-        ops.act_derivs(z, 7)
-    with pytest.raises(RuntimeError, match=r"act_derivs: z must be float64, float32, float16 or "
-                                           r"bfloat16, got Long"):
-        ops.act_derivs(z.long(), 1)
-    with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
-        ops.act_derivs(z, "swish")
-
-
-def test_act_derivs_torch_compile_fullgraph():
-    z = torch.randn(5, 6)
-
-    def step(z):
-        a, d1, d2 = ops.act_derivs(z * 2.0, 2)
-        return a.sum() + d1.sum() + d2.sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(z), step(z))
 
 
 # ---- dense references --------------------------------------------------------------------------

@@ -1,11 +1,18 @@
 """sketch op family: linear_grad_sketch and linear_grad_project against their references and
-against materialized per-sample gradients, both routes (direct / formed), strides, duality,
-opcheck, gradcheck, torch.compile, thread-count independence and error paths."""
+against materialized per-sample gradients, both routes (direct / formed), every CPU variant,
+strides, duality, opcheck, gradcheck, torch.compile, thread-count independence, the composite
+path (impl="composite") and error paths."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import landscape_ext
 from landscape_ext import ops, reference
+
+from _op_common import on_one_and_many_threads
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32]
@@ -107,32 +114,41 @@ def test_strided_inputs(device):
                                                        W.contiguous()), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_every_cpu_variant_matches_reference(monkeypatch, isa, dtype):
-    # LANDSCAPE_EXT_SKETCH_ISA picks the kernel variant (never one the CPU lacks: then the widest
-    # available runs, which this test also accepts)
-    monkeypatch.setenv("LANDSCAPE_EXT_SKETCH_ISA", isa)
-    for N, n_in, n_out, l in [(53, 29, 47, 5), (96, 64, 32, 3), (7, 5, 3, 2)]:
-        A, E = factors(N, None, n_in, n_out, dtype, "cpu", seed=N)
-        V = randn(l, n_out, n_in, dtype=dtype, device="cpu", seed=l)
-        y = ops.linear_grad_sketch(A, E, V)
-        ref = reference.linear_grad_sketch(A.double(), E.double(), V.double())
-        assert ((y.double() - ref).abs() <= REL_TOL[dtype] * scale_sketch(A, E, V).clamp_min(1.0)
-                ).all()
+ISA_LEVELS = ["default", "x86-64-v3", "x86-64-v4"]
+
+
+def check_cpu_variant():
+    """Body of test_every_cpu_variant_matches_reference, run in a fresh process (the kernel reads
+    LANDSCAPE_EXT_SKETCH_ISA once); prints the level that ran."""
+    for dtype in DTYPES:
+        for N, n_in, n_out, l in [(53, 29, 47, 5), (96, 64, 32, 3), (7, 5, 3, 2)]:
+            A, E = factors(N, None, n_in, n_out, dtype, "cpu", seed=N)
+            V = randn(l, n_out, n_in, dtype=dtype, device="cpu", seed=l)
+            y = ops.linear_grad_sketch(A, E, V)
+            ref = reference.linear_grad_sketch(A.double(), E.double(), V.double())
+            assert ((y.double() - ref).abs()
+                    <= REL_TOL[dtype] * scale_sketch(A, E, V).clamp_min(1.0)).all()
+    print(landscape_ext.build_info()["sketch_isa_level"])
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_every_cpu_variant_matches_reference(isa):
+    # LANDSCAPE_EXT_SKETCH_ISA caps the variant's level (a level above the CPU's: the CPU's runs)
+    env = dict(os.environ, LANDSCAPE_EXT_SKETCH_ISA=isa)
+    code = "import test_sketch; test_sketch.check_cpu_variant()"
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    native = landscape_ext.build_info()["sketch_isa_level"]
+    expected = ISA_LEVELS[min(ISA_LEVELS.index(isa), ISA_LEVELS.index(native))]
+    assert run.stdout.split()[-1] == expected
 
 
 def test_results_do_not_depend_on_thread_count():
     A, E = factors(301, None, 77, 90, torch.float32, "cpu", seed=14)
     V = randn(9, 90, 77, dtype=torch.float32, device="cpu", seed=15)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.linear_grad_sketch(A, E, V)
-        torch.set_num_threads(max(2, threads))
-        many = ops.linear_grad_sketch(A, E, V)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = on_one_and_many_threads(lambda: ops.linear_grad_sketch(A, E, V))
     assert torch.equal(one, many)
 
 
@@ -146,6 +162,21 @@ def test_opcheck(device, T):
     torch.library.opcheck(torch.ops.landscape_ext.linear_grad_project, (A, E, W))
 
 
+@pytest.mark.parametrize("T", [None, 3, 12])
+def test_composite_matches_fused(T):
+    # impl="composite" runs the einsum reference through the same wrapper (both routes of the
+    # kernel: T = 3 direct, T = 12 formed); auto on CPU runs the kernel (ops.IMPL_DEFAULTS)
+    A, E = factors(23, T, 9, 7, torch.float64, "cpu", seed=40)
+    V = randn(5, 7, 9, dtype=torch.float64, device="cpu", seed=41)
+    W = randn(23, 5, dtype=torch.float64, device="cpu", seed=42)
+    for op, third in ((ops.linear_grad_sketch, V), (ops.linear_grad_project, W)):
+        fused = op(A, E, third, impl="fused")
+        composite = op(A, E, third, impl="composite")
+        assert composite.shape == fused.shape and composite.dtype == fused.dtype
+        torch.testing.assert_close(composite, fused, rtol=1e-12, atol=1e-12)
+        assert torch.equal(op(A, E, third), fused)
+
+
 @pytest.mark.parametrize("T", [None, 2, 9])
 def test_gradcheck(T):
     A, E = factors(5, T, 4, 3, torch.float64, "cpu", seed=19)
@@ -156,6 +187,10 @@ def test_gradcheck(T):
     assert torch.autograd.gradcheck(ops.linear_grad_sketch, (A, E, V))
     assert torch.autograd.gradcheck(ops.linear_grad_project, (A, E, W))
     assert torch.autograd.gradgradcheck(ops.linear_grad_sketch, (A, E, V))
+    # the composite path is differentiable where the kernel is
+    for op, third in ((ops.linear_grad_sketch, V), (ops.linear_grad_project, W)):
+        assert torch.autograd.gradcheck(lambda a, e, t: op(a, e, t, impl="composite"),
+                                        (A, E, third))
 
 
 def test_torch_compile_fullgraph():

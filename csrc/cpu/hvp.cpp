@@ -10,7 +10,7 @@
 //
 // act_derivs: one pass over z writing sigma, sigma', sigma''. Float, half and bfloat16 run on
 // float vectors with polynomial exp / erf / tanh (errors measured against float64: exp 1 ulp,
-// erf and tanh 2 ulp; see tests/test_mlp_hvp.py); float64 runs a scalar loop over the libm
+// erf and tanh 2 ulp; see tests/test_hvp.py); float64 runs a scalar loop over the libm
 // functions (exact to libm's accuracy; float64 is the precision of tests, not of speed).
 //
 // Inner loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per
@@ -99,6 +99,15 @@ using VF = Vec<float>::type;
 using VI = Vec<float>::itype;
 using VD = Vec<double>::type;
 
+// Horner's rule: c0 x^n + c1 x^(n-1) + ... + cn, highest coefficient first, as the chain
+// p = p * x + c (that order of operations fixes the rounding).
+template <typename... Cs>
+LANDSCAPE_ALWAYS_INLINE VF horner(VF x, float c0, Cs... cs) {
+  VF p = VF{} + c0;
+  ((p = p * x + cs), ...);
+  return p;
+}
+
 // exp(x): Cephes expf (x = n ln2 + g, |g| <= ln2 / 2, degree-6 polynomial), 2^n by exponent
 // bits. exp(x) = 0 below -87.34 (no denormals); clamped to exp(88.376) = 2.4e38 above.
 LANDSCAPE_ALWAYS_INLINE VF exp_v(VF x_in) {
@@ -106,12 +115,8 @@ LANDSCAPE_ALWAYS_INLINE VF exp_v(VF x_in) {
   const VF magic = VF{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to integer
   const VF r = (x * 1.44269504088896341f + magic) - magic;
   const VF g = (x - r * 0.693359375f) - r * -2.12194440e-4f;
-  VF y = VF{} + 1.9875691500e-4f;
-  y = y * g + 1.3981999507e-3f;
-  y = y * g + 8.3334519073e-3f;
-  y = y * g + 4.1665795894e-2f;
-  y = y * g + 1.6666665459e-1f;
-  y = y * g + 5.0000001201e-1f;
+  VF y = horner(g, 1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                1.6666665459e-1f, 5.0000001201e-1f);
   y = y * (g * g) + g + 1.0f;
   const VI n = __builtin_convertvector(r, VI);
   const VI bits = (n + 127) << 23;
@@ -125,24 +130,14 @@ LANDSCAPE_ALWAYS_INLINE VF exp_v(VF x_in) {
 LANDSCAPE_ALWAYS_INLINE VF erf_v(VF x) {
   const VF a = vmin(x < 0.0f ? -x : x, VF{} + 4.0f);
   const VF s = x * x;
-  VF p = VF{} + 7.8824971112e-05f;
-  p = p * s + -8.0188549936e-04f;
-  p = p * s + 5.1893119428e-03f;
-  p = p * s + -2.6854328796e-02f;
-  p = p * s + 1.1283597463e-01f;
-  p = p * s + -3.7612626904e-01f;
-  p = p * s + 1.1283791659e+00f;
+  const VF p = horner(s, 7.8824971112e-05f, -8.0188549936e-04f, 5.1893119428e-03f,
+                      -2.6854328796e-02f, 1.1283597463e-01f, -3.7612626904e-01f,
+                      1.1283791659e+00f);
   const VF small = x * p;
   const VF t = a - 2.5f;
-  VF q = VF{} + 1.6140616098e-06f;
-  q = q * t + -1.3309390388e-05f;
-  q = q * t + 7.7394425534e-05f;
-  q = q * t + -4.2014456753e-04f;
-  q = q * t + 2.1651603097e-03f;
-  q = q * t + -1.0858517013e-02f;
-  q = q * t + 5.6106359727e-02f;
-  q = q * t + -3.5268068107e-01f;
-  q = q * t + -1.5568152771e+00f;
+  const VF q = horner(t, 1.6140616098e-06f, -1.3309390388e-05f, 7.7394425534e-05f,
+                      -4.2014456753e-04f, 2.1651603097e-03f, -1.0858517013e-02f,
+                      5.6106359727e-02f, -3.5268068107e-01f, -1.5568152771e+00f);
   const VF big_abs = 1.0f - exp_v(q - a * a);
   const VF big = x < 0.0f ? -big_abs : big_abs;
   return a <= 1.0f ? small : big;
@@ -152,11 +147,8 @@ LANDSCAPE_ALWAYS_INLINE VF erf_v(VF x) {
 LANDSCAPE_ALWAYS_INLINE VF tanh_v(VF x) {
   const VF a = x < 0.0f ? -x : x;
   const VF z = x * x;
-  VF p = VF{} + -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z + -5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z + -3.33332819422e-1f;
+  const VF p = horner(z, -5.70498872745e-3f, 2.06390887954e-2f, -5.37397155531e-2f,
+                      1.33314422036e-1f, -3.33332819422e-1f);
   const VF small = p * z * x + x;
   const VF big_abs = 1.0f - 2.0f / (exp_v(a + a) + 1.0f);
   const VF big = x < 0.0f ? -big_abs : big_abs;
@@ -258,13 +250,10 @@ void act_range_d(const ActArgs& g) { act_range_impl<double>(g); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cpu(const at::Tensor& z_in,
                                                               int64_t act) {
-  check_act_derivs_args(z_in, act);
-  const at::Tensor z = z_in.contiguous();
-  at::Tensor a = at::empty(z.sizes(), z.options());
-  at::Tensor d1 = at::empty(z.sizes(), z.options());
-  at::Tensor d2 = at::empty(z.sizes(), z.options());
+  const ActCall call = prepare_act_derivs(z_in, act);
+  const at::Tensor& z = call.z;
   const int64_t n = z.numel();
-  if (n == 0) return {a, d1, d2};
+  if (n == 0) return {call.a, call.d1, call.d2};
   void (*fn)(const ActArgs&) = nullptr;
   switch (z.scalar_type()) {
     case at::kDouble: fn = &act_range_d; break;
@@ -274,28 +263,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cpu(const at::Tensor& 
   }
   const int64_t elem = z.element_size();
   const char* zp = static_cast<const char*>(z.data_ptr());
-  char* ap = static_cast<char*>(a.data_ptr());
-  char* d1p = static_cast<char*>(d1.data_ptr());
-  char* d2p = static_cast<char*>(d2.data_ptr());
+  char* ap = static_cast<char*>(call.a.data_ptr());
+  char* d1p = static_cast<char*>(call.d1.data_ptr());
+  char* d2p = static_cast<char*>(call.d2.data_ptr());
   // grain: 16K elements (whole vectors) per task
   at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
     ActArgs g{act, zp + begin * elem, ap + begin * elem, d1p + begin * elem, d2p + begin * elem,
               end - begin};
     fn(g);
   });
-  return {a, d1, d2};
+  return {call.a, call.d1, call.d2};
 }
 
 // ---- xent_hvp -----------------------------------------------------------------------------------
-struct XentArgs {
-  const void* logits;
-  int64_t ls;  // logits row stride (elements)
-  const int64_t* target;  // contiguous (N,)
-  const void* dirs;
-  int64_t dsk, dsn;  // directions strides of dims 0 and 1 (elements); dim 2 has stride 1
-  void* out;         // contiguous (k, N, C)
-  int64_t N, C, k, ignore_index;
-  double scale;  // 1 / M
+// One task of xent_hvp: the call (hvp.h) and this task's rows and buffer.
+struct XentArgs : XentLayout {
+  double scale;        // 1 / M
   int64_t begin, end;  // rows of this task
   void* buf;           // C accumulation elements (64-byte aligned)
   int64_t bad_row;     // out: first row in [begin, end) with non-finite logits, or -1
@@ -442,18 +425,14 @@ XentFn pick_xent(at::ScalarType logits, at::ScalarType dirs) {
 at::Tensor xent_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                         const at::Tensor& directions_in, double label_smoothing,
                         int64_t ignore_index) {
-  check_xent_hvp_args(logits_in, target_in, directions_in, label_smoothing);
-  const int64_t N = logits_in.size(0), C = logits_in.size(1), k = directions_in.size(0);
-  const at::Tensor target = target_in.contiguous();
-  const int64_t M = xent_count_rows_cpu(target, C, ignore_index);
-  at::Tensor out = at::empty({k, N, C}, directions_in.options());
-  if (N == 0) return out;
-  // rows with unit stride in C are read in place (any row / direction strides)
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor dirs = (k == 0 || directions_in.stride(2) == 1) ? directions_in
-                                                                    : directions_in.contiguous();
-  const XentFn fn = pick_xent(logits.scalar_type(), dirs.scalar_type());
-  const bool dbl = logits.scalar_type() == at::kDouble || dirs.scalar_type() == at::kDouble;
+  const XentCall call =
+      prepare_xent_hvp(logits_in, target_in, directions_in, label_smoothing, ignore_index);
+  const int64_t N = call.layout.N, C = call.layout.C, k = call.layout.k;
+  const int64_t M = xent_count_rows_cpu(call.target, C, ignore_index);
+  if (N == 0) return call.out;
+  const XentFn fn = pick_xent(call.logits.scalar_type(), call.dirs.scalar_type());
+  const bool dbl =
+      call.logits.scalar_type() == at::kDouble || call.dirs.scalar_type() == at::kDouble;
   const int64_t acc_elem = dbl ? 8 : 4;
   const double scale = M > 0 ? 1.0 / static_cast<double>(M) : 0.0;
   std::atomic<int64_t> bad{N};
@@ -463,23 +442,7 @@ at::Tensor xent_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& target_in
     std::vector<char> raw(static_cast<size_t>((C + 16) * acc_elem + 64));
     void* buf = reinterpret_cast<void*>(
         (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
-    XentArgs g;
-    g.logits = logits.data_ptr();
-    g.ls = logits.stride(0);
-    g.target = target.data_ptr<int64_t>();
-    g.dirs = k == 0 ? nullptr : dirs.data_ptr();
-    g.dsk = k == 0 ? 0 : dirs.stride(0);
-    g.dsn = k == 0 ? 0 : dirs.stride(1);
-    g.out = out.data_ptr();
-    g.N = N;
-    g.C = C;
-    g.k = k;
-    g.ignore_index = ignore_index;
-    g.scale = scale;
-    g.begin = begin;
-    g.end = end;
-    g.buf = buf;
-    g.bad_row = -1;
+    XentArgs g{call.layout, scale, begin, end, buf, -1};
     fn(g);
     if (g.bad_row >= 0) {
       int64_t cur = bad.load();
@@ -488,7 +451,7 @@ at::Tensor xent_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& target_in
     }
   });
   if (bad.load() < N) xent_non_finite_logits(bad.load(), N);
-  return out;
+  return call.out;
 }
 
 }  // namespace

@@ -214,6 +214,16 @@ inline int64_t tile_len(int64_t n, int64_t basis_elem) {
   return t - t % 64;
 }
 
+// dst[e] = src[e * L] + ... + src[e * L + L - 1] for e < count, summed in lane order.
+template <typename acc_t>
+void sum_lanes(const acc_t* src, int64_t count, int64_t L, acc_t* dst) {
+  for (int64_t e = 0; e < count; ++e) {
+    acc_t s = 0;
+    for (int64_t l = 0; l < L; ++l) s += src[e * L + l];
+    dst[e] = s;
+  }
+}
+
 // One pass over basis[:, :n] (see krylov.h). basis (R, m, d) rows stride-1; W (R, b, d) and
 // C (R, n, b) contiguous in the accumulation dtype. Returns (out or undefined, sums).
 std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
@@ -270,21 +280,11 @@ std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
       // horizontal sums of the lanes, into this task's partial
       char* dst = Pp + t * part_rows * b * acc_elem;
       if (acc == at::kDouble) {
-        const double* src = static_cast<const double*>(lanes);
-        double* o = reinterpret_cast<double*>(dst);
-        for (int64_t e = 0; e < part_rows * b; ++e) {
-          double s = 0;
-          for (int64_t l = 0; l < L; ++l) s += src[e * L + l];
-          o[e] = s;
-        }
+        sum_lanes(static_cast<const double*>(lanes), part_rows * b, L,
+                  reinterpret_cast<double*>(dst));
       } else {
-        const float* src = static_cast<const float*>(lanes);
-        float* o = reinterpret_cast<float*>(dst);
-        for (int64_t e = 0; e < part_rows * b; ++e) {
-          float s = 0;
-          for (int64_t l = 0; l < L; ++l) s += src[e * L + l];
-          o[e] = s;
-        }
+        sum_lanes(static_cast<const float*>(lanes), part_rows * b, L,
+                  reinterpret_cast<float*>(dst));
       }
     }
   });
@@ -323,23 +323,10 @@ std::tuple<at::Tensor, at::Tensor> project_gram_cpu(const at::Tensor& basis,
 
 const Passes kCpuPasses{&coeffs_cpu, &project_coeffs_cpu, &project_gram_cpu};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_cpu(
-    const at::Tensor& basis, const at::Tensor& block, int64_t n_basis, double rank_tol,
-    int64_t rounds, int64_t local_rows) {
-  return block_orthonormalize_impl(kCpuPasses, basis, block, n_basis, rank_tol,
-                                   rounds, local_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_cpu(
-    const at::Tensor& bases, const at::Tensor& vectors, int64_t n_basis, double rank_tol) {
-  return orthogonalize_batched_impl(kCpuPasses, bases, vectors, n_basis, rank_tol);
-}
-
 }  // namespace
 }  // namespace krylov
 }  // namespace landscape_ext
 
 TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
-  m.impl("block_orthonormalize", &landscape_ext::krylov::block_orthonormalize_cpu);
-  m.impl("orthogonalize_batched", &landscape_ext::krylov::orthogonalize_batched_cpu);
+  landscape_ext::krylov::register_kernels<landscape_ext::krylov::kCpuPasses>(m);
 }

@@ -1,11 +1,11 @@
-// SIMD building blocks shared by the CPU kernels of the krylov and hvp op families (cpu/krylov.cpp,
-// cpu/hvp.cpp): the multiversioning macro, the GCC/Clang vector-extension types (64-byte vectors)
-// and the widening load. Internal to those kernels; not part of any interface.
+// SIMD building blocks shared by the CPU kernels of every op family (cpu/krylov.cpp, cpu/hvp.cpp,
+// cpu/sketch.cpp): the multiversioning macro, the ISA levels of kernels dispatched at run time,
+// the GCC/Clang vector-extension types and the widening load. Internal to those kernels; not part
+// of any interface.
 //
-// Everything here is force-inlined into the multiversioned entry points of the including file, so
-// each clone compiles it for its own instruction set (a plain inline helper may stay a call into a
-// baseline-ISA copy). cpu/sketch.cpp has its own variants (per-ISA vector widths, picked by
-// __builtin_cpu_supports) and does not use this header.
+// Everything here is force-inlined into the multiversioned (or per-level) entry points of the
+// including file, so each clone compiles it for its own instruction set (a plain inline helper may
+// stay a call into a baseline-ISA copy).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -28,36 +28,118 @@
 #endif
 #define LANDSCAPE_ALWAYS_INLINE inline __attribute__((always_inline))
 
+// Kernels whose variants differ in more than the instruction set (cpu/sketch.cpp: the vector
+// width and micro-tile change with the level) cannot be target_clones: they are compiled once per
+// level with these attributes (the features those kernels use) and picked at run time by
+// cpu_isa_level(), the level the target_clones resolver selects for LANDSCAPE_MULTIVERSION.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LANDSCAPE_X86_64 1
+#define LANDSCAPE_TARGET_V4 \
+  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#define LANDSCAPE_TARGET_V3 __attribute__((target("avx2,fma")))
+#else
+#define LANDSCAPE_X86_64 0
+#endif
+
 namespace landscape_ext {
 namespace simd {
 
-// Vector types per accumulation type: type (the accumulator vector, L lanes) and, with the same
-// lane count, the storage types that load_vec widens from. Spelled out per accumulation type: GCC
-// does not apply vector_size to a typedef whose size depends on a template parameter.
+// ---- ISA levels ---------------------------------------------------------------------------------
+enum class IsaLevel : int { kDefault = 0, kV3 = 1, kV4 = 2 };
+
+inline IsaLevel detect_isa_level() {
+#if LANDSCAPE_X86_64
+  __builtin_cpu_init();
+#if !defined(__clang__)
+  if (__builtin_cpu_supports("x86-64-v4")) return IsaLevel::kV4;
+  if (__builtin_cpu_supports("x86-64-v3")) return IsaLevel::kV3;
+#else
+  // (Clang: the features the per-level kernels use; its builtin may not know the level names.)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+    return IsaLevel::kV4;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return IsaLevel::kV3;
+#endif
+#endif
+  return IsaLevel::kDefault;
+}
+
+// The x86-64 level of this CPU ("default" off x86-64), detected once.
+inline IsaLevel cpu_isa_level() {
+  static const IsaLevel level = detect_isa_level();
+  return level;
+}
+
+inline const char* isa_level_name(IsaLevel level) {
+  switch (level) {
+    case IsaLevel::kV4: return "x86-64-v4";
+    case IsaLevel::kV3: return "x86-64-v3";
+    default: return "default";
+  }
+}
+
+// The lower of this CPU's level and the one named by `cap` ("x86-64-v4", "x86-64-v3" or
+// "default"; null or any other text: no cap).
+inline IsaLevel capped_isa_level(const char* cap) {
+  const IsaLevel cpu = cpu_isa_level();
+  for (IsaLevel level : {IsaLevel::kDefault, IsaLevel::kV3}) {
+    if (cap != nullptr && std::strcmp(cap, isa_level_name(level)) == 0 && level < cpu) {
+      return level;
+    }
+  }
+  return cpu;
+}
+
+// ---- vector types -------------------------------------------------------------------------------
+// VecN<T, VB>: a vector of VB bytes of T (L lanes). Spelled out per (T, VB): GCC does not apply
+// vector_size to a typedef whose size depends on a template parameter.
+template <typename T, int VB>
+struct VecN;
+#define LANDSCAPE_SIMD_VEC(T, VB)                              \
+  template <>                                                  \
+  struct VecN<T, VB> {                                         \
+    static constexpr int L = VB / static_cast<int>(sizeof(T)); \
+    typedef T type __attribute__((vector_size(VB)));           \
+  };
+LANDSCAPE_SIMD_VEC(float, 16)
+LANDSCAPE_SIMD_VEC(float, 32)
+LANDSCAPE_SIMD_VEC(float, 64)
+LANDSCAPE_SIMD_VEC(double, 16)
+LANDSCAPE_SIMD_VEC(double, 32)
+LANDSCAPE_SIMD_VEC(double, 64)
+LANDSCAPE_SIMD_VEC(double, 128)
+LANDSCAPE_SIMD_VEC(int32_t, 64)
+LANDSCAPE_SIMD_VEC(int64_t, 64)
+LANDSCAPE_SIMD_VEC(uint16_t, 16)
+LANDSCAPE_SIMD_VEC(uint16_t, 32)
+LANDSCAPE_SIMD_VEC(uint32_t, 32)
+LANDSCAPE_SIMD_VEC(uint32_t, 64)
+LANDSCAPE_SIMD_VEC(_Float16, 16)
+LANDSCAPE_SIMD_VEC(_Float16, 32)
+#undef LANDSCAPE_SIMD_VEC
+
+// The 64-byte accumulator vector of acc_t (float or double, L lanes) and, with the same lane
+// count, the storage types that load_vec widens from.
 template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  static constexpr int L = 16;  // lanes per vector
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t itype __attribute__((vector_size(64)));
-  typedef double f64 __attribute__((vector_size(128)));
-  typedef float f32 __attribute__((vector_size(64)));
-  typedef uint16_t u16 __attribute__((vector_size(32)));
-  typedef uint32_t u32 __attribute__((vector_size(64)));
-  typedef _Float16 f16 __attribute__((vector_size(32)));
+struct Vec {
+  static constexpr int L = 64 / static_cast<int>(sizeof(acc_t));
+  using type = typename VecN<acc_t, 64>::type;
+  using itype = typename VecN<std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>, 64>::type;
+  using f64 = typename VecN<double, 8 * L>::type;
+  using f32 = typename VecN<float, 4 * L>::type;
+  using u16 = typename VecN<uint16_t, 2 * L>::type;
+  using u32 = typename VecN<uint32_t, 4 * L>::type;
+  using f16 = typename VecN<_Float16, 2 * L>::type;
 };
-template <>
-struct Vec<double> {
-  static constexpr int L = 8;
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t itype __attribute__((vector_size(64)));
-  typedef double f64 __attribute__((vector_size(64)));
-  typedef float f32 __attribute__((vector_size(32)));
-  typedef uint16_t u16 __attribute__((vector_size(16)));
-  typedef uint32_t u32 __attribute__((vector_size(32)));
-  typedef _Float16 f16 __attribute__((vector_size(16)));
-};
+
+// A vector V from unaligned memory.
+template <typename V, typename T>
+LANDSCAPE_ALWAYS_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
 
 // L consecutive elements of src_t widened (or narrowed, double -> float) to the accumulation type.
 // Half types are converted in registers (bf16: a 16-bit shift; fp16: vcvtph2ps where available),

@@ -17,73 +17,43 @@
 //             lane-wise partial sum per row that is reduced once per (row, j) at the end.
 //
 // Every y entry is produced by exactly one task, in a fixed order: results do not depend on the
-// thread count. Inner loops use GCC/Clang vector extensions, compiled three times: AVX-512
-// (64-byte vectors), AVX2+FMA (32-byte) and baseline x86-64 (16-byte), each with a 6 x 2-vector
-// micro-tile that fits its register file (12 accumulators), and picked at run time by CPU
-// *features* (__builtin_cpu_supports). Not target_clones("arch=..."): GCC resolves those by CPU
-// *model*, so an AMD CPU with AVX-512 would run the baseline clone. LANDSCAPE_EXT_SKETCH_ISA=
-// avx512|avx2|base forces a variant (tests run all three).
+// thread count. Inner loops use GCC/Clang vector extensions, compiled once per x86-64 level
+// (cpu/simd.h): AVX-512 (64-byte vectors), AVX2+FMA (32-byte) and baseline x86-64 (16-byte), each
+// with a 6 x 2-vector micro-tile that fits its register file (12 accumulators). The vector width
+// changes with the level, so the variants are separate functions picked at run time by
+// simd::cpu_isa_level() (not target_clones); the environment variable LANDSCAPE_EXT_SKETCH_ISA
+// (x86-64-v3 or default, read once) caps the level (the tests run every variant this way).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-
-#include "sketch.h"
-
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define LANDSCAPE_SKETCH_X86 1
-#define LANDSCAPE_SKETCH_AVX512 \
-  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
-#define LANDSCAPE_SKETCH_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define LANDSCAPE_SKETCH_X86 0
-#endif
-// Force-inlined into each ISA-specific entry so every variant is compiled for its own ISA.
-#define LANDSCAPE_SKETCH_INLINE inline __attribute__((always_inline))
+#include "cpu/simd.h"
+#include "sketch.h"
 
 namespace landscape_ext {
 namespace sketch {
 namespace {
 
-// Vector of VB bytes of T. Spelled out per (T, VB): GCC does not apply vector_size to a typedef
-// whose size depends on a template parameter.
 template <typename T, int VB>
-struct Vec;
-#define LANDSCAPE_SKETCH_VEC(T, VB)                                 \
-  template <>                                                       \
-  struct Vec<T, VB> {                                               \
-    static constexpr int L = VB / static_cast<int>(sizeof(T));      \
-    typedef T type __attribute__((vector_size(VB)));                \
-  };
-LANDSCAPE_SKETCH_VEC(float, 64)
-LANDSCAPE_SKETCH_VEC(float, 32)
-LANDSCAPE_SKETCH_VEC(float, 16)
-LANDSCAPE_SKETCH_VEC(double, 64)
-LANDSCAPE_SKETCH_VEC(double, 32)
-LANDSCAPE_SKETCH_VEC(double, 16)
-#undef LANDSCAPE_SKETCH_VEC
+using Vec = simd::VecN<T, VB>;
 
 constexpr int kMR = 6;          // rows per micro-tile
 constexpr int kRowBlock = 48;   // rows per task (a multiple of kMR)
 
 template <typename T, int VB>
-LANDSCAPE_SKETCH_INLINE typename Vec<T, VB>::type loadu(const T* p) {
-  typename Vec<T, VB>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+LANDSCAPE_ALWAYS_INLINE typename Vec<T, VB>::type loadu(const T* p) {
+  return simd::load<typename Vec<T, VB>::type>(p);
 }
 
 // One micro-tile: rows [0, M) of A/E (row strides n_in / n_out), columns [o0, o0 + NR) of C_j
 // from the packed panel P (n_in x NR). Adds the lane-wise products c (*) e into part[0..M).
 template <int M, typename T, int VB>
-LANDSCAPE_SKETCH_INLINE void micro_tile(const T* A, int64_t n_in, const T* P, const T* E,
+LANDSCAPE_ALWAYS_INLINE void micro_tile(const T* A, int64_t n_in, const T* P, const T* E,
                                         int64_t n_out, int64_t o0,
                                         typename Vec<T, VB>::type* part) {
   using V = typename Vec<T, VB>::type;
@@ -135,7 +105,7 @@ struct TaskArgs {
 };
 
 template <typename T, int VB>
-LANDSCAPE_SKETCH_INLINE void sketch_task_impl(const TaskArgs& a) {
+LANDSCAPE_ALWAYS_INLINE void sketch_task_impl(const TaskArgs& a) {
   using V = typename Vec<T, VB>::type;
   constexpr int L = Vec<T, VB>::L;
   constexpr int NR = 2 * L;
@@ -172,36 +142,20 @@ LANDSCAPE_SKETCH_INLINE void sketch_task_impl(const TaskArgs& a) {
 
 using TaskFn = void (*)(const TaskArgs&);
 
-#if LANDSCAPE_SKETCH_X86
-LANDSCAPE_SKETCH_AVX512 void task_f_avx512(const TaskArgs& a) { sketch_task_impl<float, 64>(a); }
-LANDSCAPE_SKETCH_AVX512 void task_d_avx512(const TaskArgs& a) { sketch_task_impl<double, 64>(a); }
-LANDSCAPE_SKETCH_AVX2 void task_f_avx2(const TaskArgs& a) { sketch_task_impl<float, 32>(a); }
-LANDSCAPE_SKETCH_AVX2 void task_d_avx2(const TaskArgs& a) { sketch_task_impl<double, 32>(a); }
+#if LANDSCAPE_X86_64
+LANDSCAPE_TARGET_V4 void task_f_v4(const TaskArgs& a) { sketch_task_impl<float, 64>(a); }
+LANDSCAPE_TARGET_V4 void task_d_v4(const TaskArgs& a) { sketch_task_impl<double, 64>(a); }
+LANDSCAPE_TARGET_V3 void task_f_v3(const TaskArgs& a) { sketch_task_impl<float, 32>(a); }
+LANDSCAPE_TARGET_V3 void task_d_v3(const TaskArgs& a) { sketch_task_impl<double, 32>(a); }
 #endif
 void task_f_base(const TaskArgs& a) { sketch_task_impl<float, 16>(a); }
 void task_d_base(const TaskArgs& a) { sketch_task_impl<double, 16>(a); }
 
-enum class Isa { kAvx512, kAvx2, kBase };
-
-// The widest variant this CPU runs, or the one LANDSCAPE_EXT_SKETCH_ISA asks for (never one the
-// CPU lacks).
-Isa pick_isa() {
-  Isa best = Isa::kBase;
-#if LANDSCAPE_SKETCH_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-    best = Isa::kAvx512;
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    best = Isa::kAvx2;
-  }
-#endif
-  const char* env = std::getenv("LANDSCAPE_EXT_SKETCH_ISA");
-  if (env != nullptr) {
-    if (std::strcmp(env, "base") == 0) return Isa::kBase;
-    if (std::strcmp(env, "avx2") == 0 && best != Isa::kBase) return Isa::kAvx2;
-  }
-  return best;
+// The level whose variant runs: this CPU's, capped by LANDSCAPE_EXT_SKETCH_ISA (read once).
+simd::IsaLevel sketch_level() {
+  static const simd::IsaLevel level =
+      simd::capped_isa_level(std::getenv("LANDSCAPE_EXT_SKETCH_ISA"));
+  return level;
 }
 
 // Vp[j][ob][i][c] = V[j][ob * NR + c][i], zero where ob * NR + c >= n_out.
@@ -264,14 +218,14 @@ at::Tensor direct_sketch_typed(const at::Tensor& A, const at::Tensor& E, const a
 
 at::Tensor direct_sketch_cpu(const at::Tensor& A, const at::Tensor& E, const at::Tensor& V) {
   const bool dbl = A.scalar_type() == at::kDouble;
-  switch (pick_isa()) {
-#if LANDSCAPE_SKETCH_X86
-    case Isa::kAvx512:
-      return dbl ? direct_sketch_typed<double, 64>(A, E, V, &task_d_avx512)
-                 : direct_sketch_typed<float, 64>(A, E, V, &task_f_avx512);
-    case Isa::kAvx2:
-      return dbl ? direct_sketch_typed<double, 32>(A, E, V, &task_d_avx2)
-                 : direct_sketch_typed<float, 32>(A, E, V, &task_f_avx2);
+  switch (sketch_level()) {
+#if LANDSCAPE_X86_64
+    case simd::IsaLevel::kV4:
+      return dbl ? direct_sketch_typed<double, 64>(A, E, V, &task_d_v4)
+                 : direct_sketch_typed<float, 64>(A, E, V, &task_f_v4);
+    case simd::IsaLevel::kV3:
+      return dbl ? direct_sketch_typed<double, 32>(A, E, V, &task_d_v3)
+                 : direct_sketch_typed<float, 32>(A, E, V, &task_f_v3);
 #endif
     default:
       return dbl ? direct_sketch_typed<double, 16>(A, E, V, &task_d_base)
@@ -279,21 +233,13 @@ at::Tensor direct_sketch_cpu(const at::Tensor& A, const at::Tensor& E, const at:
   }
 }
 
-at::Tensor linear_grad_sketch_cpu(const at::Tensor& acts, const at::Tensor& out_grads,
-                                  const at::Tensor& directions) {
-  return linear_grad_sketch_impl(&direct_sketch_cpu, acts, out_grads, directions);
-}
-
-at::Tensor linear_grad_project_cpu(const at::Tensor& acts, const at::Tensor& out_grads,
-                                   const at::Tensor& weights) {
-  return linear_grad_project_impl(acts, out_grads, weights);
-}
-
 }  // namespace
+
+const char* cpu_sketch_isa_level() { return simd::isa_level_name(sketch_level()); }
+
 }  // namespace sketch
 }  // namespace landscape_ext
 
 TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
-  m.impl("linear_grad_sketch", &landscape_ext::sketch::linear_grad_sketch_cpu);
-  m.impl("linear_grad_project", &landscape_ext::sketch::linear_grad_project_cpu);
+  landscape_ext::sketch::register_kernels<&landscape_ext::sketch::direct_sketch_cpu>(m);
 }

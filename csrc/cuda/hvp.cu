@@ -29,32 +29,18 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/common.cuh"
 #include "hvp.h"
 
 namespace landscape_ext {
 namespace hvp {
 namespace {
 
+using cuda::from_acc;
+using cuda::to_acc;
+
 constexpr int kThreads = 256;             // threads per block of both xent kernels
 constexpr int kSmemBytes = 48 * 1024;     // p cache budget per block (default dynamic limit)
-
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t to_acc(T x) {
-  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
-    return static_cast<acc_t>(static_cast<float>(x));
-  } else {
-    return static_cast<acc_t>(x);
-  }
-}
-
-template <typename T, typename acc_t>
-__device__ __forceinline__ T from_acc(acc_t x) {
-  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
-    return T(static_cast<float>(x));
-  } else {
-    return static_cast<T>(x);
-  }
-}
 
 struct MaxOp {
   template <typename T>
@@ -115,14 +101,8 @@ __global__ void xent_prologue_kernel(const int64_t* __restrict__ target, int64_t
   }
 }
 
-struct XentParams {
-  const void* logits;
-  int64_t ls;  // logits row stride (elements)
-  const int64_t* target;  // contiguous (N,)
-  const void* dirs;
-  int64_t dsk, dsn;  // directions strides of dims 0 and 1 (elements); dim 2 has stride 1
-  void* out;         // contiguous (k, N, C)
-  int64_t N, C, k, ignore_index;
+// The call (hvp.h) and the device state of the kernel.
+struct XentParams : XentLayout {
   long long* ws;  // [M, bad target row, first non-finite row]
   bool cache;     // p cached in dynamic shared memory (rows_per_block * C acc elements)
 };
@@ -215,39 +195,23 @@ void launch_xent(XentParams p, cudaStream_t stream) {
 at::Tensor xent_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                          const at::Tensor& directions_in, double label_smoothing,
                          int64_t ignore_index) {
-  check_xent_hvp_args(logits_in, target_in, directions_in, label_smoothing);
+  const XentCall call =
+      prepare_xent_hvp(logits_in, target_in, directions_in, label_smoothing, ignore_index);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const int64_t N = logits_in.size(0), C = logits_in.size(1), k = directions_in.size(0);
-  at::Tensor out = at::empty({k, N, C}, directions_in.options());
-  if (N == 0) return out;
+  const int64_t N = call.layout.N, C = call.layout.C;
+  if (N == 0) return call.out;
   TORCH_CHECK(N < (int64_t(1) << 31), "xent_hvp: N = ", N, " rows exceeds the CUDA grid limit");
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor dirs = (k == 0 || directions_in.stride(2) == 1) ? directions_in
-                                                                    : directions_in.contiguous();
-  at::Tensor ws = at::empty({3}, target.options());
+  at::Tensor ws = at::empty({3}, call.target.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   long long* wsp = reinterpret_cast<long long*>(ws.data_ptr<int64_t>());
-  xent_prologue_kernel<<<1, kThreads, 0, stream>>>(target.data_ptr<int64_t>(), N, C,
+  xent_prologue_kernel<<<1, kThreads, 0, stream>>>(call.target.data_ptr<int64_t>(), N, C,
                                                    ignore_index, wsp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  XentParams p;
-  p.logits = logits.data_ptr();
-  p.ls = logits.stride(0);
-  p.target = target.data_ptr<int64_t>();
-  p.dirs = k == 0 ? nullptr : dirs.data_ptr();
-  p.dsk = k == 0 ? 0 : dirs.stride(0);
-  p.dsn = k == 0 ? 0 : dirs.stride(1);
-  p.out = out.data_ptr();
-  p.N = N;
-  p.C = C;
-  p.k = k;
-  p.ignore_index = ignore_index;
-  p.ws = wsp;
-  p.cache = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "xent_hvp", [&] {
+  XentParams p{call.layout, wsp, false};
+  const at::ScalarType logit_type = call.logits.scalar_type(), dir_type = call.dirs.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logit_type, "xent_hvp", [&] {
     using logit_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dirs.scalar_type(), "xent_hvp", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dir_type, "xent_hvp", [&] {
       launch_xent<logit_t, scalar_t>(p, stream);
     });
   });
@@ -258,7 +222,7 @@ at::Tensor xent_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& target_i
     xent_bad_target(f[1], value, C, ignore_index);
   }
   if (f[2] < N) xent_non_finite_logits(f[2], N);
-  return out;
+  return call.out;
 }
 
 // ---- act_derivs ---------------------------------------------------------------------------------
@@ -280,14 +244,11 @@ __global__ void act_derivs_kernel(const scalar_t* __restrict__ z, scalar_t* __re
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cuda(const at::Tensor& z_in,
                                                                int64_t act) {
-  check_act_derivs_args(z_in, act);
+  const ActCall call = prepare_act_derivs(z_in, act);
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const at::Tensor z = z_in.contiguous();
-  at::Tensor a = at::empty(z.sizes(), z.options());
-  at::Tensor d1 = at::empty(z.sizes(), z.options());
-  at::Tensor d2 = at::empty(z.sizes(), z.options());
+  const at::Tensor& z = call.z;
   const int64_t n = z.numel();
-  if (n == 0) return {a, d1, d2};
+  if (n == 0) return {call.a, call.d1, call.d2};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int threads = 256;
   int sms = 0;
@@ -295,11 +256,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cuda(const at::Tensor&
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(sms) * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "act_derivs", [&] {
     act_derivs_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), d1.data_ptr<scalar_t>(),
-        d2.data_ptr<scalar_t>(), n, act);
+        z.data_ptr<scalar_t>(), call.a.data_ptr<scalar_t>(), call.d1.data_ptr<scalar_t>(),
+        call.d2.data_ptr<scalar_t>(), n, act);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {a, d1, d2};
+  return {call.a, call.d1, call.d2};
 }
 
 }  // namespace

@@ -57,11 +57,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda/common.cuh"
 #include "krylov.h"
 
 namespace landscape_ext {
 namespace krylov {
 namespace {
+
+using cuda::to_acc;
 
 constexpr int kThreads = 256;  // threads per block of the pass kernel
 constexpr int kRB = 4;         // basis rows per phase-B item (register tile height)
@@ -88,15 +91,6 @@ template <>
 struct StageOf<c10::BFloat16, float> {
   using type = c10::BFloat16;
 };
-
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t to_acc(T x) {
-  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
-    return static_cast<acc_t>(static_cast<float>(x));
-  } else {
-    return static_cast<acc_t>(x);
-  }
-}
 
 // Conversion while staging: identity, or widening/narrowing to the accumulation type.
 template <typename stage_t, typename T>
@@ -831,23 +825,10 @@ std::tuple<at::Tensor, at::Tensor> project_gram_cuda(const at::Tensor& basis,
 
 const Passes kCudaPasses{&coeffs_cuda, &project_coeffs_cuda, &project_gram_cuda};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_orthonormalize_cuda(
-    const at::Tensor& basis, const at::Tensor& block, int64_t n_basis, double rank_tol,
-    int64_t rounds, int64_t local_rows) {
-  return block_orthonormalize_impl(kCudaPasses, basis, block, n_basis, rank_tol,
-                                   rounds, local_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> orthogonalize_batched_cuda(
-    const at::Tensor& bases, const at::Tensor& vectors, int64_t n_basis, double rank_tol) {
-  return orthogonalize_batched_impl(kCudaPasses, bases, vectors, n_basis, rank_tol);
-}
-
 }  // namespace
 }  // namespace krylov
 }  // namespace landscape_ext
 
 TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
-  m.impl("block_orthonormalize", &landscape_ext::krylov::block_orthonormalize_cuda);
-  m.impl("orthogonalize_batched", &landscape_ext::krylov::orthogonalize_batched_cuda);
+  landscape_ext::krylov::register_kernels<landscape_ext::krylov::kCudaPasses>(m);
 }

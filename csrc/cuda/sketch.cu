@@ -41,6 +41,21 @@ constexpr int kBK = 16;       // inner-dimension step
 constexpr int kThreads = 256; // 16 x 16 threads, 4 x 4 micro-tile each
 constexpr int kMaxGridY = 65535;
 
+// Rows [row0, row0 + kRows) x columns [k0, k0 + kBK) of the row-major (rows x n_in) matrix src
+// into dst, k-major (dst[kk][row]); zeros outside the matrix, so the FMA loop has no tails.
+template <typename T, int kRows>
+__device__ __forceinline__ void stage_rows(T (&dst)[kBK][kRows + 1], const T* __restrict__ src,
+                                           int64_t row0, int64_t rows, int64_t n_in, int64_t k0,
+                                           int tid) {
+#pragma unroll
+  for (int u = 0; u < (kRows * kBK) / kThreads; ++u) {
+    const int e = tid + u * kThreads;
+    const int row = e / kBK, kk = e % kBK;
+    const int64_t gr = row0 + row, gk = k0 + kk;
+    dst[kk][row] = (gr < rows && gk < n_in) ? src[gr * n_in + gk] : T(0);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 direct_sketch_kernel(const T* __restrict__ A, const T* __restrict__ E, const T* __restrict__ V,
@@ -64,20 +79,8 @@ direct_sketch_kernel(const T* __restrict__ A, const T* __restrict__ E, const T* 
         for (int q = 0; q < 4; ++q) acc[p][q] = T(0);
       for (int64_t k0 = 0; k0 < n_in; k0 += kBK) {
         // stage A (BM x BK) and V_j (BN x BK), k-major; 4 elements of each per thread
-#pragma unroll
-        for (int u = 0; u < (kBM * kBK) / kThreads; ++u) {
-          const int e = tid + u * kThreads;
-          const int row = e / kBK, kk = e % kBK;
-          const int64_t gr = r0 + row, gk = k0 + kk;
-          As[kk][row] = (gr < R && gk < n_in) ? A[gr * n_in + gk] : T(0);
-        }
-#pragma unroll
-        for (int u = 0; u < (kBN * kBK) / kThreads; ++u) {
-          const int e = tid + u * kThreads;
-          const int col = e / kBK, kk = e % kBK;
-          const int64_t go = o0 + col, gk = k0 + kk;
-          Vs[kk][col] = (go < n_out && gk < n_in) ? Vj[go * n_in + gk] : T(0);
-        }
+        stage_rows<T, kBM>(As, A, r0, R, n_in, k0, tid);
+        stage_rows<T, kBN>(Vs, Vj, o0, n_out, n_in, k0, tid);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kBK; ++kk) {
@@ -135,23 +138,10 @@ at::Tensor direct_sketch_cuda(const at::Tensor& A, const at::Tensor& E, const at
   return y;
 }
 
-at::Tensor linear_grad_sketch_cuda(const at::Tensor& acts, const at::Tensor& out_grads,
-                                   const at::Tensor& directions) {
-  const c10::cuda::CUDAGuard guard(acts.device());
-  return linear_grad_sketch_impl(&direct_sketch_cuda, acts, out_grads, directions);
-}
-
-at::Tensor linear_grad_project_cuda(const at::Tensor& acts, const at::Tensor& out_grads,
-                                    const at::Tensor& weights) {
-  const c10::cuda::CUDAGuard guard(acts.device());
-  return linear_grad_project_impl(acts, out_grads, weights);
-}
-
 }  // namespace
 }  // namespace sketch
 }  // namespace landscape_ext
 
 TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
-  m.impl("linear_grad_sketch", &landscape_ext::sketch::linear_grad_sketch_cuda);
-  m.impl("linear_grad_project", &landscape_ext::sketch::linear_grad_project_cuda);
+  landscape_ext::sketch::register_kernels<&landscape_ext::sketch::direct_sketch_cuda>(m);
 }

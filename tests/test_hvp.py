@@ -1,6 +1,7 @@
 """hvp op family: xent_hvp against torch.func second derivatives of F.cross_entropy (float64),
 against its reference over dtypes and shapes, strided inputs, the M = 0 convention, opcheck,
-torch.compile and error paths."""
+torch.compile and error paths; act_derivs against float64 autograd, opcheck, compile; both ops'
+composite path (impl="composite") against the kernel. (mlp_hvp: tests/test_mlp_hvp.py.)"""
 import warnings
 
 import pytest
@@ -10,8 +11,11 @@ import torch.nn.functional as F
 import landscape_ext
 from landscape_ext import ops, reference
 
+from _op_common import on_one_and_many_threads
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+ACTS = ["identity", "relu", "gelu", "tanh", "silu"]
 
 
 def randn(*shape, dtype=torch.float64, device="cpu", seed=0, scale=1.0):
@@ -177,14 +181,7 @@ def test_results_do_not_depend_on_thread_count():
     logits = randn(257, 1000, dtype=torch.float32, seed=21)
     target = targets(257, 1000, "cpu", seed=22)
     dirs = randn(3, 257, 1000, dtype=torch.float32, seed=23)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.xent_hvp(logits, target, dirs)
-        torch.set_num_threads(max(2, threads))
-        many = ops.xent_hvp(logits, target, dirs)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = on_one_and_many_threads(lambda: ops.xent_hvp(logits, target, dirs))
     assert torch.equal(one, many)
 
 
@@ -247,3 +244,134 @@ def test_mixed_devices_error():
     logits = randn(4, 3, device="cuda", seed=27)
     with pytest.raises(RuntimeError, match=r"logits is on cuda:0 but directions is on cpu"):
         ops.xent_hvp(logits, targets(4, 3, "cuda", 1), randn(1, 4, 3))
+
+
+# ---- act_derivs --------------------------------------------------------------------------------
+
+def exact_derivs(z, act):
+    """sigma, sigma', sigma'' by autograd in float64 (independent of the formulas)."""
+    fn = {"identity": lambda x: x, "relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh,
+          "silu": F.silu}[act]
+    x = z.double().detach().requires_grad_(True)
+    a = fn(x)
+    (d1,) = torch.autograd.grad(a.sum(), x, create_graph=True)
+    d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
+    return a.detach(), d1.detach(), (torch.zeros_like(x) if d2 is None else d2.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ACTS)
+def test_act_derivs_float64_matches_autograd(device, act):
+    z = torch.linspace(-9, 9, 2001, dtype=torch.float64, device=device)
+    z = z[z != 0]  # relu's kink
+    got = ops.act_derivs(z, act)
+    want = exact_derivs(z, act)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_act_derivs_low_precision_accuracy(device, act, dtype):
+    # dense grid through every branch of the vector math (erf: |x| <= 1, 1..4, >= 4; tanh:
+    # |x| < 0.625 and above; exp underflow), odd length for the vector tail
+    z = torch.cat([torch.linspace(-30, 30, 60_001, dtype=torch.float64),
+                   torch.linspace(-1e-3, 1e-3, 1001, dtype=torch.float64)]).to(dtype)
+    z = z[z != 0].to(device)
+    got = ops.act_derivs(z, act)
+    truth = exact_derivs(z, act)
+    torch_vals = reference.act_derivs(z, act)
+    for name, g, t, r in zip(("a", "d1", "d2"), got, truth, torch_vals):
+        assert g.dtype == dtype and g.shape == z.shape
+        # error against the float64 truth of the stored inputs: at most ~2x what the torch
+        # composition at the same precision errs, plus 3 ulp of the output dtype
+        err = (g.double() - t).abs()
+        ulp = torch.finfo(dtype).eps * t.abs().clamp_min(torch.finfo(dtype).tiny)
+        if r is None:
+            r = torch.zeros_like(g)
+        torch_err = (r.double() - t).abs()
+        bad = err > 2 * torch_err + 3 * ulp + 1e-30
+        # absolute floor for values that cancel (d2 crosses 0): 2 ulp of the function's scale
+        bad &= err > 2 * torch.finfo(dtype).eps * t.abs().max()
+        assert not bad.any(), (name, z[bad][:5], g[bad][:5], t[bad][:5])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_act_derivs_shapes_and_strides(device):
+    z = torch.randn(7, 5, 3, device=device).transpose(0, 2)   # non-contiguous
+    a, d1, d2 = ops.act_derivs(z, "tanh")
+    assert a.shape == z.shape and a.is_contiguous()
+    torch.testing.assert_close(a, torch.tanh(z))
+    e = ops.act_derivs(torch.empty(0, 4, device=device), 2)
+    assert all(t.shape == (0, 4) for t in e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_act_derivs_opcheck_and_errors(device):
+    z = torch.randn(33, 17, device=device)
+    for code in (1, 2):
+        torch.library.opcheck(torch.ops.landscape_ext.act_derivs, (z, code))
+    torch.library.opcheck(torch.ops.landscape_ext.act_derivs, (z.bfloat16(), 2))
+    with pytest.raises(RuntimeError, match=r"act_derivs: act = 7 is not an activation code"):
+        ops.act_derivs(z, 7)
+    with pytest.raises(RuntimeError, match=r"act_derivs: z must be float64, float32, float16 or "
+                                           r"bfloat16, got Long"):
+        ops.act_derivs(z.long(), 1)
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
+        ops.act_derivs(z, "swish")
+
+
+def test_act_derivs_torch_compile_fullgraph():
+    z = torch.randn(5, 6)
+
+    def step(z):
+        a, d1, d2 = ops.act_derivs(z * 2.0, 2)
+        return a.sum() + d1.sum() + d2.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(z), step(z))
+
+
+# ---- impl="composite": the reference through the op's wrapper, against the kernel --------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_xent_hvp_composite_matches_fused(device):
+    logits = randn(9, 13, device=device, seed=30, scale=2.0)
+    target = targets(9, 13, device, seed=31, ignore_rows=(2,))
+    for dirs in (randn(3, 9, 13, device=device, seed=32), randn(9, 13, device=device, seed=33)):
+        fused = ops.xent_hvp(logits, target, dirs, 0.1, impl="fused")
+        composite = ops.xent_hvp(logits, target, dirs, 0.1, impl="composite")
+        assert composite.shape == fused.shape and composite.is_contiguous()
+        torch.testing.assert_close(composite, fused, rtol=1e-12, atol=1e-15)
+        if device == "cpu":  # auto on CPU runs the kernel (ops.IMPL_DEFAULTS)
+            assert torch.equal(ops.xent_hvp(logits, target, dirs, 0.1), fused)
+    # the all-ignored convention and its warning hold on the composite path too
+    with pytest.warns(UserWarning, match=r"all N = 9 targets equal ignore_index = -100"):
+        out = ops.xent_hvp(logits, torch.full_like(target, -100), dirs, impl="composite")
+    assert torch.equal(out, torch.zeros_like(dirs))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ACTS)
+def test_act_derivs_composite_matches_fused(device, act):
+    z = randn(7, 33, device=device, seed=34, scale=3.0)
+    fused = ops.act_derivs(z, act, impl="fused")
+    for c, f in zip(ops.act_derivs(z, act, impl="composite"), fused):
+        assert c.shape == f.shape and c.dtype == f.dtype
+        torch.testing.assert_close(c, f, rtol=1e-13, atol=1e-14)
+    # by code, on a transposed view: contiguous results, like the kernel's
+    for c, f in zip(ops.act_derivs(z.T, ops.ACTIVATIONS[act], impl="composite"), fused):
+        assert c.is_contiguous()
+        torch.testing.assert_close(c, f.T, rtol=1e-13, atol=1e-14)
+    if device == "cpu":  # auto on CPU runs the kernel
+        assert all(torch.equal(a, f) for a, f in zip(ops.act_derivs(z, act), fused))
+
+
+def test_impl_is_checked():
+    z = randn(4, 3, seed=35)
+    with pytest.raises(ValueError, match=r"act_derivs: impl must be 'auto', 'fused' or "
+                                         r"'composite' .*got 'kernel'"):
+        ops.act_derivs(z, "gelu", impl="kernel")
+    with pytest.raises(ValueError, match=r"xent_hvp: impl must be .*got 'Fused'"):
+        ops.xent_hvp(z, targets(4, 3, "cpu", seed=36), z, impl="Fused")
