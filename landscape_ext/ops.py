@@ -33,8 +33,9 @@ IMPL_DEFAULTS: Dict[str, Dict[str, str]] = {
     # kernel has been measured on a GPU.
     "linear_grad_sketch": {"cpu": "fused", "cuda": "composite"},
     # bench/bench_sketch.py: the op's chunked ATen GEMMs against the einsum composite (CPU); on
-    # CUDA the composite, as for linear_grad_sketch.
-    "linear_grad_project": {"cpu": "fused", "cuda": "composite"},
+    # CUDA the op too: the einsum composite materializes an N x l x n_out temporary (about 1 GB
+    # at N = 4096, l = 42, n_out = 1536) that the chunked GEMMs never hold.
+    "linear_grad_project": {"cpu": "fused", "cuda": "fused"},
     # bench/bench_hvp.py: one pass over the logits, faster than the closed form in torch ops and
     # without its k x N x C temporaries (the memory is the reason on CUDA too, not yet timed).
     "xent_hvp": {"cpu": "fused", "cuda": "fused"},

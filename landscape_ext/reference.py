@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._extension import activation_codes
+from ._losses import cross_entropy_hessian
 
 # ---- krylov family -------------------------------------------------------------------------------
 
@@ -194,11 +195,8 @@ def xent_hvp(logits: Tensor, target: Tensor, directions: Tensor, label_smoothing
     acc = torch.float64 if torch.float64 in (logits.dtype, directions.dtype) else torch.float32
     one = directions.dim() == 2
     r = (directions.unsqueeze(0) if one else directions).to(acc)
-    p = torch.softmax(logits.to(acc), dim=-1)
-    pr = p * r
-    out = pr - p * pr.sum(dim=-1, keepdim=True)
-    mask = (target != ignore_index).to(acc)
-    out = out * (mask / mask.sum().clamp_min(1)).unsqueeze(-1)
+    # the engine's loss layer holds the one closed form (also used by the GGN and MLP products)
+    out = cross_entropy_hessian(logits.to(acc), target, r, "mean", ignore_index)
     out = out.to(directions.dtype).contiguous()
     return out[0] if one else out
 
