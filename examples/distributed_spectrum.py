@@ -72,7 +72,11 @@ def main(argv=None) -> int:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        return _run(args, rank, world, device)
+        status = _run(args, rank, world, device)
+        # leave together: a rank still writing results while its peer tears down gloo's
+        # connections can abort in the teardown ("terminate called without an active exception")
+        dist.barrier()
+        return status
     finally:
         dist.destroy_process_group()
 
