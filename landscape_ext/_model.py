@@ -101,6 +101,8 @@ class ParameterLayout:
         self.shapes: List[torch.Size] = [torch.Size(s) for s in shapes]
         self.sizes: List[int] = [s.numel() for s in self.shapes]
         self.offsets: Dict[str, int] = {}
+        self._size_of: Dict[str, int] = dict(zip(self.names, self.sizes))
+        self._shape_of: Dict[str, torch.Size] = dict(zip(self.names, self.shapes))
         offset = 0
         for name, size in zip(self.names, self.sizes):
             self.offsets[name] = offset
@@ -151,13 +153,12 @@ class ParameterLayout:
         """Rows ``X (k, d)`` -> per-parameter ``(k, *shape)`` tensors (views where the layout
         allows), for ``names`` (default: all)."""
         k = X.shape[0]
-        shapes = dict(zip(self.names, self.shapes))
-        return {n: self.block(X, n).reshape(k, *shapes[n]) for n in (names or self.names)}
+        return {n: self.block(X, n).reshape(k, *self._shape_of[n]) for n in (names or self.names)}
 
     def block(self, X: Tensor, name: str) -> Tensor:
         """The columns of parameter ``name`` in ``X (k, d)`` (a view)."""
         start = self.offsets[name]
-        return X[:, start:start + self.sizes[self.names.index(name)]]
+        return X[:, start:start + self._size_of[name]]
 
     def join_rows(self, parts: Sequence[Tensor], k: int) -> Tensor:
         """Per-parameter ``(k, *shape)`` tensors in layout order -> rows ``(k, d)``."""

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import _model
 from .. import distributed as _dist
 from .._model import DataFingerprint, DataSource, ParameterLayout, check_finite, model_state_guard
+from ..mlp import MLPBackend
 from .base import CurvatureOperator
 
 __all__ = ["ModelOperator", "HVP_MODES", "FUSED_MLP_MODE", "FORWARD_OVER_REVERSE",
@@ -87,7 +88,6 @@ class ModelOperator(CurvatureOperator):
         # auto: below this many directions a cached first-order graph + double backward beats
         # vmapped forward-over-reverse (measured by bench/bench_spectrum.py, HVP section)
         self.auto_double_backward_below = 4
-        from ..mlp import MLPBackend
         self.mlp_backend = MLPBackend(
             model, self.layout, loss_fn, self.curvature, name, forced=mode == FUSED_MLP_MODE,
             cacheable=self.single_batch and (cache_graph == "auto" or bool(cache_graph)))
