@@ -29,6 +29,9 @@ __all__ = [
     "DataSource",
     "DataFingerprint",
     "model_state_guard",
+    "differentiable_attention",
+    "evaluation_context",
+    "ATTENTION_BACKEND",
     "unwrap_ddp",
     "check_finite",
     "state_key",
@@ -239,6 +242,41 @@ def model_state_guard(model: nn.Module, batch_norm: Optional[str] = None) -> Ite
             for b, saved in buffers:
                 if b.shape == saved.shape and not torch.equal(b, saved):
                     b.copy_(saved)
+
+
+#: The attention backend the engine's products run with (see :func:`differentiable_attention`).
+ATTENTION_BACKEND = "math"
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[str]:
+    """Inside the block, attention runs the way second-order autograd needs it.
+
+    ``F.scaled_dot_product_attention`` runs its math backend: the fused flash, memory-efficient
+    and cuDNN kernels PyTorch picks by default have neither a forward-mode derivative nor a
+    double backward, so Hessian and GGN products (and forward-mode sketches) through them fail.
+    ``nn.MultiheadAttention`` and ``nn.Transformer*Layer`` skip their fused inference fast path
+    (``torch.backends.mha``), which has no derivatives either. The user's selection (an enclosing
+    ``sdpa_kernel`` context, the ``torch.backends.cuda.enable_*_sdp`` flags, the fast-path flag)
+    is restored on exit, also after an exception. Yields :data:`ATTENTION_BACKEND`.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield ATTENTION_BACKEND
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def evaluation_context(model: nn.Module, batch_norm: Optional[str]) -> Iterator[nn.Module]:
+    """Where the engine evaluates a model: :func:`model_state_guard` and
+    :func:`differentiable_attention` together."""
+    with model_state_guard(model, batch_norm), differentiable_attention():
+        yield model
 
 
 def check_finite(t: Tensor, what: str, owner: str, where: str = "") -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._model import check_finite, model_state_guard, unwrap_ddp
+from .._model import check_finite, evaluation_context, unwrap_ddp
 from ..results import Result
 from ._engines import ProductEngine, batch_contexts
 from ._method import make_engine
@@ -237,7 +237,7 @@ def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: 
                          f"selected parameters have d = {problem.d}")
     Qv = orthonormal_columns(V)
     n_directions = Qv.shape[1]
-    with model_state_guard(model, "eval"):
+    with evaluation_context(model, "eval"):
         engine_method = "kronecker" if method == "gram" else method
         engine, used = make_engine(problem, engine_method, chunk_size, sketch_impl, seed,
                                    allow_gram=False)
@@ -351,7 +351,7 @@ def compare_covariance_to_hessian_diagonal(
     if hessian_method not in ("hutchinson", "xdiag", "exact"):
         raise ValueError(f"{owner}: hessian_method must be 'hutchinson', 'xdiag' or 'exact', got "
                          f"{hessian_method!r}")
-    with model_state_guard(model, "eval"):
+    with evaluation_context(model, "eval"):
         engine_method = "kronecker" if method == "gram" else method
         engine, used = make_engine(problem, engine_method, chunk_size, sketch_impl, seed,
                                    allow_gram=False)

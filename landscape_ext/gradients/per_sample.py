@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._model import call_model, check_finite, model_state_guard, slice_batch, unsqueeze_batch
+from .._model import call_model, check_finite, evaluation_context, slice_batch, unsqueeze_batch
 from ._problem import ParamSpec, PerSampleProblem, check_per_sample_losses
 
 __all__ = ["per_sample_gradients", "iter_per_sample_gradients"]
@@ -65,8 +65,15 @@ def iter_per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
     samples, default such that a chunk holds about 16M elements).
     """
     problem = PerSampleProblem(model, loss_fn, data, params, "iter_per_sample_gradients")
-    with model_state_guard(model, "eval"):
-        yield from _all_chunks(problem, chunk_size)
+    chunks = _all_chunks(problem, chunk_size)
+    while True:
+        # each chunk is computed inside the evaluation context and the model's state (and the
+        # attention settings) are the caller's again while the caller holds the chunk
+        with evaluation_context(model, "eval"):
+            G = next(chunks, None)
+        if G is None:
+            return
+        yield G
 
 
 def per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
@@ -108,7 +115,7 @@ def per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
     """
     problem = PerSampleProblem(model, loss_fn, data, params, "per_sample_gradients")
     rows: List[Tensor] = []
-    with model_state_guard(model, "eval"):
+    with evaluation_context(model, "eval"):
         for G in _all_chunks(problem, chunk_size):
             rows.append(G if dtype is None else G.to(dtype))
     if not rows:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import distributed as _dist
 from .. import ops
-from .._model import model_state_guard
+from .._model import evaluation_context
 from ..distributed import SampleShards, resolve_group
 from ..results import Result
 from ._engines import ProductEngine, batch_contexts, project_pass, sketch_pass
@@ -176,7 +176,7 @@ def gradient_covariance_svd(model: nn.Module, loss_fn: Callable, data: Any, k: i
     shards = _sample_shards(model, process_group, owner)
     progress = bool(progress) and shards.rank == 0     # bars on one rank only
     problem = _set_up(model, loss_fn, data, params, k, n_power_iter, oversample, shards)
-    with model_state_guard(problem.model, "eval"):
+    with evaluation_context(problem.model, "eval"):
         engine, used = make_engine(problem, method, chunk_size, sketch_impl, seed,
                                    allow_gram=True, shards=shards)
         if used == "materialize":

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import _model
 from .. import distributed as _dist
-from .._model import DataFingerprint, DataSource, ParameterLayout, check_finite, model_state_guard
+from .._model import DataFingerprint, DataSource, ParameterLayout, check_finite, evaluation_context
 from ..mlp import MLPBackend
 from .base import CurvatureOperator
 
@@ -84,6 +84,9 @@ class ModelOperator(CurvatureOperator):
         self._fingerprint = DataFingerprint(ordered=False)
         self.n_samples: Optional[int] = None
         self.mode_used: Optional[str] = None
+        # the attention backend products run with ("math": the one with second-order
+        # derivatives; None before the first product); the user's own setting is restored
+        self.attention_backend: Optional[str] = None
         self.forward_ad_broken = False
         # auto: below this many directions a cached first-order graph + double backward beats
         # vmapped forward-over-reverse (measured by bench/bench_spectrum.py, HVP section)
@@ -185,7 +188,8 @@ class ModelOperator(CurvatureOperator):
         ``sum_b n_b P_b`` — except for a single batch, where it is ``P_0`` unscaled."""
         acc = None
         n_total = n_batches = first_n = 0
-        with model_state_guard(self.model, self.batch_norm):
+        with evaluation_context(self.model, self.batch_norm):
+            self.attention_backend = _model.ATTENTION_BACKEND
             self._fingerprint.start()
             for i, inputs, targets in self.data:
                 where = f"on batch {i}"
