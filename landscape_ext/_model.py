@@ -14,6 +14,7 @@ optimizers all need to know about a model and its data:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "check_finite",
     "state_key",
     "is_single_batch",
+    "output_loss",
     "tensors_of",
     "to_device",
     "slice_batch",
@@ -308,8 +310,30 @@ def state_key(tensors: Iterable[Tensor]) -> Tuple[Any, ...]:
 
 
 def is_single_batch(data: Any) -> bool:
-    """One ``(inputs, targets)`` batch: a pair whose second element is a tensor."""
+    """One batch: an ``(inputs, targets)`` pair whose second element is a tensor, or a mapping
+    of names to tensors (a batch for ``model(**batch)``, e.g. HuggingFace's)."""
+    if isinstance(data, Mapping):
+        return any(isinstance(v, Tensor) for v in data.values())
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+
+
+def output_loss(outputs: Any, owner: str, where: str = "") -> Tensor:
+    """The loss a model computed itself (``loss_fn=None``): ``outputs.loss`` (the HuggingFace
+    convention), ``outputs["loss"]``, or the output itself when it is a scalar tensor."""
+    if isinstance(outputs, Mapping) and "loss" in outputs:
+        loss = outputs["loss"]
+    elif not isinstance(outputs, Tensor) and getattr(outputs, "loss", None) is not None:
+        loss = outputs.loss
+    else:
+        loss = outputs
+    if isinstance(loss, Tensor) and loss.dim() == 0:
+        return loss
+    what = (f"a tensor of shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else
+            f"{type(outputs).__name__}" + (f" with keys {sorted(outputs)[:6]}"
+                                           if isinstance(outputs, Mapping) else ""))
+    raise ValueError(f"{owner}: loss_fn=None needs a model that returns its batch-mean loss (an "
+                     f"output with .loss, a dict with 'loss' or a scalar tensor; pass the labels "
+                     f"in the batch), got {what} {where}".rstrip())
 
 
 def tensors_of(x: Any) -> List[Tensor]:
@@ -362,7 +386,7 @@ class DataSource:
         self.owner = owner
         self.device = device
         if is_single_batch(data):
-            self.source: Any = [tuple(data)]
+            self.source: Any = [data if isinstance(data, Mapping) else tuple(data)]
         else:
             if not hasattr(data, "__iter__"):
                 raise TypeError(f"{owner}: data must be one (inputs, targets) batch or an iterable "
@@ -374,11 +398,15 @@ class DataSource:
         self.single_batch = isinstance(self.source, list) and len(self.source) == 1
 
     def __iter__(self) -> Iterator[Tuple[int, Any, Any]]:
-        """``(index, inputs, targets)`` of every batch, on ``device``."""
+        """``(index, inputs, targets)`` of every batch, on ``device``; a mapping batch (for
+        ``model(**batch)``) is ``(batch, None)``."""
         for i, batch in enumerate(self.source):
+            if isinstance(batch, Mapping):
+                yield i, to_device(dict(batch), self.device), None
+                continue
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise ValueError(f"{self.owner}: batch {i} must be (inputs, targets), got "
-                                 f"{type(batch).__name__}")
+                raise ValueError(f"{self.owner}: batch {i} must be (inputs, targets) or a dict "
+                                 f"for model(**batch), got {type(batch).__name__}")
             yield i, to_device(batch[0], self.device), to_device(batch[1], self.device)
 
     def sample_count_hint(self) -> Optional[int]:
@@ -387,7 +415,8 @@ class DataSource:
         share), or its data set's length."""
         if isinstance(self.source, list):
             try:
-                return sum(int(b[1].shape[0]) for b in self.source)
+                return sum(batch_size(b, None) if isinstance(b, Mapping) else int(b[1].shape[0])
+                           for b in self.source)
             except Exception:  # noqa: BLE001 - a hint only
                 return None
         dataset = getattr(self.source, "dataset", None)

@@ -47,6 +47,11 @@ class GGNOperator(ModelOperator):
                  fused_loss_hessian: bool = True, mode: str = "auto",
                  cache_graph: Union[bool, str] = "auto", **kwargs: Any):
         self.fused_loss_hessian = bool(fused_loss_hessian)
+        if loss_fn is None:
+            raise ValueError("GGNOperator: loss_fn=None is not supported: the Gauss-Newton "
+                             "matrix needs the loss as a function of the model's outputs; pass "
+                             "loss_fn (e.g. a cross-entropy of the logits), or use "
+                             "HessianOperator, which takes the model's own loss")
         try:
             self.loss_spec = _losses.loss_spec(loss_fn)
         except ValueError as exc:

@@ -21,11 +21,14 @@ class HessianOperator(ModelOperator):
     Parameters
     ----------
     model : nn.Module
-    loss_fn : callable
-        ``loss_fn(outputs, targets) -> scalar`` — the **mean** loss of the batch.
-    data : (inputs, targets) or iterable of batches
+    loss_fn : callable or None
+        ``loss_fn(outputs, targets) -> scalar`` — the **mean** loss of the batch. ``None``: the
+        model computes it (HuggingFace style): the loss is ``outputs.loss``, ``outputs["loss"]``
+        or the output itself when it is a scalar.
+    data : (inputs, targets), dict, or iterable of batches
         One batch, or a re-iterable of batches (a DataLoader, a list). ``inputs`` may be a tensor,
-        a tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
+        a tuple (``model(*inputs)``) or a dict (``model(**inputs)``); a batch may also be a dict
+        alone (``model(**batch)``, labels inside it, for ``loss_fn=None``).
     params : iterable of str or Parameter, optional
         Subset of parameters (default: all with ``requires_grad``).
     mode : {"auto", "forward-over-reverse", "double-backward", "fused-mlp"}
@@ -57,6 +60,9 @@ class HessianOperator(ModelOperator):
         For double backward: keep the first-order graph between products while the parameters
         are unchanged (``auto``: when ``data`` is a single batch). Saves one forward + backward
         per product at the cost of keeping the activations.
+    batch_size : callable, optional
+        ``batch_size(batch) -> int``: a batch's weight in the mean over batches (default: the
+        leading size of its targets, or of its first tensor for a dict batch).
     process_group : torch.distributed group, optional
         Data parallel: each rank passes its own shard of the data and the same model; every
         product is the mean over the samples of all ranks (local sums all-reduced, weighted by

@@ -44,8 +44,16 @@ class ModelOperator(CurvatureOperator):
                  params: Optional[Iterable[Union[str, Tensor]]] = None, *, mode: str = "auto",
                  batch_norm: str = "eval", accumulate_dtype: Optional[torch.dtype] = None,
                  chunk_size: Optional[int] = None, check_data: bool = True,
-                 cache_graph: Union[bool, str] = "auto", process_group: Any = None):
+                 cache_graph: Union[bool, str] = "auto", process_group: Any = None,
+                 batch_size: Optional[Callable[[Any], int]] = None):
         name = type(self).__name__
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"{name}: loss_fn must be callable or None (the model returns its "
+                            f"loss), got {type(loss_fn).__name__}")
+        if batch_size is not None and not callable(batch_size):
+            raise TypeError(f"{name}: batch_size must be a callable batch -> int, got "
+                            f"{type(batch_size).__name__}")
+        self.batch_size = batch_size
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
         # a DDP-wrapped model: differentiate its module and reduce over DDP's group unless
@@ -128,7 +136,10 @@ class ModelOperator(CurvatureOperator):
 
     def _loss(self, outputs: Any, targets: Tensor, where: str,
               loss_fn: Optional[Callable[[Any, Tensor], Tensor]] = None) -> Tensor:
-        loss = (loss_fn or self.loss_fn)(outputs, targets)
+        loss_fn = loss_fn or self.loss_fn
+        if loss_fn is None:  # the model computes its own loss
+            return _model.output_loss(outputs, type(self).__name__, where)
+        loss = loss_fn(outputs, targets)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"{type(self).__name__}: loss_fn must return a scalar (the batch "
@@ -193,7 +204,7 @@ class ModelOperator(CurvatureOperator):
             self._fingerprint.start()
             for i, inputs, targets in self.data:
                 where = f"on batch {i}"
-                n_batch = _model.batch_size(inputs, targets)
+                n_batch = self._samples_in(inputs, targets, where)
                 if self.check_data:
                     self._fingerprint.add(inputs, targets, n_batch)
                 P = self._batch_apply_rows(X, inputs, targets, where)
@@ -216,6 +227,17 @@ class ModelOperator(CurvatureOperator):
                 f"makes the operator change from product to product. Use fixed data (no "
                 f"augmentation) or check_data=False.")
         return acc, n_total, n_batches
+
+    def _samples_in(self, inputs: Any, targets: Any, where: str) -> int:
+        """The batch's weight in the mean over batches: ``batch_size(batch)`` when given, else
+        the leading size of the targets (of the first input tensor for a dict batch)."""
+        if self.batch_size is None:
+            return _model.batch_size(inputs, targets)
+        n = self.batch_size(inputs if targets is None else (inputs, targets))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{type(self).__name__}: batch_size must return a sample count >= 0, "
+                             f"got {n!r} {where}")
+        return n
 
     def _choose_mode(self, k: int) -> str:
         """How the product of ``k`` directions on a batch is computed: the forced ``mode``, or
