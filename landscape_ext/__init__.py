@@ -11,6 +11,7 @@ _C = load_extension()
 
 # ops need the compiled library loaded first
 from . import distributed, ops, reference  # noqa: E402
+from .blocks import BlockSpectra, block_eigsh, parameter_blocks  # noqa: E402
 from .density import DensityCurve, SpectralDensityResult, spectral_density  # noqa: E402
 from .distributed import RankFailure, is_main_process  # noqa: E402
 from .estimators import DiagonalResult, TraceResult, diagonal, trace  # noqa: E402
@@ -40,7 +41,8 @@ __all__ = [
     "Result", "CurvatureOperator", "DenseOperator", "CallableOperator", "HessianOperator",
     "GGNOperator", "as_operator", "model_state_guard", "ParameterLayout", "EigshResult", "SpectralNormResult",
     "eigsh", "spectral_norm", "TraceResult", "DiagonalResult", "trace", "diagonal",
-    "SpectralDensityResult", "DensityCurve", "spectral_density",
+    "SpectralDensityResult", "DensityCurve", "spectral_density", "block_eigsh",
+    "parameter_blocks", "BlockSpectra",
     # fused MLP products
     "mlp_hvp", "mlp_structure", "mlp_matmat", "mlp_apply_rows", "NotAnMLP", "MLPStructure",
     # gradient geometry
