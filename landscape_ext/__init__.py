@@ -11,7 +11,8 @@ _C = load_extension()
 
 # ops need the compiled library loaded first
 from . import distributed, ops, reference  # noqa: E402
-from .blocks import BlockSpectra, block_eigsh, parameter_blocks  # noqa: E402
+from .blocks import (BlockDensities, BlockSpectra, block_eigsh,  # noqa: E402
+                     block_spectral_density, parameter_blocks)
 from .density import DensityCurve, SpectralDensityResult, spectral_density  # noqa: E402
 from .distributed import RankFailure, is_main_process  # noqa: E402
 from .estimators import DiagonalResult, TraceResult, diagonal, trace  # noqa: E402
@@ -42,7 +43,7 @@ __all__ = [
     "GGNOperator", "as_operator", "model_state_guard", "ParameterLayout", "EigshResult", "SpectralNormResult",
     "eigsh", "spectral_norm", "TraceResult", "DiagonalResult", "trace", "diagonal",
     "SpectralDensityResult", "DensityCurve", "spectral_density", "block_eigsh",
-    "parameter_blocks", "BlockSpectra",
+    "block_spectral_density", "parameter_blocks", "BlockSpectra", "BlockDensities",
     # fused MLP products
     "mlp_hvp", "mlp_structure", "mlp_matmat", "mlp_apply_rows", "NotAnMLP", "MLPStructure",
     # gradient geometry

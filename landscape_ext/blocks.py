@@ -17,11 +17,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .density import SpectralDensityResult, _quadrature, _slq_step, _start_slq
+from .estimators import _probes
 from .lanczos import WHICH, EigshResult, _wanted
-from .operators import CurvatureOperator, as_operator
+from .operators import CallableOperator, CurvatureOperator, as_operator
 from .ops import block_orthonormalize
 
-__all__ = ["block_eigsh", "parameter_blocks", "BlockSpectra", "BLOCK_PRESETS"]
+__all__ = ["block_eigsh", "block_spectral_density", "parameter_blocks", "BlockSpectra",
+           "BlockDensities", "BLOCK_PRESETS"]
 
 BLOCK_PRESETS = ("modules", "layers", "kinds")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
@@ -331,4 +334,130 @@ def _results(runs: List[_BlockRun], op: CurvatureOperator, which: str, k: int, t
     out.n_products = n_products
     out.n_matvecs = sum(run.n for run in runs)
     out.sizes = {run.name: int(run.index.numel()) for run in runs}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# blockwise spectral densities
+# ------------------------------------------------------------------------------------------------
+
+
+class BlockDensities(dict):
+    """``{block name: SpectralDensityResult}`` from :func:`block_spectral_density`.
+
+    Attributes
+    ----------
+    n_products : int
+        Batched operator products (all probes of all blocks in each).
+    n_matvecs : int
+        Directions multiplied in all.
+    sizes : dict of str to int
+    """
+
+    n_products: int = 0
+    n_matvecs: int = 0
+    sizes: Dict[str, int] = {}
+
+    def summary(self, grid: int = 512, sigma: Optional[float] = None) -> Dict[str, Any]:
+        """Heterogeneity across blocks: ``tr(H_bb) / d_b`` (the first moment, with its standard
+        error across probes), each block's largest quadrature node (``lambda_max`` estimate),
+        and the pairwise Jensen-Shannon distance (base 2, in [0, 1]) of the broadened block
+        densities on one common grid (``sigma``: default 1/100 of the joint node range)."""
+        lows, highs = zip(*(r.spectral_range for r in self.values()))
+        lo, hi = min(lows), max(highs)
+        sigma = sigma or max(hi - lo, 1e-12 * max(abs(hi), abs(lo), 1.0)) / 100.0
+        points = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
+        mass = {}
+        for name, res in self.items():
+            density = res.evaluate(points, sigma).density.clamp_min(0)
+            mass[name] = density / density.sum().clamp_min(1e-300)
+        names = list(self)
+        js = {a: {b: _js_distance(mass[a], mass[b]) for b in names} for a in names}
+        return {"trace_per_dim": {n: float(r.moments(1)) for n, r in self.items()},
+                "trace_per_dim_stderr": {n: float(r.moments_stderr(1)) for n, r in self.items()},
+                "lambda_max": {n: r.spectral_range[1] for n, r in self.items()},
+                "js_distance": js, "sigma": sigma, "n_products": self.n_products,
+                "n_matvecs": self.n_matvecs}
+
+
+def _js_distance(p: Tensor, q: Tensor) -> float:
+    """Jensen-Shannon distance (square root of the divergence, base 2) of two distributions."""
+    m = 0.5 * (p + q)
+
+    def kl(a: Tensor) -> Tensor:
+        mask = a > 0
+        return (a[mask] * torch.log2(a[mask] / m[mask])).sum()
+
+    return float(torch.sqrt((0.5 * kl(p) + 0.5 * kl(q)).clamp_min(0)))
+
+
+def block_spectral_density(op: Any, blocks: Union[str, Mapping[str, Any]], n_steps: int = 64,
+                           n_probes: int = 8, *, seed: int = 0,
+                           distribution: str = "rademacher",
+                           basis_dtype: Optional[torch.dtype] = None) -> BlockDensities:
+    """Spectral density of each diagonal block ``H[b, b]`` by stochastic Lanczos quadrature,
+    all blocks' probes advanced together (one batched product of ``B x n_probes`` directions per
+    step; each probe is supported on its block and its products are read back there).
+
+    Parameters
+    ----------
+    op, blocks
+        As :func:`block_eigsh`.
+    n_steps, n_probes, distribution, basis_dtype
+        Per block, as :func:`landscape_ext.spectral_density` (``n_steps`` is capped at the
+        largest block; a smaller block's probes break down, exactly, at its size).
+    seed : int
+        Seeds the probes (drawn in block order).
+
+    Returns
+    -------
+    BlockDensities
+        ``{name: SpectralDensityResult}`` (``d`` = the block's size, so ``moments(1)`` estimates
+        ``tr(H_bb) / d_b``) with the shared cost and :meth:`BlockDensities.summary`.
+    """
+    start_time = time.perf_counter()
+    op = as_operator(op)
+    if not isinstance(n_steps, int) or n_steps < 1 or not isinstance(n_probes, int) \
+            or n_probes < 1:
+        raise ValueError(f"block_spectral_density: n_steps and n_probes must be positive "
+                         f"integers, got {n_steps!r} and {n_probes!r}")
+    index = _block_indices(op, blocks)
+    gen = torch.Generator().manual_seed(int(seed))
+    rows, owner = [], []
+    for i, idx in enumerate(index.values()):
+        probes = torch.zeros(n_probes, op.d, dtype=torch.float64)
+        probes[:, idx] = _probes(n_probes, idx.numel(), gen, distribution,
+                                 "block_spectral_density")
+        rows.append(probes)
+        owner += [i] * n_probes
+    mask = torch.zeros(len(owner), op.d, dtype=torch.bool)
+    for row, i in enumerate(owner):
+        mask[row, list(index.values())[i]] = True
+    mask = mask.to(op.device)
+
+    def restricted(X: Tensor) -> Tensor:   # each row's product read back inside its block
+        return op.apply_rows(X) * mask
+
+    masked = CallableOperator(restricted, op.d, op.dtype, op.device, rows=True)
+    steps = min(n_steps, max(idx.numel() for idx in index.values()))
+    run = _start_slq(masked, steps, len(owner), seed, distribution, basis_dtype, True, False,
+                     probes=torch.cat(rows))
+    n_products = 0
+    for j in range(steps):
+        n_products += 1
+        if _slq_step(run, j):
+            break
+    nodes, weights = _quadrature(run.alpha, run.beta, run.steps, steps)
+    out = BlockDensities()
+    seconds = time.perf_counter() - start_time
+    for i, (name, idx) in enumerate(index.items()):
+        sel = torch.tensor([row for row, o in enumerate(owner) if o == i])
+        out[name] = SpectralDensityResult(
+            nodes=nodes[sel], weights=weights[sel], steps=run.steps[sel], d=int(idx.numel()),
+            n_steps=steps, n_probes=n_probes, n_matvecs=int(run.steps[sel].sum()),
+            distribution=distribution, seed=int(seed), mode_used=getattr(op, "mode_used", None),
+            time_s=seconds, alpha=run.alpha[sel], beta=run.beta[sel])
+    out.n_products = n_products
+    out.n_matvecs = masked.n_matvecs
+    out.sizes = {name: int(idx.numel()) for name, idx in index.items()}
     return out

@@ -237,11 +237,15 @@ class _SlqRun:
 
 def _start_slq(op: CurvatureOperator, n_steps: int, r: int, seed: int, distribution: str,
                basis_dtype: Optional[torch.dtype], reorthogonalize: bool,
-               progress: bool) -> _SlqRun:
-    """Unit probes (the first Lanczos vectors) and the buffers of the run."""
+               progress: bool, probes: Optional[Tensor] = None) -> _SlqRun:
+    """Unit probes (the first Lanczos vectors; drawn, or ``probes (r, d)`` as given) and the
+    buffers of the run."""
     d, dev = op.d, op.device
-    gen = torch.Generator().manual_seed(int(seed))
-    V = _probes(r, d, gen, distribution, "spectral_density")
+    if probes is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        V = _probes(r, d, gen, distribution, "spectral_density")
+    else:
+        V = probes.to(torch.float64)
     V /= torch.linalg.vector_norm(V, dim=1, keepdim=True)
     V = V.to(dev)
     basis_dtype = basis_dtype or (op.dtype if op.dtype in BASIS_DTYPES else torch.float32)

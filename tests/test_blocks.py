@@ -116,3 +116,50 @@ def test_block_errors(problem):
         le.block_eigsh(op, "layers", k=0)
     with pytest.raises(ValueError, match="outside"):
         le.block_eigsh(torch.eye(4, dtype=torch.float64), {"a": torch.tensor([1, 9])})
+
+
+def test_block_spectral_density_of_known_blocks():
+    g = torch.Generator().manual_seed(5)
+    Qa = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    Qb = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64))[0]
+    ev_a = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+    ev_b = torch.linspace(100.0, 101.0, 9, dtype=torch.float64)
+    A = torch.zeros(15, 15, dtype=torch.float64)
+    A[:6, :6] = Qa @ torch.diag(ev_a) @ Qa.T
+    A[6:, 6:] = Qb @ torch.diag(ev_b) @ Qb.T
+    A[:6, 6:] = A[6:, :6].T.contiguous() + 0.5   # coupling outside the diagonal blocks
+    A[6:, :6] = A[:6, 6:].T
+    blocks = {"a": torch.arange(6), "b": torch.arange(6, 15)}
+    res = le.block_spectral_density(A, blocks, n_steps=9, n_probes=32, seed=0)
+    for name, ev in (("a", ev_a), ("b", ev_b)):
+        r = res[name]
+        assert r.d == ev.numel() and r.nodes.shape == (32, 9)
+        # a full Krylov space: every node that carries weight is an eigenvalue of the block
+        weighted = r.nodes[r.weights > 1e-10]
+        gap = (weighted[:, None] - ev[None, :]).abs().min(1).values
+        assert float(gap.max()) < 1e-8 * float(ev.abs().max() + 1)
+        # tr(A_bb) / d_b within 5 standard errors of the probe mean
+        assert abs(float(r.moments(1)) - float(ev.mean())) <= 5 * float(r.moments_stderr(1)) + 1e-12
+    assert res.n_products <= 9 and res.n_matvecs == res.n_products * 64
+    summary = res.summary()
+    js = summary["js_distance"]
+    assert js["a"]["a"] == 0.0 and js["a"]["b"] == js["b"]["a"] and js["a"]["b"] > 0.99
+    assert summary["lambda_max"]["b"] == pytest.approx(101.0, abs=1e-8)
+
+
+def test_block_spectral_density_of_a_model_hessian(problem, exact_hessian):
+    model, loss, data = problem("mlp")
+    H = exact_hessian("mlp")
+    op = le.HessianOperator(model, loss, data)
+    res = le.block_spectral_density(op, "modules", n_steps=12, n_probes=24, seed=1)
+    for name, names in le.parameter_blocks(model, "modules").items():
+        idx = torch.cat([torch.arange(op.layout.offsets[n], op.layout.offsets[n]
+                                      + op.layout._size_of[n]) for n in names])
+        block = H[idx][:, idx]
+        r = res[name]
+        exact = float(torch.trace(block)) / idx.numel()
+        assert abs(float(r.moments(1)) - exact) <= 5 * float(r.moments_stderr(1)) + 1e-12
+        ev = torch.linalg.eigvalsh(block)
+        lo, hi = float(ev[0]), float(ev[-1])
+        tol = 1e-8 * max(abs(lo), abs(hi))
+        assert r.spectral_range[0] >= lo - tol and r.spectral_range[1] <= hi + tol
