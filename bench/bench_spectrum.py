@@ -142,6 +142,52 @@ def resnet18(device: str, batch: int = 256):
     return model, nn.CrossEntropyLoss(), (X, y)
 
 
+class TinyLM(nn.Module):
+    """A 2-layer causal transformer LM written with torch.nn's own layers (pre-norm, GELU,
+    causal mask, SDPA attention); returns the logits flattened to ``(B T, V)`` so that every
+    tool's ``nn.CrossEntropyLoss`` applies as it is."""
+
+    def __init__(self, vocab=256, width=64, layers=2, heads=4, seq=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(0.02 * torch.randn(seq, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("causal", torch.ones(seq, seq, dtype=torch.bool).triu(1))
+
+    def forward(self, tokens):
+        h = self.emb(tokens) + self.pos[: tokens.shape[1]]
+        h = self.blocks(h, mask=self.causal, is_causal=True)
+        return self.head(self.norm(h)).flatten(0, 1)
+
+
+def tiny_lm(device: str, batch: int = 32, train_steps: int = 30):
+    """~135k parameters, one batch of 32 sequences of 32 tokens from a random Markov chain."""
+    g = torch.Generator().manual_seed(0)
+    vocab, seq = 256, 32
+    top = torch.randn(vocab, vocab, generator=g).topk(4, dim=1).indices
+    tokens = torch.empty(4 * batch, seq + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (4 * batch,), generator=g)
+    for t in range(1, seq + 1):
+        pick = torch.randint(0, 4, (4 * batch,), generator=g)
+        tokens[:, t] = top[tokens[:, t - 1], pick]
+    X, Y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    torch.manual_seed(0)
+    model = TinyLM(vocab, seq=seq).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(train_steps):
+        rows = slice((step % 3) * batch, (step % 3 + 1) * batch)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[rows]), Y[rows].reshape(-1)).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return model, nn.CrossEntropyLoss(), (X[3 * batch:], Y[3 * batch:].reshape(-1))
+
+
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
@@ -499,7 +545,8 @@ def hvp_section(case, model, loss_fn, data, device, args, rows, detail):
 def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short run: digits MLP, top-1/top-10")
-    p.add_argument("--cases", default=None, help="comma list: digits_mlp,small_resnet,resnet18")
+    p.add_argument("--cases", default=None,
+                   help="comma list: digits_mlp,small_resnet,resnet18,tiny_lm")
     p.add_argument("--sections", default="eig,trace,hvp")
     p.add_argument("--ks", default=None, help="comma list of k (default 1,10,100; quick 1,10)")
     p.add_argument("--target", type=float, default=1e-4, help="max relative error of the top-k")
@@ -540,7 +587,7 @@ def main(argv: Optional[List[str]] = None):
                                "args": {k: v for k, v in vars(args).items()}, "cases": {}}
     for case in cases:
         builder = {"digits_mlp": digits_mlp, "small_resnet": small_resnet,
-                   "resnet18": resnet18}[case]
+                   "resnet18": resnet18, "tiny_lm": tiny_lm}[case]
         model, loss_fn, data = builder(dev) if case != "small_resnet" else builder(
             dev, batch=args.resnet_batch or (32 if args.quick else 64))
         detail: Dict[str, Any] = {"d": n_params(model), "n_samples": int(data[1].shape[0])}
@@ -549,7 +596,16 @@ def main(argv: Optional[List[str]] = None):
         if "hvp" in sections:
             hvp_section(case, model, loss_fn, data, dev, args, rows, detail)
         if "eig" in sections:
-            eig_section(case, model, loss_fn, data, dev, case_ks, args, rows, detail)
+            # the peers need attention on SDPA's math backend without the MHA fast path (their
+            # second-order products fail otherwise); ours sets that itself
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                with sdpa_kernel([SDPBackend.MATH]):
+                    eig_section(case, model, loss_fn, data, dev, case_ks, args, rows, detail)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
         if "trace" in sections:
             trace_section(case, model, loss_fn, data, dev, args, rows, detail)
         payload["cases"][case] = detail
