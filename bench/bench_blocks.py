@@ -18,30 +18,13 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_spectrum import TinyLM  # noqa: E402
 from common import machine_info, markdown_table, time_interleaved, write_results  # noqa: E402
 
 import landscape_ext as le  # noqa: E402
-
-
-class LM(nn.Module):
-    def __init__(self, vocab: int, width: int, layers: int, heads: int, seq: int):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(0.02 * torch.randn(seq, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab)
-        self.register_buffer("causal", torch.ones(seq, seq, dtype=torch.bool).triu(1))
-
-    def forward(self, tokens):
-        h = self.emb(tokens) + self.pos[: tokens.shape[1]]
-        return self.head(self.norm(self.blocks(h, mask=self.causal, is_causal=True)))
 
 
 def _per_block(op, blocks, k, tol):
@@ -76,14 +59,10 @@ def main(argv=None):
     layers, width = (1, 32) if args.quick else (args.layers, args.width)
     torch.manual_seed(0)
     vocab, seq, batch = 50, 32, 16
-    model = LM(vocab, width, layers, 4, seq).double()
+    model = TinyLM(vocab, width, layers, 4, seq).double()
     tokens = torch.randint(0, vocab, (batch, seq))
-    targets = torch.roll(tokens, -1, 1)
-
-    def loss_fn(logits, t):
-        return F.cross_entropy(logits.reshape(-1, vocab), t.reshape(-1))
-
-    op = le.HessianOperator(model, loss_fn, (tokens, targets))
+    targets = torch.roll(tokens, -1, 1).reshape(-1)
+    op = le.HessianOperator(model, nn.CrossEntropyLoss(), (tokens, targets))
     blocks = le.parameter_blocks(model, "kinds")
     tol = 1e-8
     # no restart in block_eigsh: give it a basis long enough to converge at this tight tol
