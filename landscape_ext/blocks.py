@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -197,7 +197,6 @@ class _BlockRun:
     Y: Optional[Tensor] = None
     residuals: Optional[Tensor] = None
     converged: Optional[Tensor] = None
-    history: List[float] = field(default_factory=list)
 
 
 def _ritz(run: _BlockRun, which: str, k: int, tol: float) -> None:
