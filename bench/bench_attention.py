@@ -33,25 +33,6 @@ from common import machine_info, markdown_table, write_results  # noqa: E402
 import landscape_ext as le  # noqa: E402
 
 
-def _math_attention():
-    """The context the peers need: SDPA's math backend, no MHA fast path."""
-    from contextlib import contextmanager
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    @contextmanager
-    def ctx():
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            with sdpa_kernel([SDPBackend.MATH]):
-                yield
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-
-    return ctx()
-
-
 def _timed(fn, device, repeats):
     """Median seconds of ``repeats`` calls (the first one warms up)."""
     fn()
@@ -82,7 +63,7 @@ def _call(args, model, loss_fn, tokens, targets, impl, k):
                               check_deterministic=False)
 
     def theirs():
-        with _math_attention():
+        with le.differentiable_attention():   # the peer needs the math backend too
             return H @ V
     return theirs
 

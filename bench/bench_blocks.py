@@ -31,8 +31,7 @@ def _per_block(op, blocks, k, tol):
     """One eigsh per block on the restricted operator (the baseline)."""
     out, products = {}, 0
     for name, names in blocks.items():
-        idx = torch.cat([torch.arange(op.layout.offsets[n], op.layout.offsets[n]
-                                      + op.layout._size_of[n]) for n in names])
+        idx = op.layout.indices(names)
 
         def restricted(X, idx=idx):
             full = torch.zeros(X.shape[0], op.d, dtype=op.dtype)

@@ -598,14 +598,8 @@ def main(argv: Optional[List[str]] = None):
         if "eig" in sections:
             # the peers need attention on SDPA's math backend without the MHA fast path (their
             # second-order products fail otherwise); ours sets that itself
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            fastpath = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-            try:
-                with sdpa_kernel([SDPBackend.MATH]):
-                    eig_section(case, model, loss_fn, data, dev, case_ks, args, rows, detail)
-            finally:
-                torch.backends.mha.set_fastpath_enabled(fastpath)
+            with le.differentiable_attention():
+                eig_section(case, model, loss_fn, data, dev, case_ks, args, rows, detail)
         if "trace" in sections:
             trace_section(case, model, loss_fn, data, dev, args, rows, detail)
         payload["cases"][case] = detail

@@ -5,7 +5,7 @@ The engine package: torch ops (``landscape_ext.ops``), their plain-PyTorch refer
 where each concern lives.
 """
 from ._extension import build_info, load_extension
-from ._model import ParameterLayout
+from ._model import ParameterLayout, differentiable_attention
 
 _C = load_extension()
 
@@ -40,7 +40,8 @@ __all__ = [
     "linear_grad_sketch", "linear_grad_project",
     # operators and solvers
     "Result", "CurvatureOperator", "DenseOperator", "CallableOperator", "HessianOperator",
-    "GGNOperator", "as_operator", "model_state_guard", "ParameterLayout", "EigshResult", "SpectralNormResult",
+    "GGNOperator", "as_operator", "model_state_guard", "ParameterLayout",
+    "differentiable_attention", "EigshResult", "SpectralNormResult",
     "eigsh", "spectral_norm", "TraceResult", "DiagonalResult", "trace", "diagonal",
     "SpectralDensityResult", "DensityCurve", "spectral_density", "block_eigsh",
     "block_spectral_density", "parameter_blocks", "BlockSpectra", "BlockDensities",

@@ -165,6 +165,11 @@ class ParameterLayout:
         start = self.offsets[name]
         return X[:, start:start + self._size_of[name]]
 
+    def indices(self, names: Sequence[str]) -> Tensor:
+        """The flat coordinates of parameters ``names`` (int64, in the order given)."""
+        parts = [torch.arange(self.offsets[n], self.offsets[n] + self._size_of[n]) for n in names]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
     def join_rows(self, parts: Sequence[Tensor], k: int) -> Tensor:
         """Per-parameter ``(k, *shape)`` tensors in layout order -> rows ``(k, d)``."""
         return torch.cat([p.reshape(k, -1) for p in parts], dim=1)

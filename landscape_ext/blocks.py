@@ -122,15 +122,12 @@ def _block_indices(op: CurvatureOperator, blocks: Mapping[str, Any]) -> Dict[str
             if layout is None:
                 raise ValueError(f"block_eigsh: block {name!r} lists parameter names, but the "
                                  f"operator has no parameter layout; give index tensors")
-            parts = []
             for pname in members:
                 if pname not in layout.offsets:
                     raise ValueError(f"block_eigsh: blocks[{name!r}] names {pname!r}, which is "
                                      f"not a parameter of the operator (its parameters: "
                                      f"{layout.names[:5]}{' ...' if len(layout.names) > 5 else ''})")
-                start = layout.offsets[pname]
-                parts.append(torch.arange(start, start + layout._size_of[pname]))
-            idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            idx = layout.indices(list(members))
         if idx.numel() == 0:
             raise ValueError(f"block_eigsh: blocks[{name!r}] is empty")
         if int(idx.min()) < 0 or int(idx.max()) >= op.d:

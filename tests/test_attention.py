@@ -182,3 +182,12 @@ def test_gradient_geometry_through_attention():
                                atol=1e-10)
     G = le.per_sample_gradients(model, per_sample, (inputs, y))
     assert G.shape == (4, sum(p.numel() for p in model.parameters()))
+
+
+def test_the_public_attention_context():
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        with le.differentiable_attention() as backend:
+            assert backend == "math" and _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+            assert not torch.backends.mha.get_fastpath_enabled()
+        assert _cur_sdpa_kernel_backends() == [SDPBackend.FLASH_ATTENTION]
+    assert torch.backends.mha.get_fastpath_enabled()

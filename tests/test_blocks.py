@@ -64,8 +64,7 @@ def test_blocks_of_a_model_hessian(problem, exact_hessian):
     assert list(blocks) == ["0", "2", "4"]
     res = le.block_eigsh(op, blocks, k=2, tol=1e-10)
     for name, names in blocks.items():
-        idx = torch.cat([torch.arange(op.layout.offsets[n], op.layout.offsets[n]
-                                      + op.layout._size_of[n]) for n in names])
+        idx = op.layout.indices(names)
         ref = torch.linalg.eigvalsh(H[idx][:, idx]).flip(0)[:2]
         torch.testing.assert_close(res[name].eigenvalues, ref, rtol=1e-8, atol=1e-10)
     summary = res.summary()
@@ -153,8 +152,7 @@ def test_block_spectral_density_of_a_model_hessian(problem, exact_hessian):
     op = le.HessianOperator(model, loss, data)
     res = le.block_spectral_density(op, "modules", n_steps=12, n_probes=24, seed=1)
     for name, names in le.parameter_blocks(model, "modules").items():
-        idx = torch.cat([torch.arange(op.layout.offsets[n], op.layout.offsets[n]
-                                      + op.layout._size_of[n]) for n in names])
+        idx = op.layout.indices(names)
         block = H[idx][:, idx]
         r = res[name]
         exact = float(torch.trace(block)) / idx.numel()
