@@ -69,7 +69,13 @@ QUICK_CASES = [(256, 4, 1), (256, 4, 16)]
 GPU_CASES = [(w, L, k) for w in (256, 1024, 2048) for L in (4, 8) for k in (1, 16, 64)]
 XENT_CPU = [(2048, 10, 16), (2048, 1000, 16), (128, 50304, 8)]   # (N, C, k)
 XENT_QUICK = [(2048, 10, 16), (64, 50304, 4)]
-XENT_GPU = [(8192, 10, 16), (8192, 1000, 16), (2048, 50304, 16)]
+XENT_GPU = [(8192, 10, 16), (8192, 1000, 16), (2048, 50304, 16), (16384, 50304, 1)]
+# batch 64 x 256 tokens at GPT-2's padded vocabulary: the shape of the published fused Triton
+# cross-entropy HVP figure (14.5 ms, 9.9 GB peak on an A100), which issue 16 compares against
+XENT_GPU_QUICK = [(16384, 50304, 1), (8192, 1000, 16)]
+GPU_QUICK_CASES = [(1024, 4, 1), (1024, 4, 16), (2048, 8, 16)]
+XENT_TINY = [(64, 10, 2)]
+TINY_CASES = [(32, 2, 2)]
 BATCH = 512
 N_CLASSES = 10
 
@@ -318,6 +324,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="a few small cases")
+    p.add_argument("--tiny", action="store_true",
+                   help="one tiny case per op (the CPU dry run of scripts/gpu_check.sh)")
     p.add_argument("--act", default="gelu", choices=["relu", "gelu", "tanh", "silu"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=None,
@@ -327,7 +335,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = args.device
     cuda = device.startswith("cuda")
-    budget = args.budget or (1.5 if args.quick else 3.0)
+    budget = args.budget or (0.2 if args.tiny else 1.5 if args.quick else 3.0)
     info = machine_info(device)
     info["build"] = landscape_ext.build_info()
     if not cuda:
@@ -337,15 +345,19 @@ def main(argv=None):
                                              f", load average {os.getloadavg()[0]:.1f}"))
 
     rows = []
-    acts = ["relu", "gelu", "tanh", "silu"] if not args.quick else [args.act]
-    for width in ((1024,) if args.quick else (256, 1024)):
+    acts = [args.act] if (args.quick or args.tiny) else ["relu", "gelu", "tanh", "silu"]
+    for width in ((64,) if args.tiny else (1024,) if args.quick else (256, 1024)):
         for act in acts:
             rows += bench_act(width, act, device, args.repeats)
-    xcases = XENT_GPU if cuda else (XENT_QUICK if args.quick else XENT_CPU)
+    if args.tiny:
+        xcases, mcases = XENT_TINY, TINY_CASES
+    elif cuda:
+        xcases, mcases = (XENT_GPU_QUICK, GPU_QUICK_CASES) if args.quick else (XENT_GPU, GPU_CASES)
+    else:
+        xcases, mcases = (XENT_QUICK, QUICK_CASES) if args.quick else (XENT_CPU, CPU_CASES)
     for N, C, k in xcases:
         rows += bench_xent(N, C, k, device, args.repeats, budget)
         print(f"  xent N={N} C={C} k={k} done", flush=True)
-    mcases = GPU_CASES if cuda else (QUICK_CASES if args.quick else CPU_CASES)
     for width, depth, k in mcases:
         rows += bench_mlp(width, depth, k, args.act, device, args.repeats, budget)
     if not cuda:
@@ -355,7 +367,8 @@ def main(argv=None):
                "speedup", "mem ratio", "timed calls"]
     print()
     print(markdown_table(rows, columns))
-    name = args.name or f"hvp_{device.split(':')[0]}" + ("_quick" if args.quick else "")
+    name = args.name or f"hvp_{device.split(':')[0]}" + (
+        "_tiny" if args.tiny else "_quick" if args.quick else "")
     path = write_results(name, {"machine": info, "columns": columns, "rows": rows}, args.out)
     print(f"\nwrote {path}")
 

@@ -98,7 +98,9 @@ def bench_block(d, m, b, basis_dtype, device, repeats, bw):
 def bench_batched(d, m, r, basis_dtype, device, repeats, bw):
     bases32 = torch.stack([orthonormal_rows(m, d, device, seed=i) for i in range(r)])
     bases = bases32.to(basis_dtype)
-    vectors = torch.randn(r, d, device=device)
+    # a generator of its own: torch.manual_seed(0) would draw the rows of the seed-0 basis again,
+    # and a vector inside its basis's span gets an arbitrary fresh direction
+    vectors = torch.randn(r, d, generator=torch.Generator().manual_seed(10**6 + r)).to(device)
     q, _, _ = ops.orthogonalize_batched(bases, vectors, m)
     q_ref, _, _ = reference.orthogonalize_batched(bases, vectors, m)
     assert (q - q_ref).abs().max().item() < 1e-3
@@ -124,7 +126,10 @@ def bench_batched(d, m, r, basis_dtype, device, repeats, bw):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="a few representative cases")
+    p.add_argument("--quick", action="store_true",
+                   help="a few representative cases (on a GPU: d = 1e6 and 1e7)")
+    p.add_argument("--tiny", action="store_true",
+                   help="one small case per op (the CPU dry run of scripts/gpu_check.sh)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
     p.add_argument("--name", default=None, help="JSON file name (default krylov_<device>)")
@@ -142,7 +147,9 @@ def main(argv=None):
     ms, bs = [64, 256], [1, 8, 32]
     dtypes = [torch.float32, torch.bfloat16]
     if args.quick:
-        ds, ms, bs = [10**5, 10**6], [256], [8]
+        ds, ms, bs = ([10**6, 10**7] if device.startswith("cuda") else [10**5, 10**6]), [256], [8]
+    if args.tiny:
+        ds, ms, bs, dtypes = [10**4], [16], [4], [torch.float32]
     rows = []
     for d, m, b in itertools.product(ds, ms, bs):
         for dt in dtypes:
@@ -152,13 +159,14 @@ def main(argv=None):
             n_new = 3 if dt == torch.float32 else 2
             print(markdown_table(rows[-n_new:], list(rows[0].keys())).split("\n", 2)[2],
                   flush=True)
-    for d, m, r in ([(10**5, 64, 16)] if args.quick else [(10**5, 64, 16), (10**5, 32, 64)]):
+    batched = [(10**5, 64, 16)] if args.quick else [(10**5, 64, 16), (10**5, 32, 64)]
+    for d, m, r in ([(10**4, 8, 4)] if args.tiny else batched):
         for dt in dtypes:
             rows += bench_batched(d, m, r, dt, device, args.repeats, bw)
     columns = list(rows[0].keys())
     print()
     print(markdown_table(rows, columns))
-    name = args.name or f"krylov_{device.split(':')[0]}"
+    name = args.name or f"krylov_{device.split(':')[0]}" + ("_tiny" if args.tiny else "_quick" if args.quick else "")
     path = write_results(name, {"machine": info, "rows": rows}, args.out)
     print(f"\nwrote {path}")
 

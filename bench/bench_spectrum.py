@@ -44,12 +44,7 @@ sys.path.insert(0, HERE)
 
 import landscape_ext as le  # noqa: E402
 
-try:
-    from common import machine_info, markdown_table, write_results  # noqa: E402
-except ImportError:  # pragma: no cover - common.py is written by another engineer
-    machine_info = None
-    markdown_table = None
-    write_results = None
+from common import machine_info, markdown_table, write_results  # noqa: E402
 
 log = logging.getLogger("bench_spectrum")
 
@@ -132,14 +127,31 @@ def small_resnet(device: str, batch: int = 64, train_steps: int = 10):
 
 
 def resnet18(device: str, batch: int = 256):
-    import torchvision
-
+    """torchvision's ResNet-18 (10 classes, eval mode) on CIFAR-shaped random images; without
+    torchvision, the same shape built from landscape_lab's BasicBlock (stages 64-512, two blocks
+    each, ImageNet stem)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).to(device).eval()
-    return model, nn.CrossEntropyLoss(), (X, y)
+    try:
+        import torchvision
+        model = torchvision.models.resnet18(num_classes=10)
+    except ImportError:
+        model = _resnet18_shaped()
+    return model.to(device).eval(), nn.CrossEntropyLoss(), (X, y)
+
+
+def _resnet18_shaped(n_classes: int = 10) -> nn.Module:
+    from landscape_lab.models import BasicBlock
+
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
+    c = 64
+    for stage, width in enumerate((64, 128, 256, 512)):
+        layers += [BasicBlock(c, width, 1 if stage == 0 else 2), BasicBlock(width, width)]
+        c = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n_classes))
 
 
 class TinyLM(nn.Module):
@@ -307,6 +319,13 @@ def run_curvlinops(model, loss_fn, data, k, tol, device, repeats):
             "median_s": t["median_s"], "times_s": t["times_s"], "setting": f"tol={tol:g}"}
 
 
+def run_curvlinops_compiled(model, loss_fn, data, k, tol, device, repeats):
+    """curvlinops on a ``torch.compile``d model (issue 16 asks for it; its Hessian products
+    differentiate twice through the compiled graph, which torch.compile may refuse: the error is
+    then the result)."""
+    return run_curvlinops(torch.compile(model), loss_fn, data, k, tol, device, repeats)
+
+
 def run_eigenthings(model, loss_fn, data, k, max_iter, device, repeats):
     import hessian_eigenthings as he
 
@@ -383,16 +402,18 @@ def eig_section(case, model, loss_fn, data, device, ks, args, rows, detail):
             "ours": [(run_ours, dict(tol=t)) for t in args.our_tols],
             "pyhessian": [(run_pyhessian, dict(tol=t)) for t in args.pyhessian_tols],
             "curvlinops+scipy": [(run_curvlinops, dict(tol=t)) for t in (1e-3, 1e-4, 1e-5, 0)],
+            "curvlinops-compiled": [(run_curvlinops_compiled, dict(tol=1e-4))],
             "hessian-eigenthings": [(run_eigenthings, dict(max_iter=m))
                                     for m in sorted({2 * k, 3 * k, 4 * k, 6 * k})],
         }
         ladders = {name: lad for name, lad in ladders.items() if name in args.impls}
-        if str(device).startswith("cuda") and available("cupy"):
+        if "cupy" in args.impls and str(device).startswith("cuda") and available("cupy"):
             ladders["cupy"] = [(run_cupy, dict(tol=t)) for t in (1e-3, 1e-4, 1e-5, 0)]
         if not available("pyhessian") or k > args.pyhessian_max_k:
             ladders.pop("pyhessian", None)
         if not available("curvlinops"):
             ladders.pop("curvlinops+scipy", None)
+            ladders.pop("curvlinops-compiled", None)
         if not available("hessian_eigenthings"):
             ladders.pop("hessian-eigenthings", None)
         if k > args.eigenthings_max_k:
@@ -454,6 +475,7 @@ def eig_section(case, model, loss_fn, data, device, ks, args, rows, detail):
                     res["speedup_paired"] = row["speedup_paired"]
             rows.append(row)
         detail[f"top-{k}"] = results
+        args.checkpoint()
 
 
 def trace_section(case, model, loss_fn, data, device, args, rows, detail):
@@ -540,6 +562,16 @@ def hvp_section(case, model, loss_fn, data, device, args, rows, detail):
                  "seconds": t, "setting": f"{t / g:.2f} gradients/direction"})
     del grads, loss
     detail["hvp"] = out
+    args.checkpoint()
+
+
+def save_payload(payload, rows, args, on_gpu) -> str:
+    """Write the results so far (called after every section, so a run stopped by a time budget
+    keeps what it measured)."""
+    payload["rows"] = rows
+    name = args.out or ("spectrum_quick" if args.quick else "spectrum") + ("_gpu" if on_gpu
+                                                                           else "_cpu")
+    return write_results(name, le.results.to_builtin(payload), args.results_dir)
 
 
 def main(argv: Optional[List[str]] = None):
@@ -557,7 +589,11 @@ def main(argv: Optional[List[str]] = None):
                    help="comma list: ours,pyhessian,curvlinops+scipy,hessian-eigenthings,cupy")
     p.add_argument("--trace-matvecs", type=int, default=None)
     p.add_argument("--pyhessian-max-k", type=int, default=10)
-    p.add_argument("--resnet-batch", type=int, default=None)
+    p.add_argument("--resnet-batch", type=int, default=None,
+                   help="samples of the ResNet cases (default: 32/64 small_resnet, 256 resnet18)")
+    p.add_argument("--max-k-models", type=int, default=10,
+                   help="largest k for the cases other than digits_mlp (their references are slow)")
+    p.add_argument("--results-dir", default=None, help="folder for the JSON (default bench/results)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     dev = args.device
@@ -583,16 +619,22 @@ def main(argv: Optional[List[str]] = None):
     sections = args.sections.split(",")
 
     rows: List[Dict[str, Any]] = []
-    payload: Dict[str, Any] = {"machine": machine_info(dev) if machine_info else {"device": dev},
+    payload: Dict[str, Any] = {"machine": machine_info(dev),
                                "args": {k: v for k, v in vars(args).items()}, "cases": {}}
     for case in cases:
         builder = {"digits_mlp": digits_mlp, "small_resnet": small_resnet,
                    "resnet18": resnet18, "tiny_lm": tiny_lm}[case]
-        model, loss_fn, data = builder(dev) if case != "small_resnet" else builder(
-            dev, batch=args.resnet_batch or (32 if args.quick else 64))
+        if case == "small_resnet":
+            model, loss_fn, data = builder(dev, batch=args.resnet_batch or (32 if args.quick else 64))
+        elif case == "resnet18":
+            model, loss_fn, data = builder(dev, batch=args.resnet_batch or 256)
+        else:
+            model, loss_fn, data = builder(dev)
         detail: Dict[str, Any] = {"d": n_params(model), "n_samples": int(data[1].shape[0])}
         log.info("case %s: d = %d, %d samples", case, detail["d"], detail["n_samples"])
-        case_ks = [k for k in ks if not (case != "digits_mlp" and k > 10)]
+        case_ks = [k for k in ks if not (case != "digits_mlp" and k > args.max_k_models)]
+        payload["cases"][case] = detail  # partial results are saved after each section
+        args.checkpoint = lambda: save_payload(payload, rows, args, on_gpu)
         if "hvp" in sections:
             hvp_section(case, model, loss_fn, data, dev, args, rows, detail)
         if "eig" in sections:
@@ -603,24 +645,11 @@ def main(argv: Optional[List[str]] = None):
         if "trace" in sections:
             trace_section(case, model, loss_fn, data, dev, args, rows, detail)
         payload["cases"][case] = detail
+        save_payload(payload, rows, args, on_gpu)
     cols = ["case", "task", "impl", "seconds", "HVPs", "rel_err", "met_target", "setting",
             "speedup_of_ours", "speedup_paired"]
-    if markdown_table is not None:
-        print(markdown_table(rows, cols))
-    else:
-        for r in rows:
-            print(r)
-    payload["rows"] = rows
-    name = args.out or ("spectrum_quick" if args.quick else "spectrum") + ("_gpu" if on_gpu
-                                                                           else "_cpu")
-    if write_results is not None:
-        path = write_results(name, le.results.to_builtin(payload))
-    else:
-        import json
-        path = os.path.join(HERE, "results", f"{name}.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(le.results.to_builtin(payload), f, indent=2)
+    print(markdown_table(rows, cols))
+    path = save_payload(payload, rows, args, on_gpu)
     print(f"\nwrote {path}")
 
 
