@@ -244,7 +244,7 @@ def sanitize(runner: Runner, cuda: bool, budget_s: float) -> Dict:
         elif rc != 0 or parsed["errors"] or parsed["summary_count"]:
             status = "failed" if status == "passed" else status
     return dict(status=status, seconds=round(total, 1), tools=tools,
-                errors=sum(t["errors"] + t["summary_count"] for t in tools.values()),
+                errors=sum(max(t["errors"], t["summary_count"]) for t in tools.values()),
                 log_tail="\n".join(logs))
 
 
@@ -330,7 +330,7 @@ def summary_table(record: Dict) -> str:
              f"{tests.get('failed', 0)} failed, {tests.get('errors', 0)} errors, "
              f"{tests.get('skipped', 0)} skipped",
              f"  sanitizer {san.get('status')}: {san.get('errors', 'n/a')} errors " + " ".join(
-                 f"[{tool}: {t['errors'] + t['summary_count']}]"
+                 f"[{tool}: {max(t['errors'], t['summary_count'])}]"
                  for tool, t in san.get("tools", {}).items())]
     lines += bench_summary(record.get("bench", {}))
     lines.append("  steps     " + ", ".join(f"{s}={v}" for s, v in steps.items()))
