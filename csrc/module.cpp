@@ -2,7 +2,7 @@
 // static initializers register every op (registration.cpp) and every backend kernel
 // (cpu/*.cpp, cuda/*.cu). Python-level functions: build_info() (facts fixed at build time, plus
 // the x86-64 ISA level whose kernel variants this CPU runs) and activations() (the activation
-// codes of act_derivs, from csrc/hvp.h).
+// codes of act_derivs, from csrc/hvp.h), and the sketch family's argument checks.
 #include <torch/extension.h>
 
 #include "cpu/simd.h"
@@ -63,4 +63,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "landscape-ext compiled kernels; use them through landscape_ext.ops";
   m.def("build_info", &build_info, "Facts recorded when this extension was compiled");
   m.def("activations", &activations, "Activation codes of act_derivs: {name: code}");
+  // The kernels' argument checks alone, so that the composite (torch) paths in ops.py reject bad
+  // input with the same messages as the kernels on every device.
+  m.def("check_linear_grad_sketch_args", &landscape_ext::sketch::check_linear_grad_sketch_args,
+        "Raise the error linear_grad_sketch's kernels would raise for these arguments");
+  m.def("check_linear_grad_project_args", &landscape_ext::sketch::check_linear_grad_project_args,
+        "Raise the error linear_grad_project's kernels would raise for these arguments");
 }

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _C, reference
 from ._extension import activation_codes, registered_kernels
 from .reference import _einsum_positions
 
@@ -274,6 +274,7 @@ def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor, *,
     """
     if resolve_impl("linear_grad_sketch", acts.device, impl) == "fused":
         return _lib.linear_grad_sketch(acts, out_grads, directions)
+    _C.check_linear_grad_sketch_args(acts, out_grads, directions)  # the kernels' messages
     return reference.linear_grad_sketch(acts, out_grads, directions)
 
 
@@ -305,6 +306,7 @@ def linear_grad_project(acts: Tensor, out_grads: Tensor, weights: Tensor, *,
     """
     if resolve_impl("linear_grad_project", acts.device, impl) == "fused":
         return _lib.linear_grad_project(acts, out_grads, weights)
+    _C.check_linear_grad_project_args(acts, out_grads, weights)
     return reference.linear_grad_project(acts, out_grads, weights)
 
 

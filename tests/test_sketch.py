@@ -104,10 +104,15 @@ def test_strided_inputs(device):
     assert not V.is_contiguous()
     A = randn(n_in, N, dtype=torch.float32, device=device, seed=11).T
     E = randn(n_out, N, dtype=torch.float32, device=device, seed=12).T
-    expected = ops.linear_grad_sketch(A.contiguous(), E.contiguous(), V.contiguous())
-    torch.testing.assert_close(ops.linear_grad_sketch(A, E, V), expected, rtol=0, atol=0)
     Vt = V.contiguous().transpose(1, 2).contiguous().transpose(1, 2)   # inner stride != 1
-    torch.testing.assert_close(ops.linear_grad_sketch(A, E, Vt), expected, rtol=0, atol=0)
+    # the fused kernel reads any strides itself: bit-identical to contiguous inputs
+    expected = ops.linear_grad_sketch(A.contiguous(), E.contiguous(), V.contiguous(), impl="fused")
+    for directions in (V, Vt):
+        torch.testing.assert_close(ops.linear_grad_sketch(A, E, directions, impl="fused"),
+                                   expected, rtol=0, atol=0)
+        # the default (composite on CUDA: vendor GEMMs pick other algorithms for other layouts)
+        torch.testing.assert_close(ops.linear_grad_sketch(A, E, directions), expected,
+                                   rtol=1e-5, atol=1e-5)
     W = randn(l, N, dtype=torch.float32, device=device, seed=13).T
     torch.testing.assert_close(ops.linear_grad_project(A, E, W),
                                ops.linear_grad_project(A.contiguous(), E.contiguous(),
@@ -236,8 +241,9 @@ def test_linear_grad_sketch_errors(device):
         ((A, E, V.double()), r"acts is Float but directions is Double"),
     ]
     for args, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            ops.linear_grad_sketch(*args)
+        for impl in ("fused", "composite"):  # the same message whichever path runs
+            with pytest.raises(RuntimeError, match=pattern):
+                ops.linear_grad_sketch(*args, impl=impl)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -251,8 +257,9 @@ def test_linear_grad_project_errors(device):
         ((A, E[:5], W), r"acts has N = 6 samples but out_grads has N = 5"),
     ]
     for args, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            ops.linear_grad_project(*args)
+        for impl in ("fused", "composite"):
+            with pytest.raises(RuntimeError, match=pattern):
+                ops.linear_grad_project(*args, impl=impl)
 
 
 def test_mixed_devices_error():
