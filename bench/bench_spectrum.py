@@ -422,9 +422,14 @@ def eig_section(case, model, loss_fn, data, device, ks, args, rows, detail):
             ladders.pop("hessian-eigenthings", None)
         if k > args.eigenthings_max_k:
             ladders.pop("hessian-eigenthings", None)
+        # in --impls order, results saved after each tool (a run stopped by a time budget keeps
+        # the tools that finished)
+        ladders = {name: ladders[name] for name in args.impls if name in ladders}
         results = {}
         chosen_runs = {}
+        detail[f"top-{k}"] = results
         for impl, ladder in ladders.items():
+            args.checkpoint()
             chosen, tried = None, []
             for fn, kw in ladder:
                 try:
