@@ -1,5 +1,6 @@
 // hvp op family: argument checks, the call setup and the messages both backends raise (see
 // hvp.h).
+#include <ATen/ATen.h>
 #include "hvp.h"
 
 #include <c10/util/Exception.h>

@@ -16,7 +16,7 @@
 // followed by CholeskyQR2 of W2 (its Gram matrix G comes for free from pass 3).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen.h: these headers reach nvcc, where ATen.h costs ~40% of a compile
 #include <torch/library.h>
 
 #include <tuple>

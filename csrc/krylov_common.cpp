@@ -1,6 +1,7 @@
 // krylov op family: argument checks and the device-agnostic drivers (see krylov.h).
 // The heavy passes over the basis are the backend's; everything here touches only b x b
 // matrices or, on the rare rank-deficient path, one block row at a time.
+#include <ATen/ATen.h>
 #include "krylov.h"
 
 #include <c10/util/Exception.h>

@@ -2,6 +2,7 @@
 // The only backend-specific piece is the fused direct sketch kernel; the "formed" route of the
 // sketch and all of linear_grad_project are compositions of ATen ops (bmm/mm), chunked so their
 // temporaries stay below kChunkElements elements.
+#include <ATen/ATen.h>
 #include "sketch.h"
 
 #include <ATen/DeviceGuard.h>

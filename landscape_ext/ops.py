@@ -274,7 +274,8 @@ def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor, *,
     """
     if resolve_impl("linear_grad_sketch", acts.device, impl) == "fused":
         return _lib.linear_grad_sketch(acts, out_grads, directions)
-    _C.check_linear_grad_sketch_args(acts, out_grads, directions)  # the kernels' messages
+    if not torch.compiler.is_compiling():  # the kernels' messages (a pybind call: not traceable)
+        _C.check_linear_grad_sketch_args(acts, out_grads, directions)
     return reference.linear_grad_sketch(acts, out_grads, directions)
 
 
@@ -306,7 +307,8 @@ def linear_grad_project(acts: Tensor, out_grads: Tensor, weights: Tensor, *,
     """
     if resolve_impl("linear_grad_project", acts.device, impl) == "fused":
         return _lib.linear_grad_project(acts, out_grads, weights)
-    _C.check_linear_grad_project_args(acts, out_grads, weights)
+    if not torch.compiler.is_compiling():
+        _C.check_linear_grad_project_args(acts, out_grads, weights)
     return reference.linear_grad_project(acts, out_grads, weights)
 
 

@@ -15,6 +15,7 @@
 //
 // Inner loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per
 // instruction-set level (target_clones, see LANDSCAPE_MULTIVERSION in cpu/simd.h).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>

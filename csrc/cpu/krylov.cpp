@@ -9,6 +9,7 @@
 // vector extensions (64-byte vectors) and compiled once per x86-64 ISA level (multiversioning:
 // LANDSCAPE_MULTIVERSION in cpu/simd.h), with the per-block-row accumulators in registers (block
 // rows go in groups of <= 8).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>

@@ -23,6 +23,7 @@
 // changes with the level, so the variants are separate functions picked at run time by
 // simd::cpu_isa_level() (not target_clones); the environment variable LANDSCAPE_EXT_SKETCH_ISA
 // (x86-64-v3 or default, read once) caps the level (the tests run every variant this way).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -16,7 +16,8 @@
 // copy of the workspace after the main kernel turns the flags into errors.
 //
 // act_derivs: a grid-stride elementwise kernel over act_eval (hvp.h) in the accumulation type.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>

@@ -41,7 +41,11 @@
 // 2 n b flops per column exceed what CUDA cores deliver at full bandwidth (e.g. float64 needs
 // ~24 TFLOP/s at 3 TB/s), so those cases are compute-bound by design: tensor cores would lose the
 // accuracy the accumulation dtype promises.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -765,7 +769,7 @@ struct Runner {
     }
     if (MODE == Mode::kProjectGram) {  // exactly symmetric, like the fused pass
       at::Tensor G = at::bmm(out, out.transpose(1, 2));
-      return {out, (G + G.transpose(1, 2)).mul_(0.5)};
+      return {out, G.add(G.transpose(1, 2)).mul_(0.5)};
     }
     return {out, coeffs(basis, out, n)};
   }

@@ -18,7 +18,8 @@
 //             shuffle butterfly (they are one half-warp) and one writes y_row[r, j].
 // Accumulation in the input precision (float or double). CUDA cores, not tensor cores: TF32
 // would lose the float32 accuracy the reference promises.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
