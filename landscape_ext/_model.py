@@ -426,8 +426,9 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def slice_batch(x: Any, start: int, end: int) -> Any:
-    """Samples ``start:end`` of every tensor in ``x``."""
-    return pytree.tree_map(lambda t: t[start:end] if isinstance(t, Tensor) else t, x)
+    """Samples ``start:end`` of every tensor in ``x`` (0-d tensors are kept whole)."""
+    return pytree.tree_map(lambda t: t[start:end] if isinstance(t, Tensor) and t.dim() > 0
+                           else t, x)
 
 
 def unsqueeze_batch(x: Any) -> Any:

@@ -274,3 +274,113 @@ def test_a_forward_failing_under_the_attention_backends_names_the_model(failure,
         op @ torch.randn(op.d, 2, dtype=torch.float64)
     assert info.value.__cause__ is not None     # the original error is kept
     assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient geometry with loss_fn=None: sample i's loss is model(**batch[i:i+1]).loss
+# ------------------------------------------------------------------------------------------------
+
+
+def _sample_losses_by_loop(model, batches):
+    """The per-sample losses as plain PyTorch: the model on each one-sample batch."""
+    return [(lambda p, one=one: _field(functional_call(model, p, args=(), kwargs=one), "loss"))
+            for b in batches for one in ({k: v[i:i + 1] for k, v in b.items()}
+                                         for i in range(b["input_ids"].shape[0]))]
+
+
+def _explicit_per_sample_loss(shift):
+    """The same loss written as a per-sample ``loss_fn`` of the logits (tuple batches)."""
+    def loss_fn(outputs, labels):
+        tokens = _token_loss(_field(outputs, "logits"), labels, shift, reduction="none")
+        counted = (labels[:, 1:] if shift else labels) != -100
+        return tokens.reshape(labels.shape[0], -1).sum(1) / counted.sum(1)
+    return loss_fn
+
+
+@pytest.fixture(scope="module")
+def own_loss_problem():
+    """A causal LM (dict output) on padded batches: per-sample gradients and the dense Hessian
+    of the mean per-sample loss by plain autograd, one sample at a time."""
+    torch.manual_seed(0)
+    model = HFStyleLM(as_dict=True, shift=True).double()
+    batches = _batches(padded=True)
+    theta, unflatten = _flat_parameters(model)
+    losses = _sample_losses_by_loop(model, batches)
+    model.eval()
+    with _math_attention():
+        G = torch.stack([torch.autograd.functional.jacobian(lambda t, f=f: f(unflatten(t)), theta)
+                         for f in losses])
+        H = torch.autograd.functional.hessian(
+            lambda t: torch.stack([f(unflatten(t)) for f in losses]).mean(), theta)
+    model.train()
+    return model, batches, G, H
+
+
+def test_per_sample_gradients_of_the_models_own_loss(own_loss_problem):
+    model, batches, G, _ = own_loss_problem
+    torch.testing.assert_close(le.per_sample_gradients(model, None, batches), G,
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat(list(le.gradients.iter_per_sample_gradients(
+        model, None, batches, chunk_size=2))), G, rtol=1e-10, atol=1e-12)
+    # the same as the explicit per-sample loss on (input_ids, labels) batches
+    tuples = [(b["input_ids"], b["labels"]) for b in batches]
+    torch.testing.assert_close(le.per_sample_gradients(model, _explicit_per_sample_loss(True),
+                                                       tuples), G, rtol=1e-10, atol=1e-12)
+    assert model.training
+
+
+@pytest.mark.parametrize("method", ["auto", "jvp", "materialize"])
+def test_gradient_covariance_svd_of_the_models_own_loss(own_loss_problem, method):
+    model, batches, G, _ = own_loss_problem
+    res = le.gradient_covariance_svd(model, None, batches, k=3, method=method, n_power_iter=6)
+    Gc = (G - G.mean(0)) / G.shape[0] ** 0.5
+    torch.testing.assert_close(res.singular_values, torch.linalg.svdvals(Gc)[:3],
+                               rtol=1e-8, atol=1e-10)
+    assert res.method_used == ("materialize" if method == "auto" else method)
+    tuples = [(b["input_ids"], b["labels"]) for b in batches]
+    explicit = le.gradient_covariance_svd(model, _explicit_per_sample_loss(True), tuples, k=3,
+                                          method="materialize")
+    torch.testing.assert_close(res.singular_values, explicit.singular_values,
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_hessian_studies_of_the_models_own_loss(own_loss_problem):
+    model, batches, G, H = own_loss_problem
+    claim = le.compare_covariance_to_hessian_diagonal(model, None, batches,
+                                                      hessian_method="exact")
+    torch.testing.assert_close(claim.hessian_diagonal, torch.diagonal(H), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(claim.covariance_diagonal, G.pow(2).mean(0), rtol=1e-9,
+                               atol=1e-12)
+    # with padding the batch loss weighs the samples differently: the Hessian of the mean
+    # per-sample loss (above) is not HessianOperator(model, None, batches)'s
+    batch_loss_diagonal = torch.diagonal(
+        le.HessianOperator(model, None, batches) @ torch.eye(H.shape[0], dtype=torch.float64))
+    assert float((batch_loss_diagonal - torch.diagonal(H)).norm()) > 1e-3 * float(H.norm())
+    top = le.gradient_in_top_hessian_subspace(model, None, batches, k=2,
+                                              eigsh_kwargs={"tol": 1e-10})
+    evals, evecs = torch.linalg.eigh(H)
+    torch.testing.assert_close(top.hessian_eigenvalues, evals.flip(0)[:2], rtol=1e-8, atol=1e-10)
+    g = G.mean(0)
+    V = evecs[:, -2:]
+    assert top.gradient_fraction == pytest.approx(float((V.T @ g).pow(2).sum() / g.pow(2).sum()),
+                                                  rel=1e-6)
+    assert model.training
+
+
+def test_errors_of_the_own_loss_gradient_geometry(own_loss_problem):
+    model, batches, _, _ = own_loss_problem
+    for method in ("kronecker", "gram"):
+        with pytest.raises(ValueError, match=f"method='{method}' takes the layer factors .* "
+                                             f"loss_fn=None .* use method='jvp'"):
+            le.gradient_covariance_svd(model, None, batches, k=2, method=method)
+    with pytest.raises(ValueError, match="batch 0 is a dict for model\\(\\*\\*batch\\) without "
+                                         "targets: pass loss_fn=None"):
+        le.per_sample_gradients(model, nn.CrossEntropyLoss(reduction="none"), batches)
+    ragged = dict(batches[0], attention_mask=torch.ones(2, SEQ))
+    with pytest.raises(ValueError, match=r"an input of shape \(2, 5\) does not have the batch's 3 "
+                                         r"samples"):
+        le.per_sample_gradients(model, None, ragged)
+    logits_only = nn.Sequential(nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, VOCAB)).double()
+    with pytest.raises(ValueError, match=r"per_sample_gradients: loss_fn=None needs a model that "
+                                         r"returns its batch-mean loss .* shape \(1, 5, 7\)"):
+        le.per_sample_gradients(logits_only, None, {"input": batches[0]["input_ids"]})
