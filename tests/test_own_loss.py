@@ -384,3 +384,40 @@ def test_errors_of_the_own_loss_gradient_geometry(own_loss_problem):
     with pytest.raises(ValueError, match=r"per_sample_gradients: loss_fn=None needs a model that "
                                          r"returns its batch-mean loss .* shape \(1, 5, 7\)"):
         le.per_sample_gradients(logits_only, None, {"input": batches[0]["input_ids"]})
+
+
+# ------------------------------------------------------------------------------------------------
+# the optimizers' curvature closures, SharpnessTracker and curvature_stats with loss_fn=None
+# ------------------------------------------------------------------------------------------------
+
+
+def test_curvature_closures_on_the_models_own_loss():
+    from landscape_lab.optim import HybridHessianSGD, SharpnessTracker, hessian_closure
+    from landscape_lab.training import curvature_stats
+
+    torch.manual_seed(2)
+    model = HFStyleLM(shift=True).double()
+    batch = _batches((4,), padded=True)[0]
+    evals, evecs = torch.linalg.eigh(_dense_batch_hessian(model, batch))
+    model.train()
+    record = SharpnessTracker(every=1, max_matvecs=80, tol=1e-10).on_step(0, model, None, batch,
+                                                                          lr=0.1)
+    assert record["lambda_max"] == pytest.approx(float(evals[-1]), rel=1e-7)
+    stats, _ = curvature_stats(model, None, batch, k=1, tol=1e-10, max_matvecs=80, grad_k=2)
+    assert stats["lambda_max"] == pytest.approx(float(evals[-1]), rel=1e-7)
+    assert stats["n_samples"] == 4 and stats["grad_k"] == 2
+    # one hybrid step: w - lr (g + mu s u), u the top eigenvector by |lambda|
+    top = int(evals.abs().argmax())
+    u = evecs[:, top]
+    params = list(model.parameters())
+    opt = HybridHessianSGD(params, lr=0.1, mu=0.3, every=1, max_matvecs=80, tol=1e-10)
+    opt.zero_grad()
+    model(**batch).loss.backward()
+    w0 = torch.cat([p.detach().reshape(-1) for p in params])
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    s = 1.0 if float(u @ g) >= 0 else -1.0
+    opt.step(curvature_closure=hessian_closure(model, None, batch))
+    assert opt.eigenvalue == pytest.approx(float(evals[top]), rel=1e-7)
+    w1 = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(w1, w0 - 0.1 * (g + 0.3 * s * u), rtol=0, atol=1e-7)
+    assert model.training
