@@ -200,7 +200,8 @@ def _top_hessian_eigenvectors(problem: PerSampleProblem, loss_fn: Callable, data
     return hessian.eigenvectors, hessian.eigenvalues, 0, None
 
 
-def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: Any, k: int, *,
+def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Optional[Callable], data: Any,
+                                     k: int, *,
                                      which: str = "largest", hessian: Any = None,
                                      centered: bool = False, params: ParamSpec = None,
                                      method: str = "auto", seed: int = 0,
@@ -223,7 +224,7 @@ def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: 
     ----------
     model, loss_fn, data, params
         As :func:`gradient_covariance_svd` (per-sample ``loss_fn``; the Hessian is that of its
-        mean).
+        mean; ``loss_fn=None``: of the mean of the model's own one-sample losses).
     k : int
     which : str
         Passed to :func:`landscape_ext.eigsh` (default ``"largest"``: the sharpest directions).
@@ -329,7 +330,7 @@ def _hessian_diagonal(problem: PerSampleProblem, loss_fn: Callable, data: Any,
 
 
 def compare_covariance_to_hessian_diagonal(
-        model: nn.Module, loss_fn: Callable, data: Any, *, centered: bool = False,
+        model: nn.Module, loss_fn: Optional[Callable], data: Any, *, centered: bool = False,
         hessian_diagonal: Any = None, hessian_method: str = "hutchinson",
         n_matvecs: int = 200, params: ParamSpec = None,
         method: str = "auto", seed: int = 0, chunk_size: Optional[int] = None,
@@ -346,7 +347,8 @@ def compare_covariance_to_hessian_diagonal(
     Parameters
     ----------
     model, loss_fn, data, params
-        As :func:`gradient_covariance_svd` (per-sample ``loss_fn``).
+        As :func:`gradient_covariance_svd` (per-sample ``loss_fn``; ``None``: the model's own
+        loss on each sample alone, and the Hessian of their mean).
     centered : bool
         Default ``False``: the proposal's ``C = E[g g^T]``.
     hessian_diagonal : Tensor or DiagonalResult, optional

@@ -57,7 +57,7 @@ def _all_chunks(problem: PerSampleProblem, chunk_size: Optional[int]) -> Iterato
             yield G
 
 
-def iter_per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
+def iter_per_sample_gradients(model: nn.Module, loss_fn: Optional[Callable], data: Any, *,
                               params: ParamSpec = None,
                               chunk_size: Optional[int] = None) -> Iterator[Tensor]:
     """Stream the per-sample gradients in chunks: yields ``(c, d)`` blocks, rows in data order.
@@ -77,7 +77,7 @@ def iter_per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
         yield G
 
 
-def per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
+def per_sample_gradients(model: nn.Module, loss_fn: Optional[Callable], data: Any, *,
                          params: ParamSpec = None,
                          chunk_size: Optional[int] = None,
                          dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -89,9 +89,14 @@ def per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
     Parameters
     ----------
     model : nn.Module
-    loss_fn : callable
+    loss_fn : callable or None
         ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses (``reduction="none"``).
-    data : (inputs, targets) or iterable of batches
+        ``None``: the model computes its own loss (``outputs.loss``, ``outputs["loss"]`` or a
+        scalar output, HuggingFace style); sample ``i``'s loss is the model's loss on the
+        one-sample batch ``i`` (every input tensor, a dict batch's per key, sliced along its
+        first dimension), evaluated by ``vmap`` over the samples.
+    data : (inputs, targets), dict, or iterable of batches
+        A dict batch is passed as ``model(**batch)`` (with ``loss_fn=None``).
     params : iterable of str or Parameter, optional
         Subset of parameters (default: all with ``requires_grad``), flattened in
         ``named_parameters()`` order.
