@@ -1,5 +1,9 @@
 """Models that compute their own loss (issue 14, item 3): ``loss_fn=None`` and dict batches
-``model(**batch)``, the HuggingFace convention (``outputs.loss``, ``outputs.logits``)."""
+``model(**batch)``, the HuggingFace convention (``outputs.loss``, ``outputs.logits``), in the
+Hessian and GGN operators (against dense float64 Hessians and ``J^T H_out J``), the gradient
+geometry (against per-sample autograd loops and the explicit per-sample loss) and the
+optimizers' curvature closures; and the error of a forward that fails under the attention
+backends."""
 from __future__ import annotations
 
 import types
