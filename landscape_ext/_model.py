@@ -31,6 +31,7 @@ __all__ = [
     "DataFingerprint",
     "model_state_guard",
     "differentiable_attention",
+    "explain_forward_failure",
     "evaluation_context",
     "ATTENTION_BACKEND",
     "unwrap_ddp",
@@ -278,6 +279,78 @@ def differentiable_attention() -> Iterator[str]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200].rstrip('. ') if lines else ''}"
+
+
+def _forward_by_backend(model: nn.Module, inputs: Any) -> Dict[str, Optional[str]]:
+    """The model's forward (no grad) under each SDPA backend alone: ``{backend: None when it
+    ran, else its error's first line}``, the math backend first."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    results: Dict[str, Optional[str]] = {}
+    for name in ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            with torch.no_grad(), sdpa_kernel([backend]):
+                call_model(model, detached_parameters(model), inputs)
+            results[name.lower()] = None
+        except Exception as exc:  # noqa: BLE001 - each backend's failure is reported
+            results[name.lower()] = _first_line(exc)
+    return results
+
+
+def _fused_kernel_in(exc: BaseException) -> bool:
+    message = str(exc).lower()
+    return "scaled_dot_product" in message and any(
+        k in message for k in ("flash", "efficient", "cudnn"))
+
+
+def explain_forward_failure(model: nn.Module, inputs: Any, exc: BaseException, owner: str,
+                            where: str = "") -> Optional[RuntimeError]:
+    """A clearer error for a product that failed with ``exc``, or ``None`` when the model's
+    forward is not the cause (the original error is then the clearest).
+
+    Called inside :func:`differentiable_attention` after a failure: the forward is rerun without
+    gradients under each SDPA backend alone (math, flash, memory-efficient, cuDNN). Failing
+    under every one names the ``model`` argument with each backend's error; failing under math
+    only says that second-order products need math; a forward that runs under math while the
+    error comes from a fused kernel means the model selects that kernel itself."""
+    at = f" {where}" if where else ""
+    results = _forward_by_backend(model, inputs)
+    if not results:
+        return None
+    if results.get("math") is None:
+        if _fused_kernel_in(exc):
+            return RuntimeError(
+                f"{owner}: the forward of `model` runs a fused attention kernel{at} although "
+                f"the products select the math backend (the fused kernels have no double "
+                f"backward or forward-mode derivative): does the model choose its kernel itself "
+                f"(an sdpa_kernel context inside forward, a direct call to a flash or "
+                f"memory-efficient attention op)? Let it call F.scaled_dot_product_attention "
+                f"under the caller's backend selection. Error: {_first_line(exc)}")
+        return None
+    tried = ", ".join(results)
+    working = [name for name, error in results.items() if error is None]
+    if not working:
+        errors = set(results.values())
+        detail = (f"the same error under each, so the attention backend is not the cause: "
+                  f"{errors.pop()}" if len(errors) == 1 else
+                  "; ".join(f"{name}: {error}" for name, error in results.items()))
+        return RuntimeError(f"{owner}: the forward of `model` fails{at} under every attention "
+                            f"backend tried ({tried}): {detail}. Check the model and the batch it "
+                            f"is called on")
+    return RuntimeError(
+        f"{owner}: the forward of `model` fails{at} under the math attention backend, the "
+        f"only one with the second derivatives the products need, but runs under "
+        f"{', '.join(working)}: math: {results['math']}. The model must run with "
+        f"torch.nn.attention.sdpa_kernel([SDPBackend.MATH]) (no fused kernel required inside its "
+        f"forward)")
+
+
 @contextlib.contextmanager
 def evaluation_context(model: nn.Module, batch_norm: Optional[str]) -> Iterator[nn.Module]:
     """Where the engine evaluates a model: :func:`model_state_guard` and
@@ -353,8 +426,9 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def slice_batch(x: Any, start: int, end: int) -> Any:
-    """Samples ``start:end`` of every tensor in ``x``."""
-    return pytree.tree_map(lambda t: t[start:end] if isinstance(t, Tensor) else t, x)
+    """Samples ``start:end`` of every tensor in ``x`` (0-d tensors are kept whole)."""
+    return pytree.tree_map(lambda t: t[start:end] if isinstance(t, Tensor) and t.dim() > 0
+                           else t, x)
 
 
 def unsqueeze_batch(x: Any) -> Any:

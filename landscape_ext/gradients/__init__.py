@@ -3,12 +3,13 @@ r"""Gradient geometry: per-sample gradients, the gradient-covariance spectrum by
 proposal's claim ``C ~ diag(H)`` as a measured statement.
 
 Conventions (in full, with the methods, the algorithm and data parallelism: docs/gradients.md):
-``loss_fn(outputs, targets)`` returns per-sample losses ``(batch,)``; ``G`` is the ``n x d``
-matrix of per-sample gradients, parameters flattened in ``named_parameters()`` order (the layout
-of :class:`~landscape_ext.HessianOperator`); the covariance ``C = G_c^T G_c / n`` divides by
-``n`` (centred or, with ``centered=False``, the second moment); ``singular_values`` are those of
-``G_c / sqrt(n)``; models run in eval mode and are left unchanged; ``data`` must yield the same
-samples in the same order on every pass.
+``loss_fn(outputs, targets)`` returns per-sample losses ``(batch,)`` (``loss_fn=None``: sample
+``i``'s loss is the loss the model computes itself on the one-sample batch ``i``); ``G`` is the
+``n x d`` matrix of per-sample gradients, parameters flattened in ``named_parameters()`` order
+(the layout of :class:`~landscape_ext.HessianOperator`); the covariance ``C = G_c^T G_c / n``
+divides by ``n`` (centred or, with ``centered=False``, the second moment); ``singular_values``
+are those of ``G_c / sqrt(n)``; models run in eval mode and are left unchanged; ``data`` must
+yield the same samples in the same order on every pass.
 """
 from ._method import SVD_METHODS
 from .hessian_studies import (

@@ -2,7 +2,9 @@
 
 ``materialize`` and ``jvp`` need nothing; ``kronecker`` and ``gram`` need the layer factors,
 which every rank probes on its first batch; ``auto`` decides from the sample count, the probe and
-a check of the factor products against ``jvp`` on the first batch. The thresholds and their
+a check of the factor products against ``jvp`` on the first batch. With the model's own loss
+(``loss_fn=None``) there are no per-sample losses of one batched forward, hence no layer
+factors: ``auto`` picks ``materialize`` or ``jvp``. The thresholds and their
 measurements: docs/gradients.md.
 """
 from __future__ import annotations
@@ -201,7 +203,15 @@ def make_engine(problem: PerSampleProblem, method: str, chunk_size: Optional[int
         return MaterializeEngine(problem, chunk_size), "materialize"
     if method == "jvp":
         return JvpEngine(problem, chunk_size), "jvp"
+    if problem.own_loss and method != "auto":
+        raise ValueError(f"{owner}: method={method!r} takes the layer factors from one forward and "
+                         f"backward of the batch's per-sample losses; with loss_fn=None the model "
+                         f"returns one loss per batch, so each sample's loss needs a forward of "
+                         f"its own: use method='jvp', 'materialize' or 'auto', or pass a "
+                         f"per-sample loss_fn (reduction='none')")
     chooser = _MethodChooser(problem, chunk_size, shards, allow_gram)
+    if method == "auto" and problem.own_loss:
+        return chooser.fallback()
     if method == "auto" and chooser.small and not chooser.gram_over_materialize:
         return chooser.materialize()
     probe = chooser.probe(impl)

@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from .._model import (DataFingerprint, DataSource, ParameterLayout, call_model,
-                      detached_parameters, unwrap_ddp)
+from .._model import DataFingerprint, DataSource, ParameterLayout
+from .._model import batch_size as batch_size_of
+from .._model import call_model, detached_parameters, output_loss, unsqueeze_batch, unwrap_ddp
 
 ParamSpec = Optional[Iterable[Union[str, Tensor]]]
 
@@ -40,6 +42,33 @@ def check_per_sample_losses(loss: Any, batch_size: int, owner: str, where: str) 
     return loss
 
 
+def sample_in_dims(inputs: Any, batch_size: int, owner: str, where: str) -> Any:
+    """``vmap`` ``in_dims`` that map over the samples of a batch's inputs: 0 for every tensor
+    (one row per sample), ``None`` for 0-d tensors and other values (passed whole)."""
+    def dim_of(t: Any) -> Optional[int]:
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return None
+        if t.shape[0] != batch_size:
+            raise ValueError(f"{owner}: per-sample evaluation slices every input tensor along its "
+                             f"first dimension, but an input of shape {tuple(t.shape)} does not "
+                             f"have the batch's {batch_size} samples there {where}")
+        return 0
+    return pytree.tree_map(dim_of, inputs)
+
+
+def own_sample_losses(model: nn.Module, params: Dict[str, Tensor], inputs: Any,
+                      batch_size: int, owner: str, where: str) -> Tensor:
+    """``(batch_size,)``: the loss the model computes itself (``loss_fn=None``) on each sample
+    alone, ``model(**batch[i:i+1]).loss`` (a dict batch sliced per key along dim 0), evaluated
+    by ``torch.func.vmap`` over the samples."""
+    from torch.func import vmap
+
+    def one(x: Any) -> Tensor:
+        return output_loss(call_model(model, params, unsqueeze_batch(x)), owner, where)
+
+    return vmap(one, in_dims=(sample_in_dims(inputs, batch_size, owner, where),))(inputs)
+
+
 class PerSampleProblem:
     """A model (unwrapped from DDP), a per-sample loss, the selected parameters and the data.
 
@@ -63,9 +92,13 @@ class PerSampleProblem:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
         model, _, self.unwrapped_ddp = unwrap_ddp(model)
-        if not callable(loss_fn):
-            raise TypeError(f"{owner}: loss_fn must be callable, got {type(loss_fn).__name__}")
-        check_per_sample_reduction(loss_fn, owner)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"{owner}: loss_fn must be callable or None (the model computes its "
+                            f"own loss), got {type(loss_fn).__name__}")
+        # loss_fn=None: sample i's loss is the model's own loss on the one-sample batch i
+        self.own_loss = loss_fn is None
+        if not self.own_loss:
+            check_per_sample_reduction(loss_fn, owner)
         self.owner = owner
         self.model = model
         self.loss_fn = loss_fn
@@ -98,9 +131,22 @@ class PerSampleProblem:
     def losses(self, params: Dict[str, Tensor], inputs: Any, targets: Tensor, batch_size: int,
                where: str) -> Tensor:
         """The checked per-sample losses ``(batch_size,)`` at parameter values ``params``."""
-        outputs = call_model(self.model, params, inputs)
-        return check_per_sample_losses(self.loss_fn(outputs, targets), batch_size, self.owner,
-                                       where)
+        if self.own_loss:
+            losses = own_sample_losses(self.model, params, inputs, batch_size, self.owner, where)
+        else:
+            losses = self.loss_fn(call_model(self.model, params, inputs), targets)
+        return check_per_sample_losses(losses, batch_size, self.owner, where)
+
+    def sample_loss(self, params: Dict[str, Tensor], sample: Any, target: Any,
+                    where: str) -> Tensor:
+        """The scalar loss of one sample (``sample``, ``target`` without their batch dimension,
+        as ``vmap`` over the samples passes them)."""
+        if self.own_loss:
+            return output_loss(call_model(self.model, params, unsqueeze_batch(sample)),
+                               self.owner, where)
+        loss = self.loss_fn(call_model(self.model, params, unsqueeze_batch(sample)),
+                            unsqueeze_batch(target))
+        return check_per_sample_losses(loss, 1, self.owner, where)[0]
 
     def batches(self, record: bool = True) -> Iterator[Tuple[int, Any, Tensor, int]]:
         """Yield ``(index, inputs, targets, batch_size)``; with ``record`` the pass's sample
@@ -108,10 +154,17 @@ class PerSampleProblem:
         if record:
             self._fingerprint.start()
         for i, inputs, targets in self.data:
-            if not isinstance(targets, Tensor) or targets.dim() == 0:
+            if self.own_loss:
+                batch_size = batch_size_of(inputs, targets)
+            elif targets is None:
+                raise ValueError(f"{self.owner}: batch {i} is a dict for model(**batch) without "
+                                 f"targets: pass loss_fn=None to use the loss the model computes "
+                                 f"itself, or (inputs, targets) batches for loss_fn")
+            elif not isinstance(targets, Tensor) or targets.dim() == 0:
                 raise ValueError(f"{self.owner}: batch {i}: targets must be a tensor with a batch "
                                  f"dimension")
-            batch_size = int(targets.shape[0])
+            else:
+                batch_size = int(targets.shape[0])
             if record:
                 self._fingerprint.add(inputs, targets, batch_size)
             yield i, inputs, targets, batch_size
@@ -132,7 +185,7 @@ class PerSampleProblem:
                 f"augmentation, or a list of batches")
         self.n_samples = fingerprint.reference_n
 
-    def first_batch(self) -> Tuple[Any, Tensor, int]:
+    def first_batch(self) -> Tuple[Any, Optional[Tensor], int]:
         """``(inputs, targets, batch_size)`` of the first batch (not a recorded pass)."""
         for _, inputs, targets, batch_size in self.batches(record=False):
             return inputs, targets, batch_size

@@ -14,11 +14,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._model import batch_size as batch_size_of
 from .._model import check_finite, evaluation_context, unwrap_ddp
+from ..operators import HessianOperator
 from ..results import Result
 from ._engines import ProductEngine, batch_contexts
 from ._method import make_engine
-from ._problem import ParamSpec, PerSampleProblem
+from ._problem import ParamSpec, PerSampleProblem, own_sample_losses
 from .rank_and_overlap import directions_of, orthonormal_columns
 
 __all__ = ["gradient_in_top_hessian_subspace", "TopHessianSubspaceResult",
@@ -119,8 +121,23 @@ def _mean_loss(loss_fn: Callable) -> Callable:
     return mean_loss
 
 
-def _hessian_operator(problem: PerSampleProblem, loss_fn: Callable, data: Any):
-    from ..operators import HessianOperator
+class _OwnSampleLossHessian(HessianOperator):
+    """The Hessian of the mean over samples of the model's own loss on each sample alone
+    (``loss_fn=None``; ``vmap`` over the samples of a batch, batches weighted by their sample
+    counts), not of its batch loss, which weighs the samples differently when they count
+    different numbers of tokens."""
+
+    def _call_model(self, params: Dict[str, Tensor], inputs: Any) -> Any:
+        n = batch_size_of(inputs, None)
+        return own_sample_losses(self.model, params, inputs, n, "HessianOperator", "").mean()
+
+
+def _hessian_operator(problem: PerSampleProblem, loss_fn: Optional[Callable],
+                      data: Any) -> HessianOperator:
+    """The Hessian of the mean per-sample loss (``loss_fn=None``: of the model's own one-sample
+    losses)."""
+    if loss_fn is None:
+        return _OwnSampleLossHessian(problem.model, None, data, params=problem.names)
     return HessianOperator(problem.model, _mean_loss(loss_fn), data, params=problem.names)
 
 
@@ -183,7 +200,8 @@ def _top_hessian_eigenvectors(problem: PerSampleProblem, loss_fn: Callable, data
     return hessian.eigenvectors, hessian.eigenvalues, 0, None
 
 
-def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: Any, k: int, *,
+def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Optional[Callable], data: Any,
+                                     k: int, *,
                                      which: str = "largest", hessian: Any = None,
                                      centered: bool = False, params: ParamSpec = None,
                                      method: str = "auto", seed: int = 0,
@@ -206,7 +224,7 @@ def gradient_in_top_hessian_subspace(model: nn.Module, loss_fn: Callable, data: 
     ----------
     model, loss_fn, data, params
         As :func:`gradient_covariance_svd` (per-sample ``loss_fn``; the Hessian is that of its
-        mean).
+        mean; ``loss_fn=None``: of the mean of the model's own one-sample losses).
     k : int
     which : str
         Passed to :func:`landscape_ext.eigsh` (default ``"largest"``: the sharpest directions).
@@ -312,7 +330,7 @@ def _hessian_diagonal(problem: PerSampleProblem, loss_fn: Callable, data: Any,
 
 
 def compare_covariance_to_hessian_diagonal(
-        model: nn.Module, loss_fn: Callable, data: Any, *, centered: bool = False,
+        model: nn.Module, loss_fn: Optional[Callable], data: Any, *, centered: bool = False,
         hessian_diagonal: Any = None, hessian_method: str = "hutchinson",
         n_matvecs: int = 200, params: ParamSpec = None,
         method: str = "auto", seed: int = 0, chunk_size: Optional[int] = None,
@@ -329,7 +347,8 @@ def compare_covariance_to_hessian_diagonal(
     Parameters
     ----------
     model, loss_fn, data, params
-        As :func:`gradient_covariance_svd` (per-sample ``loss_fn``).
+        As :func:`gradient_covariance_svd` (per-sample ``loss_fn``; ``None``: the model's own
+        loss on each sample alone, and the Hessian of their mean).
     centered : bool
         Default ``False``: the proposal's ``C = E[g g^T]``.
     hessian_diagonal : Tensor or DiagonalResult, optional

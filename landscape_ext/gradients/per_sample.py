@@ -8,8 +8,8 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._model import call_model, check_finite, evaluation_context, slice_batch, unsqueeze_batch
-from ._problem import ParamSpec, PerSampleProblem, check_per_sample_losses
+from .._model import check_finite, evaluation_context, slice_batch
+from ._problem import ParamSpec, PerSampleProblem, sample_in_dims
 
 __all__ = ["per_sample_gradients", "iter_per_sample_gradients"]
 
@@ -22,11 +22,11 @@ def _sample_chunk(batch_size: int, d: int, chunk_size: Optional[int]) -> int:
     return max(1, min(batch_size, _SAMPLE_CHUNK_ELEMENTS // max(d, 1)))
 
 
-def per_sample_gradient_chunks(problem: PerSampleProblem, inputs: Any, targets: Tensor,
+def per_sample_gradient_chunks(problem: PerSampleProblem, inputs: Any, targets: Optional[Tensor],
                                batch_size: int, names: Sequence[str], chunk_size: Optional[int],
                                where: str) -> Iterator[Tuple[int, Tensor]]:
     """Yield ``(start, G_chunk (c, d_names))`` for the samples of one batch, parameters
-    ``names`` only."""
+    ``names`` only (``targets`` ``None``: a dict batch with the model's own loss)."""
     from torch.func import grad, vmap
     base = problem.base_params()
     selected = {n: base[n] for n in names}
@@ -35,15 +35,16 @@ def per_sample_gradient_chunks(problem: PerSampleProblem, inputs: Any, targets: 
     def single_loss(params, x, t):
         full = dict(base)
         full.update(params)
-        loss = problem.loss_fn(call_model(problem.model, full, unsqueeze_batch(x)),
-                               unsqueeze_batch(t))
-        return check_per_sample_losses(loss, 1, owner, where)[0]
+        return problem.sample_loss(full, x, t, where)
 
-    per_sample_grad = vmap(grad(single_loss), in_dims=(None, 0, 0))
     chunk = _sample_chunk(batch_size, sum(problem.sizes[n] for n in names), chunk_size)
     for start in range(0, batch_size, chunk):
         end = min(batch_size, start + chunk)
-        out = per_sample_grad(selected, slice_batch(inputs, start, end), targets[start:end])
+        x = slice_batch(inputs, start, end)
+        t = targets[start:end] if isinstance(targets, Tensor) else targets
+        in_dims = (None, sample_in_dims(x, end - start, owner, where),
+                   0 if isinstance(t, Tensor) else None)
+        out = vmap(grad(single_loss), in_dims=in_dims)(selected, x, t)
         G = torch.cat([out[n].reshape(end - start, -1) for n in names], dim=1)
         check_finite(G, "a per-sample gradient", owner, where)
         yield start, G
@@ -56,7 +57,7 @@ def _all_chunks(problem: PerSampleProblem, chunk_size: Optional[int]) -> Iterato
             yield G
 
 
-def iter_per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
+def iter_per_sample_gradients(model: nn.Module, loss_fn: Optional[Callable], data: Any, *,
                               params: ParamSpec = None,
                               chunk_size: Optional[int] = None) -> Iterator[Tensor]:
     """Stream the per-sample gradients in chunks: yields ``(c, d)`` blocks, rows in data order.
@@ -76,7 +77,7 @@ def iter_per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
         yield G
 
 
-def per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
+def per_sample_gradients(model: nn.Module, loss_fn: Optional[Callable], data: Any, *,
                          params: ParamSpec = None,
                          chunk_size: Optional[int] = None,
                          dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -88,9 +89,14 @@ def per_sample_gradients(model: nn.Module, loss_fn: Callable, data: Any, *,
     Parameters
     ----------
     model : nn.Module
-    loss_fn : callable
+    loss_fn : callable or None
         ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses (``reduction="none"``).
-    data : (inputs, targets) or iterable of batches
+        ``None``: the model computes its own loss (``outputs.loss``, ``outputs["loss"]`` or a
+        scalar output, HuggingFace style); sample ``i``'s loss is the model's loss on the
+        one-sample batch ``i`` (every input tensor, a dict batch's per key, sliced along its
+        first dimension), evaluated by ``vmap`` over the samples.
+    data : (inputs, targets), dict, or iterable of batches
+        A dict batch is passed as ``model(**batch)`` (with ``loss_fn=None``).
     params : iterable of str or Parameter, optional
         Subset of parameters (default: all with ``requires_grad``), flattened in
         ``named_parameters()`` order.

@@ -104,7 +104,7 @@ class GradientCovarianceSVDResult(Result):
 # ------------------------------------------------------------------------------------------------
 
 
-def gradient_covariance_svd(model: nn.Module, loss_fn: Callable, data: Any, k: int, *,
+def gradient_covariance_svd(model: nn.Module, loss_fn: Optional[Callable], data: Any, k: int, *,
                             centered: bool = True, n_power_iter: int = 2, oversample: int = 10,
                             method: str = "auto", params: ParamSpec = None,
                             seed: int = 0, return_vectors: bool = True,
@@ -120,10 +120,14 @@ def gradient_covariance_svd(model: nn.Module, loss_fn: Callable, data: Any, k: i
     Parameters
     ----------
     model : nn.Module
-    loss_fn : callable
+    loss_fn : callable or None
         ``loss_fn(outputs, targets) -> (batch,)`` per-sample losses (``reduction="none"``).
-    data : (inputs, targets) or re-iterable of batches
-        Same samples in the same order on every pass (no shuffling).
+        ``None``: each sample's loss is the loss the model computes itself on that sample alone
+        (see :func:`per_sample_gradients`); the methods ``kronecker`` and ``gram`` need per-sample
+        losses of one batched forward and refuse it, ``auto`` picks ``materialize`` or ``jvp``.
+    data : (inputs, targets), dict, or re-iterable of batches
+        Same samples in the same order on every pass (no shuffling); a dict batch is passed as
+        ``model(**batch)``.
     k : int
         Singular values wanted, ``1 <= k <= min(n, d)``.
     centered : bool

@@ -3,15 +3,23 @@ fused MLP path is :class:`landscape_ext.mlp.MLPBackend`, the loss Hessian
 :mod:`landscape_ext._losses`)."""
 from __future__ import annotations
 
-from typing import Any, List, Union
+import math
+from collections.abc import Mapping
+from typing import Any, List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _losses, _model
 from .model import ModelOperator
 
 __all__ = ["GGNOperator"]
+
+#: The label of positions without a loss (HuggingFace's and ``F.cross_entropy``'s default).
+IGNORE_INDEX = -100
+CROSS_ENTROPY = "cross_entropy"
+CAUSAL_LM_CROSS_ENTROPY = "causal_lm_cross_entropy"
 
 
 class GGNOperator(ModelOperator):
@@ -30,7 +38,18 @@ class GGNOperator(ModelOperator):
     convex in the outputs). For ``(N, C)`` logits with class-index targets and the mean
     reduction, the cross-entropy term runs the op ``landscape_ext.ops.xent_hvp`` (its kernel or
     its plain-PyTorch composite as :func:`landscape_ext.ops.resolve_impl` decides;
-    ``fused_loss_hessian=False`` forces the composite). ``loss_fn`` may also be the string ``"cross_entropy"`` or ``"mse"``.
+    ``fused_loss_hessian=False`` forces the composite). ``loss_fn`` may also be the string
+    ``"cross_entropy"`` or ``"mse"``.
+
+    ``loss_fn=None`` (a model that computes its own loss, HuggingFace style: dict batches
+    ``model(**batch)`` with ``labels``, an output with ``.loss`` and ``.logits`` or a dict with
+    ``"loss"`` and ``"logits"``): the outputs are the logits ``(batch, ..., classes)`` and the
+    loss is recognised as the cross-entropy of the logits against ``batch["labels"]``
+    (``ignore_index=-100``), unshifted or with the causal-LM shift (``logits[:, :-1]`` against
+    ``labels[:, 1:]``): whichever reproduces the model's ``loss`` on the first batch to
+    ``sqrt(eps)`` of its dtype (``inferred_loss`` says which); every later batch is checked
+    against it. A loss that neither reproduces (label smoothing, class weights, a regression
+    loss, a sum), or both, is a ``ValueError`` giving the values: pass ``loss_fn`` then.
 
     ``mode``: ``forward-over-reverse`` computes ``J V`` by ``vmap(jvp)`` and ``J^T U`` by batched
     vector-Jacobian products; ``double-backward`` obtains ``J V`` by the double-vjp trick (no
@@ -47,15 +66,18 @@ class GGNOperator(ModelOperator):
                  fused_loss_hessian: bool = True, mode: str = "auto",
                  cache_graph: Union[bool, str] = "auto", **kwargs: Any):
         self.fused_loss_hessian = bool(fused_loss_hessian)
+        #: with ``loss_fn=None``: the loss found to reproduce the model's own
+        #: (``"cross_entropy"`` or ``"causal_lm_cross_entropy"``; ``None`` before the first
+        #: product)
+        self.inferred_loss: Optional[str] = None
         if loss_fn is None:
-            raise ValueError("GGNOperator: loss_fn=None is not supported: the Gauss-Newton "
-                             "matrix needs the loss as a function of the model's outputs; pass "
-                             "loss_fn (e.g. a cross-entropy of the logits), or use "
-                             "HessianOperator, which takes the model's own loss")
-        try:
-            self.loss_spec = _losses.loss_spec(loss_fn)
-        except ValueError as exc:
-            raise ValueError(f"GGNOperator: {exc}") from None
+            # the model's own loss, recognised as a cross-entropy of its logits on each batch
+            self.loss_spec = _losses.LossSpec("ce", "mean", IGNORE_INDEX)
+        else:
+            try:
+                self.loss_spec = _losses.loss_spec(loss_fn)
+            except ValueError as exc:
+                raise ValueError(f"GGNOperator: {exc}") from None
         self.loss_kind = self.loss_spec.kind
         super().__init__(model, _losses.loss_callable(loss_fn), data, *args, mode=mode,
                          cache_graph=cache_graph, **kwargs)
@@ -66,7 +88,7 @@ class GGNOperator(ModelOperator):
         try:
             return _losses.output_hessian(
                 self.loss_spec, outputs, targets, R,
-                loss_fn=lambda z, t: self._loss(z, t, ""),
+                loss_fn=lambda z, t: self._loss(z, t, "", self._loss_of_outputs),
                 impl="auto" if self.fused_loss_hessian else "composite")
         except ValueError as exc:
             raise ValueError(f"GGNOperator: {exc}") from None
@@ -89,11 +111,11 @@ class GGNOperator(ModelOperator):
         full = dict(base)
         full.update(zip(self.param_names, leaves))
         with torch.enable_grad():
-            out = self._call_model(full, inputs)
-        if not isinstance(out, Tensor):
-            raise ValueError(f"GGNOperator: the model must return one tensor, got "
-                             f"{type(out).__name__}")
-        loss = self._loss(out.detach(), targets, where)
+            raw = self._call_model(full, inputs)
+        out = self._gauss_newton_outputs(raw, where)
+        if self.loss_fn is None:
+            targets = self._own_loss_targets(raw, out, inputs, where)
+        loss = self._loss(out.detach(), targets, where, self._loss_of_outputs)
         self._check_finite(loss, "the loss", where)
         chunks = self._chunks(X.shape[0])
         rows = []
@@ -110,6 +132,60 @@ class GGNOperator(ModelOperator):
             rows.append(self.layout.join_rows(gv, end - start))
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
+    @property
+    def _loss_of_outputs(self) -> Any:
+        """The loss as a function of the outputs the Jacobian is taken of."""
+        return F.cross_entropy if self.loss_fn is None else self.loss_fn
+
+    def _gauss_newton_outputs(self, raw: Any, where: str) -> Tensor:
+        """The outputs the Jacobian is taken of: the model's output tensor, or with
+        ``loss_fn=None`` its logits as ``(positions, classes)`` rows."""
+        if self.loss_fn is not None:
+            if not isinstance(raw, Tensor):
+                raise ValueError(f"GGNOperator: the model must return one tensor, got "
+                                 f"{type(raw).__name__} (loss_fn=None takes an output with "
+                                 f".loss and .logits)")
+            return raw
+        logits = _field(raw, "logits")
+        if not isinstance(logits, Tensor) or logits.dim() < 2:
+            got = (f"logits of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else
+                   f"{type(raw).__name__} without logits")
+            raise ValueError(f"GGNOperator: loss_fn=None needs a model output with .logits (or a "
+                             f"dict with 'logits') of shape (batch, ..., classes) beside its loss, "
+                             f"got {got} {where}; pass loss_fn (a function of the outputs)")
+        return logits.reshape(-1, logits.shape[-1])
+
+    def _own_loss_targets(self, raw: Any, rows: Tensor, inputs: Any, where: str) -> Tensor:
+        """The labels of the logit rows under the cross-entropy that reproduces the model's own
+        loss (decided on the first batch, checked on every batch)."""
+        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
+        logits = _field(raw, "logits")
+        if not isinstance(labels, Tensor):
+            keys = sorted(inputs)[:8] if isinstance(inputs, Mapping) else type(inputs).__name__
+            raise ValueError(f"GGNOperator: loss_fn=None needs the labels in the batch under "
+                             f"'labels' (a dict batch for model(**batch), the HuggingFace "
+                             f"convention) to write the loss as a function of the logits; got "
+                             f"{keys} {where}. Pass loss_fn instead")
+        if labels.is_floating_point() or tuple(labels.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"GGNOperator: loss_fn=None recognises a cross-entropy of logits "
+                             f"(batch, ..., classes) {tuple(logits.shape)} against integer "
+                             f"labels of shape {tuple(logits.shape[:-1])}; batch['labels'] is "
+                             f"{labels.dtype} of shape {tuple(labels.shape)} {where}. Pass loss_fn")
+        candidates = {CROSS_ENTROPY: labels}
+        if labels.dim() >= 2:
+            # HF causal LMs: position t predicts token t + 1; the last position has no target
+            shifted = torch.full_like(labels, IGNORE_INDEX)
+            shifted[:, :-1] = labels[:, 1:]
+            candidates[CAUSAL_LM_CROSS_ENTROPY] = shifted
+        if self.inferred_loss is not None:
+            candidates = {self.inferred_loss: candidates[self.inferred_loss]}
+        own = _model.output_loss(raw, "GGNOperator", where).detach()
+        z = rows.detach().double()
+        values = {name: float(F.cross_entropy(z, t.reshape(-1), ignore_index=IGNORE_INDEX))
+                  for name, t in candidates.items()}
+        self.inferred_loss = _matching_loss(float(own), values, own.dtype, where)
+        return candidates[self.inferred_loss].reshape(-1)
+
     def _jacobian_rows_forward(self, X: Tensor, inputs: Any) -> Tensor:
         """``J v`` for each row ``v`` of ``X`` by ``vmap(jvp)``."""
         from torch.func import jvp, vmap
@@ -119,7 +195,7 @@ class GGNOperator(ModelOperator):
         def outputs_of(p):
             full = dict(base)
             full.update(p)
-            return self._call_model(full, inputs)
+            return self._gauss_newton_outputs(self._call_model(full, inputs), "")
 
         return vmap(lambda v: jvp(outputs_of, (selected,), (v,))[1])(self.layout.split_rows(X))
 
@@ -134,3 +210,32 @@ class GGNOperator(ModelOperator):
             V = self.layout.split_rows(X)
             return torch.autograd.grad([gi for gi, _ in pairs], u, [V[n] for _, n in pairs],
                                        is_grads_batched=True, retain_graph=True)[0]
+
+
+def _field(outputs: Any, name: str) -> Any:
+    """``outputs.<name>`` or ``outputs[name]`` (``None`` when absent)."""
+    if isinstance(outputs, Mapping):
+        return outputs.get(name)
+    return None if isinstance(outputs, Tensor) else getattr(outputs, name, None)
+
+
+def _matching_loss(own: float, values: dict, dtype: torch.dtype, where: str) -> str:
+    """The one candidate whose value reproduces the model's loss ``own`` to the precision of
+    its dtype (``sqrt(eps)``, relative)."""
+    tol = math.sqrt(torch.finfo(dtype).eps) * max(1.0, abs(own))
+    matches = [name for name, value in values.items() if abs(value - own) <= tol]
+    described = {CROSS_ENTROPY: "cross-entropy of logits vs labels",
+                 CAUSAL_LM_CROSS_ENTROPY: "causal-LM cross-entropy (logits[:, :-1] vs "
+                                          "labels[:, 1:])"}
+    listed = "; ".join(f"{described[name]}: {value:.10g}" for name, value in values.items())
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ValueError(f"GGNOperator: loss_fn=None: the model's loss {own:.10g} {where} is not "
+                         f"a cross-entropy of its logits that the operator recognises ({listed}; "
+                         f"ignore_index={IGNORE_INDEX}, no label smoothing or class weights, "
+                         f"relative tolerance {tol / max(1.0, abs(own)):.1e}); pass loss_fn "
+                         f"explicitly")
+    raise ValueError(f"GGNOperator: loss_fn=None: the model's loss {own:.10g} {where} is "
+                     f"reproduced by more than one cross-entropy ({listed}), so which one the "
+                     f"model computes is ambiguous on this batch; pass loss_fn explicitly")

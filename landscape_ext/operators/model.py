@@ -207,7 +207,14 @@ class ModelOperator(CurvatureOperator):
                 n_batch = self._samples_in(inputs, targets, where)
                 if self.check_data:
                     self._fingerprint.add(inputs, targets, n_batch)
-                P = self._batch_apply_rows(X, inputs, targets, where)
+                try:
+                    P = self._batch_apply_rows(X, inputs, targets, where)
+                except Exception as exc:
+                    clearer = _model.explain_forward_failure(self.model, inputs, exc,
+                                                             type(self).__name__, where)
+                    if clearer is None:
+                        raise
+                    raise clearer from exc
                 self._check_finite(P, "the product", where)
                 P = P.to(self.dtype)
                 if acc is None:

@@ -140,7 +140,15 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, *,
 # ------------------------------------------------------------------------------------------------
 
 
-def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tensor], *,
+def _samples_in(batch: Any) -> int:
+    """Samples of one batch: the targets' leading size, or a dict batch's first tensor's."""
+    if isinstance(batch, dict):
+        first = next((v for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0), None)
+        return int(first.shape[0]) if first is not None else 1
+    return int(batch[1].shape[0])
+
+
+def curvature_stats(model: nn.Module, loss_fn: Optional[Callable], batch: Any, *,
                     k: int = 1, tol: float = 1e-3, trace_matvecs: int = 0,
                     spectral_norm: bool = False, per_sample_loss: Optional[Callable] = None,
                     grad_k: int = 0, seed: int = 0, v0: Optional[Tensor] = None,
@@ -150,8 +158,9 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
 
     Parameters
     ----------
-    model, loss_fn : the model and its batch-mean loss.
-    batch : (inputs, targets)
+    model, loss_fn : the model and its batch-mean loss (``None``: the loss the model computes
+        itself, HuggingFace style; see :class:`landscape_ext.HessianOperator`).
+    batch : (inputs, targets), or a dict for ``model(**batch)``
     k : int
         Top eigenvalues by :func:`landscape_ext.eigsh` (``which="largest"``); 0 skips them.
     tol : float
@@ -161,7 +170,8 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
     spectral_norm : bool
         Also ``||H||_2`` by :func:`landscape_ext.spectral_norm` (``max |lambda|``).
     per_sample_loss : callable, optional
-        Per-sample loss for the gradient covariance (required when ``grad_k > 0``).
+        Per-sample loss for the gradient covariance (required when ``grad_k > 0``, unless
+        ``loss_fn`` is ``None``: then each sample's own loss, the model on that sample alone).
     grad_k : int
         Singular values of the gradient covariance (0 skips).
     seed : int
@@ -177,7 +187,8 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
     """
     t0 = time.perf_counter()
     op = le.HessianOperator(model, loss_fn, batch)
-    out: Dict[str, Any] = {"n_params": op.d, "n_samples": int(batch[1].shape[0])}
+    n_samples = _samples_in(batch)
+    out: Dict[str, Any] = {"n_params": op.d, "n_samples": n_samples}
     vecs = None
     if k > 0:
         # the warm-started estimate of SharpnessTracker and the optimizers; a measurement, so a
@@ -200,10 +211,9 @@ def curvature_stats(model: nn.Module, loss_fn: Callable, batch: Tuple[Any, Tenso
         out.update(trace=t.estimate, trace_stderr=t.stderr)
     out["hvp_mode"] = op.mode_used
     if grad_k > 0:
-        if per_sample_loss is not None:
+        if per_sample_loss is not None or loss_fn is None:
             gsvd, grank = gradient_api()
-            n = int(batch[1].shape[0])
-            kk = max(1, min(int(grad_k), n, op.d))
+            kk = max(1, min(int(grad_k), n_samples, op.d))
             g = gradient_svd(gsvd, model, per_sample_loss, batch, kk, seed=seed)
             rk = grank(g)
             out.update(grad_effective_rank=rk.effective_rank, grad_stable_rank=rk.stable_rank,

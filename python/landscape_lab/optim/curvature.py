@@ -28,7 +28,8 @@ _WHICH = ("magnitude", "largest")
 # --------------------------------------------------------------------------------------------
 # curvature closures
 # --------------------------------------------------------------------------------------------
-def hessian_closure(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], batch: Any,
+def hessian_closure(model: nn.Module, loss_fn: Optional[Callable[[Any, Tensor], Tensor]],
+                    batch: Any,
                     params: Optional[Iterable[Union[str, Tensor]]] = None,
                     **operator_kwargs: Any) -> Callable[[], HessianOperator]:
     """A curvature closure: ``closure()`` returns ``HessianOperator(model, loss_fn, batch, ...)``.
@@ -40,10 +41,12 @@ def hessian_closure(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], 
     Parameters
     ----------
     model : nn.Module
-    loss_fn : callable
-        ``loss_fn(outputs, targets) -> scalar`` mean loss of the batch.
-    batch : (inputs, targets) or iterable of batches
-        As :class:`landscape_ext.HessianOperator`'s ``data`` (normally the current mini-batch).
+    loss_fn : callable or None
+        ``loss_fn(outputs, targets) -> scalar`` mean loss of the batch; ``None``: the loss the
+        model computes itself (``outputs.loss`` / ``outputs["loss"]``, HuggingFace style).
+    batch : (inputs, targets), dict, or iterable of batches
+        As :class:`landscape_ext.HessianOperator`'s ``data`` (normally the current mini-batch; a
+        dict batch is passed as ``model(**batch)``).
     params : iterable of str or Parameter, optional
         Parameters the Hessian is taken over (default: all with ``requires_grad``). The hybrid
         optimizers need the same set of parameters as their ``param_groups`` (any order).

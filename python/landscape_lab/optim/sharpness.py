@@ -135,7 +135,9 @@ class SharpnessTracker:
             The training loop's step counter.
         model, loss_fn, batch
             The Hessian is that of ``loss_fn(model(inputs), targets)`` on ``batch``
-            (``(inputs, targets)``) at the current weights.
+            (``(inputs, targets)``) at the current weights; ``loss_fn=None``: of the loss the
+            model computes itself (``model(**batch).loss`` for a dict batch, HuggingFace style;
+            see :class:`landscape_ext.HessianOperator`).
         lr : float or torch.optim.Optimizer, optional
             The learning rate (an optimizer: its first group's ``lr``), for the threshold.
         loss : Tensor or float, optional
@@ -157,9 +159,11 @@ class SharpnessTracker:
         if step % self.every != 0:
             return None
         if curvature is None:
-            if model is None or loss_fn is None or batch is None:
-                raise ValueError(f"{self._owner}: on_step needs model, loss_fn and batch (or "
-                                 f"curvature=) at step {step}")
+            # loss_fn=None is the model's own loss (model(**batch).loss, HuggingFace style)
+            if model is None or batch is None:
+                raise ValueError(f"{self._owner}: on_step needs model and batch, with loss_fn "
+                                 f"or None for the model's own loss (or curvature=) at step "
+                                 f"{step}")
             curvature = hessian_closure(model, loss_fn, batch, self.params,
                                         **self.operator_kwargs)
         op = _resolve_operator(curvature, self._owner, step)
