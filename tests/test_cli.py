@@ -187,8 +187,8 @@ def test_report_transformer_examples(tmp_path, capsys):
     from test_data import _write_cifar10
 
     out = tmp_path / "lm"
-    assert main(["report", "--example", "tiny-lm", "--quick", "--k", "2", "--no-barrier",
-                 "--out", str(out), "--quiet"]) == 0
+    assert main(["report", "--example", "tiny-lm", "--quick", "--k", "2", "--sections",
+                 "topk,blocks,barrier", "--no-barrier", "--out", str(out), "--quiet"]) == 0
     r = _json(out / "results.json")
     # --k given: replaces the example's size; the rest are the quick example's sizes
     assert len(r["topk"]["eigenvalues"]) == 2 and r["config"]["n_samples"] == 8
