@@ -356,7 +356,8 @@ def test_transformer_examples_read_data_dir(tmp_path):
     (wiki / "wiki.train.tokens").write_text(" = Title = \n the cat sat on the mat . \n" * 20)
     (wiki / "wiki.valid.tokens").write_text(" the dog sat on the cat . \n" * 5)
     r = _quick("tiny-lm", tmp_path / "l", data_dir=wiki, sections=few).results
-    assert r["dataset"] == "wikitext2-chars" and (tmp_path / "l" / "figures" / "blocks.png").exists()
+    assert r["dataset"] == "wikitext2-chars"
+    assert (tmp_path / "l" / "figures" / "blocks.png").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     for name, missing in (("vit", "data_batch_1"), ("tiny-lm", "wiki.train.tokens")):

@@ -2,7 +2,8 @@
 
 * :func:`model_report` — one model: top-k Hessian eigenvalues, trace, spectral density with its
   semicircle fit and spikes, blockwise spectra (per parameter block), gradient-covariance
-  spectrum and ranks, ``lambda_max`` over training, loss barrier (module :mod:`.model`, its text :mod:`.model_doc`);
+  spectrum and ranks, ``lambda_max`` over training, loss barrier (module :mod:`.model`, its
+  text :mod:`.model_doc`);
 * :func:`sweep_report` — a width x depth sweep: scaling-law fit, Phi over the grid, gap against
   gradient rank (module :mod:`.sweep`);
 * :func:`example_report` — trains a built-in example (MLPs; a causal transformer LM and a

@@ -354,7 +354,8 @@ def _measure_barrier(run: _Run) -> None:
 
 _MEASURE: Dict[str, Callable[[_Run], None]] = {
     "topk": _measure_topk, "trace": _measure_trace, "esd": _measure_esd,
-    "blocks": _measure_blocks, "gradients": _measure_gradients, "training": _measure_training, "barrier": _measure_barrier}
+    "blocks": _measure_blocks, "gradients": _measure_gradients, "training": _measure_training,
+    "barrier": _measure_barrier}
 
 
 # ---- analyses ----------------------------------------------------------------------------------
@@ -399,8 +400,9 @@ def _esd_analysis(dens: Any, eig: Any, d: int) -> Dict[str, Any]:
 
 def _blocks_analysis(spectra: Any, dens: Any, d: int) -> Dict[str, Any]:
     """Per block: its size, ``lambda_max`` with residual, ``tr(H_bb) / d_b`` with its standard
-    error and the block's share of the trace; across blocks: the spread of ``lambda_max`` and
-    the Jensen-Shannon distances of the densities (the engine's summaries)."""
+    error and ``tr(H_bb)`` (with the standard error of their sum); across blocks: the spread of
+    ``lambda_max`` and the Jensen-Shannon distances of the densities (the engine's
+    summaries)."""
     spread, shapes = spectra.summary(), dens.summary()
     names, sizes = list(spectra), dict(spectra.sizes)
     per_dim = shapes["trace_per_dim"]

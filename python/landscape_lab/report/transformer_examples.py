@@ -166,7 +166,8 @@ def _second_order_chain(vocab_size: int, branching: int, floor: float,
 
 
 def _stationary_pairs(P: Tensor) -> Tensor:
-    """The stationary distribution ``pi[a, b]`` of the chain on pairs ``(a, b) -> (b, c)``."""
+    """The stationary distribution ``pi[a, b]`` of the chain on pairs ``(a, b) -> (b, c)`` (power
+    iteration; the chain is irreducible and aperiodic as every transition has mass)."""
     V = P.shape[0]
     pi = torch.full((V, V), 1.0 / V ** 2, dtype=torch.float64)
     for _ in range(2000):
@@ -200,7 +201,8 @@ def markov_text(n_train: int = 2048, n_test: int = 256, seq_len: int = 32,
         Sequences of ``seq_len`` inputs and next-token targets.
     seq_len, vocab_size, branching : int
     floor : float
-        Probability mass spread over all tokens, in [0, 1).
+        Probability mass spread over all tokens, in (0, 1): every transition is possible, so
+        the chain has one stationary distribution and the optimal loss is exact.
     seed : int
         Seeds the chain and the samples.
 
@@ -209,9 +211,9 @@ def markov_text(n_train: int = 2048, n_test: int = 256, seq_len: int = 32,
     Dataset
         ``task = "language_model"``, ``n_classes = vocab_size``.
     """
-    if not (1 <= branching <= vocab_size and 0.0 <= floor < 1.0 and seq_len >= 1
+    if not (1 <= branching <= vocab_size and 0.0 < floor < 1.0 and seq_len >= 1
             and n_train >= 1 and n_test >= 1):
-        raise ValueError(f"markov_text: need 1 <= branching <= vocab_size, 0 <= floor < 1 and "
+        raise ValueError(f"markov_text: need 1 <= branching <= vocab_size, 0 < floor < 1 and "
                          f"positive sizes, got branching={branching}, vocab_size={vocab_size}, "
                          f"floor={floor}, seq_len={seq_len}, n_train={n_train}, n_test={n_test}")
     g = torch.Generator().manual_seed(int(seed))
