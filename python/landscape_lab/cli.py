@@ -141,9 +141,11 @@ _MLP_EXAMPLE_NAMES = ["digits-mlp", "gaussian-mlp"]
 
 #: Type and help of the options that change an example's size, shared by report, barrier and
 #: spectrum (each takes a subset, in its own order).
-_EXAMPLE_SIZES = {"width": (int, "example: hidden width"), "depth": (int, "example: hidden layers"),
+_EXAMPLE_SIZES = {"width": (int, "example: hidden width (transformers: embedding width)"),
+                  "depth": (int, "example: hidden layers (transformers: blocks)"),
                   "epochs": (int, "example: training epochs"),
-                  "lr": (float, "example: SGD learning rate")}
+                  "lr": (float, "example: learning rate (SGD for the MLPs, Adam for the "
+                                "transformers)")}
 
 
 #: Each subcommand's one-line help (in the command list) and description (its --help).
