@@ -69,10 +69,10 @@ def test_report_from_checkpoints(trained, tmp_path, capsys):
                "--out", str(out), "--quiet"])
     assert rc == 0
     r = _json(out / "results.json")
-    assert {"topk", "trace", "esd", "gradients", "training", "barrier"} <= set(r)
+    assert {"topk", "trace", "esd", "blocks", "gradients", "training", "barrier"} <= set(r)
     assert r["dataset"] == "gaussian" and r["n_samples"] == 40
     assert (out / "report.html").exists()
-    assert len(list((out / "figures").glob("*.png"))) == 5
+    assert len(list((out / "figures").glob("*.png"))) == 6
     printed = capsys.readouterr().out
     assert "lambda_max" in printed and "elapsed" in printed
 
@@ -181,3 +181,33 @@ def test_train_on_cifar_and_wikitext_files(tmp_path):
                  "--quiet"]) == 0
     lines = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "curvature" and r["lambda_max"] is not None for r in lines)
+
+
+def test_report_transformer_examples(tmp_path, capsys):
+    from test_data import _write_cifar10
+
+    out = tmp_path / "lm"
+    assert main(["report", "--example", "tiny-lm", "--quick", "--k", "2", "--sections",
+                 "topk,blocks,barrier", "--no-barrier", "--out", str(out), "--quiet"]) == 0
+    r = _json(out / "results.json")
+    # --k given: replaces the example's size; the rest are the quick example's sizes
+    assert len(r["topk"]["eigenvalues"]) == 2 and r["config"]["n_samples"] == 8
+    assert r["dataset"] == "markov-text" and "barrier" not in r
+    assert (out / "figures" / "blocks.png").exists()
+    assert list(r["blocks"]["lambda_max"]) == ["embeddings", "attention", "mlp", "norms", "head"]
+    _write_cifar10(tmp_path / "cifar-10-batches-py", n_per=4)
+    out = tmp_path / "vit"
+    assert main(["report", "--example", "vit", "--quick", "--data-dir", str(tmp_path),
+                 "--sections", "topk,blocks", "--out", str(out), "--quiet"]) == 0
+    r = _json(out / "results.json")
+    assert r["dataset"] == "cifar10" and set(r["blocks"]["sizes"]) >= {"embeddings", "head"}
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main(["report", "--example", "tiny-lm", "--quick", "--data-dir", str(empty),
+               "--out", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "wiki.train.tokens" in err and str(empty) in err
+    with pytest.raises(SystemExit, match="--quick"):
+        main(["report", "--checkpoint", str(tmp_path / "c.pt"), "--quick", "--out",
+              str(tmp_path / "x")])

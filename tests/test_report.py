@@ -43,15 +43,15 @@ def test_model_report_all_sections(trained, tmp_path):
                        train_log=log, model_b=b, context={"note": "test"})
     assert all(torch.equal(p, q) for p, q in zip(params, a.parameters()))
     r = _strict(tmp_path / "results.json")
-    for key in ("topk", "trace", "esd", "gradients", "training", "barrier", "metrics"):
+    for key in ("topk", "trace", "esd", "blocks", "gradients", "training", "barrier", "metrics"):
         assert key in r, key
-    for name in ("topk.png", "esd.png", "gradient_spectrum.png", "lambda_max_training.png",
-                 "barrier.png"):
+    for name in ("topk.png", "esd.png", "blocks.png", "gradient_spectrum.png",
+                 "lambda_max_training.png", "barrier.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 5000, name
     md = (tmp_path / "report.md").read_text()
     html = (tmp_path / "report.html").read_text()
-    for title in ("Top Hessian eigenvalues", "Trace", "Spectral density", "Gradient covariance",
-                  "Sharpness over training", "Loss barrier"):
+    for title in ("Top Hessian eigenvalues", "Trace", "Spectral density", "Blockwise spectra",
+                  "Gradient covariance", "Sharpness over training", "Loss barrier"):
         assert title in md and title in html
     assert "figures/esd.png" in md
     # numbers: top-k against the dense Hessian of the measurement batch
@@ -68,7 +68,8 @@ def test_model_report_all_sections(trained, tmp_path):
             i += s.numel()
         return torch.nn.functional.cross_entropy(torch.func.functional_call(a64, d, (x.double(),)), y)
 
-    ev = torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat)).flip(0)
+    dense = torch.autograd.functional.hessian(f, flat)
+    ev = torch.linalg.eigvalsh(dense).flip(0)
     np.testing.assert_allclose(r["topk"]["eigenvalues"], ev[:4].numpy(), rtol=1e-4)
     assert all(r["topk"]["converged"])
     assert abs(r["trace"]["estimate"] - ev.sum().item()) <= 5 * r["trace"]["stderr"] + 1e-6
@@ -79,7 +80,30 @@ def test_model_report_all_sections(trained, tmp_path):
     assert g["available"] and 0 < g["rank"]["effective_rank"] <= 30
     assert len(r["training"]["lambda_max"]) >= 3
     assert r["training"]["eos_threshold"] == pytest.approx(4.0)
-    assert set(res.figures) == {"topk", "esd", "gradients", "training", "barrier"}
+    assert set(res.figures) == {"topk", "esd", "blocks", "gradients", "training", "barrier"}
+    _check_blocks(r, dense, ev)
+
+
+def _check_blocks(r, dense, ev):
+    """The blockwise section of the MLP (preset "kinds": the hidden layer is "mlp", the last
+    Linear "head") against the diagonal blocks of the dense Hessian."""
+    b = r["blocks"]
+    assert b["preset"] == "kinds" and b["names"] == ["mlp", "head"]
+    assert b["parameters"] == {"mlp": ["1.weight", "1.bias"], "head": ["3.weight", "3.bias"]}
+    index = {"mlp": slice(0, 35), "head": slice(35, 53)}
+    assert b["sizes"] == {"mlp": 35, "head": 18} and b["covers_all"]
+    for name, idx in index.items():
+        block = dense[idx, idx]
+        assert b["lambda_max"][name] == pytest.approx(
+            float(torch.linalg.eigvalsh(block)[-1]), rel=1e-4, abs=1e-6)
+        exact = float(block.trace()) / block.shape[0]
+        # the block is smaller than the Lanczos steps: each probe's quadrature is exact, the
+        # estimate's only error is the probes' (Rademacher) sampling error
+        assert abs(b["trace_per_dim"][name] - exact) <= 5 * b["trace_per_dim_stderr"][name] + 1e-6
+    # interlacing: no diagonal block is sharper than the whole Hessian
+    assert max(b["lambda_max"].values()) <= float(ev[0]) * (1 + 1e-6)
+    js = b["js_distance"]
+    assert js["mlp"]["mlp"] == pytest.approx(0, abs=1e-6) and 0 < js["mlp"]["head"] <= 1
 
 
 def test_report_without_optional_inputs(trained, tmp_path):
@@ -140,11 +164,18 @@ def test_model_report_moves_the_models_back(trained, tmp_path, monkeypatch):
 def test_report_sections_subset_and_ggn(trained, tmp_path):
     ds, a, _, _ = trained
     res = model_report(a, ds, tmp_path, config=ReportConfig(
-        **{**CFG, "sections": ("topk", "trace"), "operator": "ggn", "tol": 1e-6}), stem="spec")
+        **{**CFG, "sections": ("topk", "trace", "blocks"), "operator": "ggn", "tol": 1e-6,
+           "blocks": {"first": ["1.weight"], "last": ["3.weight", "3.bias"]}}), stem="spec")
     assert res.report_path.endswith("spec.md")
-    assert set(res.results) >= {"topk", "trace"} and "esd" not in res.results
+    assert set(res.results) >= {"topk", "trace", "blocks"} and "esd" not in res.results
     assert res.results["operator"] == "ggn" and all(res.results["topk"]["converged"])
     assert res.results["trace"]["estimate"] > 0   # the Gauss-Newton matrix is PSD
+    b = res.results["blocks"]
+    assert b["preset"] == "custom" and b["sizes"] == {"first": 30, "last": 18}
+    assert not b["covers_all"] and min(b["lambda_max"].values()) > 0    # PSD blocks
+    for blocks, match in (("nope", "preset must be one of"), ({"x": ["9.weight"]}, "9.weight")):
+        with pytest.raises(ValueError, match=match):
+            model_report(a, ds, tmp_path, config=ReportConfig(**{**CFG, "blocks": blocks}))
 
 
 def _synthetic(rank_values, seed=0):
@@ -181,3 +212,157 @@ def test_sweep_report_from_measurements(tmp_path):
                for m in meas]
     text = sweep_report(no_rank, tmp_path / "b").read_text()
     assert "No gradient ranks" in text and "No scaling-law fit" in text
+
+
+# ---- the transformer examples ------------------------------------------------------------------
+
+from landscape_lab.data import DataFileNotFoundError  # noqa: E402
+from landscape_lab.report import example_config, example_report  # noqa: E402
+from landscape_lab.report.transformer_examples import (TinyCausalLM, TinyViT,  # noqa: E402
+                                                       markov_text, template_images,
+                                                       transformer_blocks, wikitext_chars)
+
+KINDS = ["embeddings", "attention", "mlp", "norms", "head"]
+
+
+def test_markov_text_losses_match_the_samples():
+    """The exact optimal and bigram losses against plug-in conditional entropies of a large
+    sample (trigram and bigram counts of the generated tokens)."""
+    ds = markov_text(n_train=3000, n_test=10, seq_len=24, vocab_size=4, branching=2, seed=3)
+    seq = torch.cat([ds.x_train, ds.y_train[:, -1:]], 1)
+    assert torch.equal(ds.x_train[:, 1:], ds.y_train[:, :-1]) and ds.task == "language_model"
+
+    def conditional_entropy(context_len):
+        counts = torch.zeros((4,) * (context_len + 1), dtype=torch.float64)
+        for t in range(context_len, seq.shape[1]):
+            idx = tuple(seq[:, t - context_len + j] for j in range(context_len + 1))
+            counts.index_put_(idx, torch.ones(seq.shape[0], dtype=torch.float64), accumulate=True)
+        p = counts / counts.sum()
+        cond = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        return float(-(p * torch.log(cond.clamp_min(1e-300))).sum())
+
+    info = ds.info
+    assert conditional_entropy(2) == pytest.approx(info["entropy_rate"], abs=0.01)
+    assert conditional_entropy(1) == pytest.approx(info["bigram_loss"], abs=0.01)
+    assert info["entropy_rate"] < info["optimal_loss"] < info["bigram_loss"]
+    assert info["optimal_loss"] == pytest.approx(
+        (info["bigram_loss"] + 23 * info["entropy_rate"]) / 24)
+    with pytest.raises(ValueError, match="branching=5, vocab_size=4"):
+        markov_text(vocab_size=4, branching=5)
+
+
+def test_template_images_and_their_bayes_ceiling():
+    easy = template_images(n_train=40, n_test=200, signal=1.0, seed=1)
+    hard = template_images(n_train=40, n_test=2000, signal=1e-3, seed=1)
+    assert easy.x_train.shape == (40, 3, 32, 32) and easy.n_classes == 10
+    labels = torch.cat([easy.y_train, easy.y_test])
+    assert torch.bincount(labels, minlength=10).tolist() == [24] * 10   # balanced labels
+    assert easy.info["bayes_accuracy"] == 1.0
+    assert hard.info["bayes_accuracy"] == pytest.approx(0.1, abs=0.03)   # chance
+    with pytest.raises(ValueError, match="signal=0"):
+        template_images(signal=0)
+
+
+@pytest.mark.parametrize("folder, suffix", [("wikitext-2", "tokens"), ("wikitext-2-raw", "raw")])
+def test_wikitext_chars_reads_characters(tmp_path, folder, suffix):
+    d = tmp_path / folder
+    d.mkdir()
+    (d / f"wiki.train.{suffix}").write_text("abab\nabcabx" * 3, encoding="utf-8")
+    (d / f"wiki.valid.{suffix}").write_text("abzab\n", encoding="utf-8")
+    ds = wikitext_chars(tmp_path, seq_len=4, n_train=3, n_test=5, max_vocab=4)
+    # vocabulary: <unk> plus the 3 most frequent training characters a, b, \n (c, x: <unk>)
+    assert ds.n_classes == 4 and ds.info["characters_head"] == "ab\n"
+    assert ds.x_train.shape == (3, 4) and ds.x_test.shape == (1, 4)
+    assert ds.x_train[0].tolist() == [1, 2, 1, 2] and ds.y_train[0].tolist() == [2, 1, 2, 3]
+    assert ds.x_test[0].tolist() == [1, 2, 0, 1]                 # z is unknown
+    (d / f"wiki.valid.{suffix}").unlink()
+    with pytest.raises(DataFileNotFoundError) as ei:
+        wikitext_chars(tmp_path, seq_len=4)
+    assert f"wiki.valid.{suffix}" in str(ei.value) and str(d) in str(ei.value)
+    with pytest.raises(DataFileNotFoundError, match="wiki.train.tokens"):
+        wikitext_chars(tmp_path / "elsewhere", seq_len=4)
+    with pytest.raises(ValueError, match="max_vocab=1"):
+        wikitext_chars(tmp_path, max_vocab=1)
+
+
+def test_example_settings_merge_quick_and_overrides():
+    from landscape_lab.report.examples import example_settings
+
+    ex = example_settings("tiny-lm", {"width": 16, "data": {"vocab_size": 5}}, quick=True)
+    assert ex["width"] == 16 and ex["depth"] == 1 and "quick" not in ex
+    assert ex["data"] == {"n_train": 64, "n_test": 16, "seq_len": 8, "vocab_size": 5,
+                          "branching": 2}
+    assert example_config("digits-mlp", quick=True, k=2).n_samples == 64
+    assert example_config("digits-mlp").n_samples == ReportConfig().n_samples
+    assert example_config("vit", tol=1e-3).k == 8 and "quick" in report.EXAMPLES["vit"]
+    with pytest.raises(ValueError, match="unknown example 'lm'"):
+        example_settings("lm")
+
+
+def test_tiny_models_and_their_blocks():
+    lm = TinyCausalLM(7, width=8, depth=1, heads=2, max_len=6, seed=0)
+    tokens = torch.randint(0, 7, (2, 6), generator=torch.Generator().manual_seed(0))
+    changed = tokens.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % 7
+    with torch.no_grad():
+        a, b = lm(tokens), lm(changed)
+    assert a.shape == (2, 6, 7)
+    torch.testing.assert_close(a[:, :4], b[:, :4])                # causal: the past ignores t=4
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    assert list(transformer_blocks(lm)) == KINDS
+    vit = TinyViT(16, 8, 3, 5, width=8, depth=1, heads=2, pool="cls", seed=0)
+    blocks = transformer_blocks(vit)
+    assert list(blocks) == KINDS
+    assert blocks["embeddings"] == ["patch.weight", "patch.bias", "cls", "pos"]
+    assert sum(len(v) for v in blocks.values()) == len(list(vit.parameters()))
+    assert vit(torch.randn(3, 3, 16, 16)).shape == (3, 5)
+    with pytest.raises(ValueError, match="width = 9 is not divisible by heads = 2"):
+        TinyCausalLM(5, width=9, heads=2)
+
+
+def _quick(name, out, **kw):
+    sections = kw.pop("sections", None)
+    cfg = example_config(name, quick=True, progress=False,
+                         **({"sections": sections} if sections else {}))
+    return example_report(name, out, config=cfg, quick=True, **kw)
+
+
+@pytest.mark.parametrize("name", ["tiny-lm", "vit"])
+def test_transformer_example_reports(name, tmp_path):
+    res = _quick(name, tmp_path)
+    r = res.results
+    assert {"topk", "trace", "esd", "blocks", "gradients", "training", "barrier"} <= set(r)
+    b = r["blocks"]
+    assert b["names"] == KINDS and sum(b["sizes"].values()) == r["n_params"]
+    assert all(np.isfinite(list(b["lambda_max"].values())))
+    assert max(b["lambda_max"].values()) <= r["topk"]["eigenvalues"][0] * (1 + 1e-2)
+    assert (tmp_path / "figures" / "blocks.png").stat().st_size > 5000
+    md = (tmp_path / "report.md").read_text()
+    assert "## Blockwise spectra" in md and "figures/blocks.png" in md
+    known = "best possible loss" if name == "tiny-lm" else "Bayes (nearest-template)"
+    assert known in md
+    assert not (tmp_path / "checkpoints").exists()   # no build_model spec for these models
+
+
+def test_transformer_examples_read_data_dir(tmp_path):
+    from test_data import _write_cifar10
+
+    _write_cifar10(tmp_path / "cifar" / "cifar-10-batches-py", n_per=4)
+    few = ("topk", "blocks")
+    r = _quick("vit", tmp_path / "v", data_dir=tmp_path / "cifar", sections=few).results
+    assert r["dataset"] == "cifar10" and r["blocks"]["names"] == KINDS
+    wiki = tmp_path / "wiki"
+    wiki.mkdir()
+    (wiki / "wiki.train.tokens").write_text(" = Title = \n the cat sat on the mat . \n" * 20)
+    (wiki / "wiki.valid.tokens").write_text(" the dog sat on the cat . \n" * 5)
+    r = _quick("tiny-lm", tmp_path / "l", data_dir=wiki, sections=few).results
+    assert r["dataset"] == "wikitext2-chars"
+    assert (tmp_path / "l" / "figures" / "blocks.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name, missing in (("vit", "data_batch_1"), ("tiny-lm", "wiki.train.tokens")):
+        with pytest.raises(DataFileNotFoundError) as ei:
+            _quick(name, tmp_path / "x", data_dir=empty, sections=few)
+        assert missing in str(ei.value) and str(empty) in str(ei.value)
+    with pytest.raises(ValueError, match="example 'digits-mlp' reads no files"):
+        _quick("digits-mlp", tmp_path / "x", data_dir=empty)

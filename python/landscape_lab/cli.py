@@ -103,30 +103,49 @@ def _gaussian_opts(g: Any) -> None:
                    help="Gaussian mixture: std of the ambient noise")
 
 
-def _measure_opts(p: argparse.ArgumentParser, k: int = 12) -> None:
+#: The measurement options and the ReportConfig fields they set; an option left out (None)
+#: keeps the example's size or ReportConfig's default (named in its help).
+_MEASURE_FIELDS = {"samples": "n_samples", "k": "k", "tol": "tol",
+                   "trace_matvecs": "trace_matvecs", "slq_steps": "slq_steps",
+                   "slq_probes": "slq_probes", "grad_samples": "grad_samples",
+                   "grad_k": "grad_k", "barrier_points": "barrier_points"}
+_EXAMPLE_OWN = "; the transformer examples use their own, smaller size"
+
+
+def _measure_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("curvature measurements")
-    g.add_argument("--samples", type=int, default=512,
-                   help="training samples of the fixed batch the Hessian is measured on")
-    g.add_argument("--k", type=int, default=k, help="top Hessian eigenvalues (block Lanczos)")
-    g.add_argument("--tol", type=float, default=1e-4,
-                   help="eigensolver tolerance: converged when ||Hx - lambda x|| <= tol ||H||")
-    g.add_argument("--trace-matvecs", type=int, default=60,
-                   help="Hessian-vector products for the Hutch++ trace estimate")
-    g.add_argument("--slq-steps", type=int, default=40,
-                   help="Lanczos steps per probe of the spectral density (SLQ)")
-    g.add_argument("--slq-probes", type=int, default=5,
-                   help="random probes of the spectral density (its error band)")
+    g.add_argument("--samples", type=int, default=None,
+                   help="training samples (sequences for a language model) of the fixed batch "
+                        "the Hessian is measured on (default: 512" + _EXAMPLE_OWN + ")")
+    g.add_argument("--k", type=int, default=None,
+                   help="top Hessian eigenvalues (block Lanczos) (default: 12" + _EXAMPLE_OWN
+                        + ")")
+    g.add_argument("--tol", type=float, default=None,
+                   help="eigensolver tolerance: converged when ||Hx - lambda x|| <= tol ||H|| "
+                        "(default: 1e-4)")
+    g.add_argument("--trace-matvecs", type=int, default=None,
+                   help="Hessian-vector products for the Hutch++ trace estimate (default: 60)")
+    g.add_argument("--slq-steps", type=int, default=None,
+                   help="Lanczos steps per probe of the spectral density (SLQ), also of the "
+                        "per-block densities (default: 40" + _EXAMPLE_OWN + ")")
+    g.add_argument("--slq-probes", type=int, default=None,
+                   help="random probes of the spectral density (its error band), also per block "
+                        "(default: 5" + _EXAMPLE_OWN + ")")
 
 
 #: The built-in examples (keys of ``landscape_lab.report.EXAMPLES``; spelled out here so that
 #: building the parser does not import torch).
-_EXAMPLE_NAMES = ["digits-mlp", "gaussian-mlp"]
+_EXAMPLE_NAMES = ["digits-mlp", "gaussian-mlp", "tiny-lm", "vit"]
+#: The examples barrier and spectrum can train (their models save as checkpoints).
+_MLP_EXAMPLE_NAMES = ["digits-mlp", "gaussian-mlp"]
 
 #: Type and help of the options that change an example's size, shared by report, barrier and
 #: spectrum (each takes a subset, in its own order).
-_EXAMPLE_SIZES = {"width": (int, "example: hidden width"), "depth": (int, "example: hidden layers"),
+_EXAMPLE_SIZES = {"width": (int, "example: hidden width (transformers: embedding width)"),
+                  "depth": (int, "example: hidden layers (transformers: blocks)"),
                   "epochs": (int, "example: training epochs"),
-                  "lr": (float, "example: SGD learning rate")}
+                  "lr": (float, "example: learning rate (SGD for the MLPs, Adam for the "
+                                "transformers)")}
 
 
 #: Each subcommand's one-line help (in the command list) and description (its --help).
@@ -136,10 +155,12 @@ _SUBCOMMAND_TEXTS = {
         "Write a landscape report (report.md or .html, figures/*.png, "
         "results.json) for one model: top-k Hessian eigenvalues with residuals, "
         "trace with its error bar, the SLQ spectral density with a semicircle fit "
-        "and spikes, the gradient-covariance spectrum with its Marchenko-Pastur fit "
-        "and gradient rank, lambda_max over training (with a training log) and the "
-        "loss barrier to a second model. Without --checkpoint it trains the "
-        "built-in example first (two seeds, for the barrier)."),
+        "and spikes, per-block spectra (lambda_max, tr(H_bb)/d_b and densities of "
+        "embeddings, attention, MLP, norms, head), the gradient-covariance spectrum "
+        "with its Marchenko-Pastur fit and gradient rank, lambda_max over training "
+        "(with a training log) and the loss barrier to a second model. Without "
+        "--checkpoint it trains the built-in example first (two seeds, for the "
+        "barrier)."),
     "train": (
         "train a model with a metrics/curvature log; save a checkpoint",
         "Train a model and record, every N steps, loss/accuracy and landscape "
@@ -188,7 +209,8 @@ def _model_source_opts(p: argparse.ArgumentParser, checkpoints: Dict[str, str],
     ``--width``."""
     for flag, text in checkpoints.items():
         p.add_argument(flag, default=None, help=text)
-    p.add_argument("--example", default="digits-mlp", choices=_EXAMPLE_NAMES, help=example_help)
+    p.add_argument("--example", default="digits-mlp", choices=_MLP_EXAMPLE_NAMES,
+                   help=example_help)
     _example_size_opts(p, ["epochs", "width"])
 
 
@@ -205,7 +227,13 @@ def _add_report_parser(sub: Any) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--example", default=None, choices=_EXAMPLE_NAMES,
                    help="built-in example to train and report on (the default when no "
-                        "--checkpoint is given: digits-mlp)")
+                        "--checkpoint is given: digits-mlp): tanh MLPs on digits or a Gaussian "
+                        "mixture; tiny-lm, a causal transformer LM on a generated Markov text "
+                        "(WikiText-2 characters from --data-dir); vit, a vision transformer on "
+                        "generated class-template images (CIFAR-10 from --data-dir)")
+    g.add_argument("--quick", action="store_true",
+                   help="example: its smallest sizes (model, data, training, measurements; "
+                        "seconds, for smoke tests)")
     g.add_argument("--checkpoint", default=None,
                    help="report on this checkpoint (from `landscape-lab train`) instead")
     g.add_argument("--checkpoint-b", default=None,
@@ -220,14 +248,15 @@ def _add_report_parser(sub: Any) -> None:
     _data_opts(p, default=None)
     _measure_opts(p)
     g = p.add_argument_group("gradients, barrier, output")
-    g.add_argument("--grad-samples", type=int, default=512,
-                   help="samples of the gradient covariance")
-    g.add_argument("--grad-k", type=int, default=0,
-                   help="gradient-covariance eigenvalues (0: all min(n, d))")
-    g.add_argument("--barrier-points", type=int, default=21,
-                   help="points on the straight line between the two models")
+    g.add_argument("--grad-samples", type=int, default=None,
+                   help="samples of the gradient covariance (default: 512" + _EXAMPLE_OWN + ")")
+    g.add_argument("--grad-k", type=int, default=None,
+                   help="gradient-covariance eigenvalues (default 0: all min(n, d))")
+    g.add_argument("--barrier-points", type=int, default=None,
+                   help="points on the straight line between the two models (default: 21)")
     g.add_argument("--sections", type=_strs, default=None,
-                   help="comma-separated subset of topk,trace,esd,gradients,training,barrier")
+                   help="comma-separated subset of topk,trace,esd,blocks,gradients,training,"
+                        "barrier (blocks: per-block spectra of the parameter kinds)")
     g.add_argument("--format", default="markdown", choices=["markdown", "html", "both"],
                    help="report format")
     _common(p, "out/report")
@@ -367,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "barriers, width/depth sweeps with scaling-law fits.",
         epilog="examples:\n"
                "  landscape-lab report --example digits-mlp --out out/report\n"
+               "  landscape-lab report --example tiny-lm --out out/tiny-lm\n"
                "  landscape-lab train --dataset digits --width 64 --depth 3 --out out/run\n"
                "  landscape-lab report --checkpoint out/run/checkpoint.pt "
                "--train-log out/run/train_log.jsonl\n"
@@ -447,19 +477,22 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return o
 
 
-def _report_config(args: argparse.Namespace, dev: str, **kw: Any):
+def _report_config(args: argparse.Namespace, dev: str, base: Any = None, **kw: Any):
+    """``base`` (default ``ReportConfig()``) with the measurement options given on the command
+    line, the seed, device, progress and sections, and ``kw``."""
+    import dataclasses
+
     from .report import SECTIONS, ReportConfig
 
     sections = tuple(getattr(args, "sections", None) or SECTIONS)
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise SystemExit(f"landscape-lab: unknown section(s) {bad}; choose from {SECTIONS}")
-    base = dict(n_samples=args.samples, k=args.k, tol=args.tol,
-                trace_matvecs=args.trace_matvecs, slq_steps=args.slq_steps,
-                slq_probes=args.slq_probes, seed=args.seed, device=dev,
-                progress=not args.quiet, sections=sections)
-    base.update(kw)
-    return ReportConfig(**base)
+    given = {field: getattr(args, opt) for opt, field in _MEASURE_FIELDS.items()
+             if getattr(args, opt, None) is not None}
+    return dataclasses.replace(base or ReportConfig(), **{
+        **given, "seed": args.seed, "device": dev, "progress": not args.quiet,
+        "sections": sections, **kw})
 
 
 def _train_example(args: argparse.Namespace, dev: str, seeds: Sequence[int]):
@@ -500,17 +533,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     dev = _setup(args)
     from . import report, training
 
-    cfg = _report_config(args, dev, grad_samples=args.grad_samples, grad_k=args.grad_k,
-                         barrier_points=args.barrier_points, format=args.format)
+    example = args.example or "digits-mlp"
+    if args.checkpoint is not None and args.quick:
+        raise SystemExit("landscape-lab report: --quick sizes a built-in example; it does not "
+                         "apply to --checkpoint")
+    base = report.example_config(example, args.quick) if args.checkpoint is None else None
+    cfg = _report_config(args, dev, base, format=args.format)
     if args.no_barrier:
         cfg.sections = tuple(s for s in cfg.sections if s != "barrier")
     if args.checkpoint is None:
         if args.checkpoint_b is not None:
             raise SystemExit("landscape-lab report: --checkpoint-b needs --checkpoint")
-        res = report.example_report(args.example or "digits-mlp", args.out, config=cfg,
-                                    seed=args.seed, overrides=_overrides(args),
+        res = report.example_report(example, args.out, config=cfg, seed=args.seed,
+                                    overrides=_overrides(args),
                                     curvature_every=args.curvature_every,
-                                    barrier=not args.no_barrier)
+                                    barrier=not args.no_barrier, data_dir=args.data_dir,
+                                    quick=args.quick)
     else:
         model, meta = training.load_checkpoint(args.checkpoint, dev)
         model_b = None

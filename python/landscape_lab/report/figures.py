@@ -157,6 +157,59 @@ def _fig_esd(dens: Any, esd: Dict[str, Any], eig: Any, path: Path) -> str:
     return _save(fig, path)
 
 
+def _value_scale(ax: Any, values: Sequence[float]) -> None:
+    """Log scale for positive values; symmetric log (linear near 0) when any is <= 0."""
+    vals = np.abs(np.asarray(values, dtype=float))
+    if np.all(np.asarray(values, dtype=float) > 0):
+        ax.set_yscale("log")
+    else:
+        positive = vals[vals > 0]
+        ax.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
+
+
+def _fig_blocks(dens: Any, b: Dict[str, Any], path: Path,
+                lambda_max: Optional[float] = None) -> str:
+    """Per-block spectral densities on one grid (log scale); right: per-block ``lambda_max``
+    (bars) and ``tr(H_bb) / d_b`` with one standard error (points), with the whole Hessian's
+    ``lambda_max`` when measured."""
+    plt = _plt()
+    names = b["names"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    sigma = b["sigma"]
+    lo = min(dens[n].spectral_range[0] for n in names) - 5 * sigma
+    hi = max(dens[n].spectral_range[1] for n in names) + 5 * sigma
+    grid = np.linspace(lo, hi, 800)
+    floor = 1e-8
+    for i, name in enumerate(names):
+        curve = dens[name].evaluate(grid, sigma)
+        a1.plot(grid, np.maximum(curve.density.numpy(), floor), color=f"C{i}", lw=1.2,
+                label=f"{name} (d_b = {b['sizes'][name]})")
+    a1.set_yscale("log")
+    _label(a1, f"eigenvalue $\\lambda$ of $H_{{bb}}$ ({EIG_UNIT})",
+           "spectral density (each block normalized to 1)",
+           f"Per-block densities: {b['n_probes']} probes x {b['n_steps']} Lanczos steps, "
+           f"$\\sigma_{{broad}}$={sigma:.2g}", title_size="medium", legend_size="x-small",
+           legend_loc="upper right")
+    x = np.arange(len(names))
+    lam = [b["lambda_max"][n] for n in names]
+    per_dim = [b["trace_per_dim"][n] for n in names]
+    err = [1.96 * b["trace_per_dim_stderr"][n] for n in names]
+    a2.bar(x, lam, color=[f"C{i}" for i in range(len(names))], alpha=0.6,
+           label="$\\lambda_{max}(H_{bb})$ (Lanczos on the block)")
+    a2.errorbar(x, per_dim, yerr=err, fmt="D", color="k", ms=5, capsize=3,
+                label="$tr(H_{bb}) / d_b$ (95% interval across probes)")
+    if lambda_max is not None:
+        a2.axhline(lambda_max, color="C3", ls="--", lw=1,
+                   label=f"$\\lambda_{{max}}$ of the whole Hessian ({lambda_max:.3g})")
+    _value_scale(a2, lam + per_dim + ([lambda_max] if lambda_max is not None else []))
+    a2.set_xticks(x, names)
+    _label(a2, "parameter block", f"eigenvalue ({EIG_UNIT})",
+           f"Per-block sharpness and mean curvature (max/min $\\lambda_{{max}}$ = "
+           f"{b['lambda_max_ratio']:.3g})", title_size="medium", legend_size="x-small",
+           grid="major")
+    return _save(fig, path)
+
+
 def _fig_gradients(g: Dict[str, Any], path: Path) -> str:
     """Gradient-covariance eigenvalues with the MP edges and ranks; right: histogram with the
     MP density."""

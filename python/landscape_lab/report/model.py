@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,11 +29,12 @@ from ..models import n_params
 from ..rmt import fit_marchenko_pastur, fit_semicircle, spike_strength
 from ..training import json_clean, read_jsonl
 from .document import _Doc, check_format
-from .figures import _fig_barrier, _fig_esd, _fig_gradients, _fig_topk, _fig_training
+from .figures import (_fig_barrier, _fig_blocks, _fig_esd, _fig_gradients, _fig_topk,
+                      _fig_training)
 from .model_doc import _write_model_doc
 
 
-SECTIONS = ("topk", "trace", "esd", "gradients", "training", "barrier")
+SECTIONS = ("topk", "trace", "esd", "blocks", "gradients", "training", "barrier")
 
 OPERATORS = ("hessian", "ggn")
 
@@ -55,6 +57,10 @@ class ReportConfig:
         Lanczos steps per probe and probes of the spectral density.
     grad_samples : int
         Samples of the gradient covariance.
+    blocks : str or dict
+        Parameter blocks of the blockwise section: a preset of
+        :func:`landscape_ext.parameter_blocks` (``"kinds"``: embeddings, attention, mlp, norms,
+        head; ``"layers"``; ``"modules"``) or ``{block name: [parameter names]}``.
     operator : {"hessian", "ggn"}
         Curvature matrix of the spectral sections (exact Hessian or Gauss-Newton).
     which : {"largest", "smallest", "both", "magnitude"}
@@ -81,6 +87,7 @@ class ReportConfig:
     grad_samples: int = 512
     grad_k: int = 0
     barrier_points: int = 21
+    blocks: Union[str, Dict[str, List[str]]] = "kinds"
     operator: str = "hessian"
     which: str = "largest"
     sections: Tuple[str, ...] = SECTIONS
@@ -160,6 +167,8 @@ def model_report(model: nn.Module, dataset: Dataset, out_dir: PathLike, *,
         raise ValueError(f"model_report: operator must be 'hessian' or 'ggn', got "
                          f"{cfg.operator!r}")
     check_format(cfg.format)   # before the measurements, not after them
+    if "blocks" in cfg.sections:
+        _check_blocks(model, cfg.blocks)
     t_start = time.perf_counter()
     out = Path(out_dir)
     homes = [(m, _device_of(m)) for m in (model, model_b) if m is not None]
@@ -180,6 +189,19 @@ def model_report(model: nn.Module, dataset: Dataset, out_dir: PathLike, *,
     report_path = doc.write(out, stem, cfg.format)
     return ReportResult(report_path=str(report_path), results_path=str(results_path),
                         figures=run.figures, results=res, time_s=time.perf_counter() - t_start)
+
+
+def _check_blocks(model: nn.Module, blocks: Any) -> None:
+    """Raise ValueError for an unknown preset or parameter name in ``ReportConfig.blocks``."""
+    if isinstance(blocks, str):
+        le.parameter_blocks(model, blocks)           # raises for an unknown preset
+        return
+    names = {n for n, _ in model.named_parameters()}
+    unknown = [m for members in (blocks or {}).values() for m in members if m not in names]
+    if not blocks or unknown:
+        raise ValueError(f"model_report: config.blocks must be a preset or a non-empty "
+                         f"{{block: [parameter names]}}; unknown names {unknown[:5]} (the "
+                         f"model has {len(names)} parameters, e.g. {sorted(names)[:3]})")
 
 
 def _device_of(module: nn.Module) -> Optional[torch.device]:
@@ -273,6 +295,28 @@ def _measure_esd(run: _Run) -> None:
     run.figures["esd"] = _fig_esd(dens, run.results["esd"], run.eig, run.figdir / "esd.png")
 
 
+def _measure_blocks(run: _Run) -> None:
+    """Per-block ``lambda_max`` (Lanczos on each diagonal block, all in lockstep) and per-block
+    spectral densities (SLQ), with their heterogeneity summary."""
+    cfg = run.cfg
+    blocks = cfg.blocks
+    if isinstance(blocks, str):
+        blocks = le.parameter_blocks(run.model, blocks,
+                                     getattr(run.operator, "param_names", None))
+    spectra = le.block_eigsh(run.operator, blocks, k=1, which="largest", tol=cfg.tol,
+                             seed=cfg.seed, return_eigenvectors=False)
+    dens = le.block_spectral_density(run.operator, blocks, n_steps=cfg.slq_steps,
+                                     n_probes=cfg.slq_probes, seed=cfg.seed)
+    run.results["blocks"] = _blocks_analysis(spectra, dens, run.n_params)
+    run.results["blocks"].update(
+        preset=cfg.blocks if isinstance(cfg.blocks, str) else "custom",
+        parameters={name: list(members) for name, members in blocks.items()})
+    top = run.results.get("topk", {})
+    whole = top["eigenvalues"][0] if top.get("which") == "largest" else None
+    run.figures["blocks"] = _fig_blocks(dens, run.results["blocks"], run.figdir / "blocks.png",
+                                        lambda_max=whole)
+
+
 def _measure_gradients(run: _Run) -> None:
     run.results["gradients"] = _gradient_section(run)
     if run.results["gradients"]["covariance_eigenvalues"]:
@@ -310,7 +354,8 @@ def _measure_barrier(run: _Run) -> None:
 
 _MEASURE: Dict[str, Callable[[_Run], None]] = {
     "topk": _measure_topk, "trace": _measure_trace, "esd": _measure_esd,
-    "gradients": _measure_gradients, "training": _measure_training, "barrier": _measure_barrier}
+    "blocks": _measure_blocks, "gradients": _measure_gradients, "training": _measure_training,
+    "barrier": _measure_barrier}
 
 
 # ---- analyses ----------------------------------------------------------------------------------
@@ -351,6 +396,32 @@ def _esd_analysis(dens: Any, eig: Any, d: int) -> Dict[str, Any]:
                                  spike_strength(sp - fit.center, fit.sigma))] if sp.size else [],
                              n_topk=int(lam.size))
     return out
+
+
+def _blocks_analysis(spectra: Any, dens: Any, d: int) -> Dict[str, Any]:
+    """Per block: its size, ``lambda_max`` with residual, ``tr(H_bb) / d_b`` with its standard
+    error and ``tr(H_bb)`` (with the standard error of their sum); across blocks: the spread of
+    ``lambda_max`` and the Jensen-Shannon distances of the densities (the engine's
+    summaries)."""
+    spread, shapes = spectra.summary(), dens.summary()
+    names, sizes = list(spectra), dict(spectra.sizes)
+    per_dim = shapes["trace_per_dim"]
+    return dict(
+        names=names, sizes=sizes,
+        lambda_max={n: float(spectra[n].eigenvalues[0]) for n in names},
+        residuals={n: float(spectra[n].residuals[0]) for n in names},
+        converged={n: bool(spectra[n].converged[0]) for n in names},
+        tol=spectra[names[0]].tol,
+        trace_per_dim=per_dim, trace_per_dim_stderr=shapes["trace_per_dim_stderr"],
+        block_trace={n: sizes[n] * per_dim[n] for n in names},
+        block_trace_sum_stderr=math.sqrt(sum(
+            (sizes[n] * shapes["trace_per_dim_stderr"][n]) ** 2 for n in names)),
+        slq_lambda_max=shapes["lambda_max"], js_distance=shapes["js_distance"],
+        sigma=shapes["sigma"], lambda_max_ratio=spread["ratio_max_min"],
+        lambda_max_log10_sd=spread["log10_sd"], covers_all=sum(sizes.values()) == d,
+        n_steps=dens[names[0]].n_steps, n_probes=dens[names[0]].n_probes,
+        n_products_eigsh=spectra.n_products, n_matvecs_eigsh=spectra.n_matvecs,
+        n_products_density=dens.n_products, n_matvecs_density=dens.n_matvecs)
 
 
 def _gradient_section(run: _Run) -> Dict[str, Any]:

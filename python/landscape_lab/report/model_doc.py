@@ -38,6 +38,10 @@ def _write_summary(doc: _Doc, r: Dict[str, Any]) -> None:
     if "trace" in r:
         rows.append(["tr(H) +- 1 s.e.", f"{_fmt(r['trace']['estimate'])} +- "
                                         f"{_fmt(r['trace']['stderr'])}"])
+    if "blocks" in r:
+        lam = r["blocks"]["lambda_max"]
+        sharp = max(lam, key=lam.get)
+        rows.append(["sharpest parameter block", f"{sharp} (lambda_max {_fmt(lam[sharp])})"])
     if "gradients" in r:
         rows.append(["gradient effective rank", r["gradients"]["rank"]["effective_rank"]])
     if "barrier" in r:
@@ -120,6 +124,67 @@ def _write_esd(doc: _Doc, r: Dict[str, Any], rel: Dict[str, str]) -> None:
                         "of the bulk against the fitted semicircle")
 
 
+def _write_blocks(doc: _Doc, r: Dict[str, Any], rel: Dict[str, str]) -> None:
+    b = r["blocks"]
+    names, lam, per_dim = b["names"], b["lambda_max"], b["trace_per_dim"]
+    doc.h("Blockwise spectra (diagonal blocks of the Hessian)")
+    preset = f"preset '{b['preset']}'" if b["preset"] != "custom" else "given blocks"
+    doc.p(f"The diagonal block H_bb of each parameter block ({preset}: "
+          + ", ".join(f"{n} {b['sizes'][n]}" for n in names)
+          + f" parameters). lambda_max(H_bb) by Lanczos on each block, all blocks in lockstep "
+            f"(landscape_ext.block_eigsh: {b['n_products_eigsh']} batched products, "
+            f"{b['n_matvecs_eigsh']} directions, relative tolerance {b['tol']:g}); each block's "
+            f"spectral density by stochastic Lanczos quadrature ({b['n_probes']} probes x "
+            f"{b['n_steps']} steps per block, landscape_ext.block_spectral_density: "
+            f"{b['n_products_density']} batched products). tr(H_bb)/d_b, the block's mean "
+            f"eigenvalue, is the density's first moment.")
+    doc.table(["block", "d_b", "lambda_max(H_bb)", "residual", "converged", "tr(H_bb)/d_b",
+               "+- 1 s.e.", "tr(H_bb)"],
+              [[n, b["sizes"][n], lam[n], b["residuals"][n], b["converged"][n], per_dim[n],
+                b["trace_per_dim_stderr"][n], b["block_trace"][n]] for n in names])
+    doc.p(_blocks_spread_text(r))
+    if len(names) > 1:
+        pairs = sorted((b["js_distance"][p][q], p, q) for i, p in enumerate(names)
+                       for q in names[i + 1:])
+        doc.p(f"Shapes: pairwise Jensen-Shannon distances of the broadened block densities "
+              f"(base 2: 0 = the same distribution, 1 = disjoint; broadening "
+              f"{_fmt(b['sigma'])} on one grid). Most different: {pairs[-1][1]} and "
+              f"{pairs[-1][2]} ({_fmt(pairs[-1][0])}); closest: {pairs[0][1]} and "
+              f"{pairs[0][2]} ({_fmt(pairs[0][0])}).")
+        doc.table(["Jensen-Shannon distance", *names],
+                  [[p, *[b["js_distance"][p][q] for q in names]] for p in names])
+    doc.img(rel["blocks"], "Per-block spectral densities; right: per-block lambda_max (bars) "
+                           "and tr(H_bb)/d_b (points) against the whole Hessian's lambda_max")
+
+
+def _blocks_spread_text(r: Dict[str, Any]) -> str:
+    """How far the blocks' sharpness and mean curvature differ, checked against the whole
+    Hessian's lambda_max (interlacing) and trace (the blocks' traces add up to it)."""
+    b = r["blocks"]
+    lam, per_dim = b["lambda_max"], b["trace_per_dim"]
+    sharp, flat = max(lam, key=lam.get), min(lam, key=lam.get)
+    curved, level = max(per_dim, key=per_dim.get), min(per_dim, key=per_dim.get)
+    txt = (f"Heterogeneity: lambda_max ranges from {_fmt(lam[flat])} ({flat}) to "
+           f"{_fmt(lam[sharp])} ({sharp}), max/min |lambda_max| = "
+           f"{_fmt(b['lambda_max_ratio'])} (standard deviation of log10 |lambda_max|: "
+           f"{_fmt(b['lambda_max_log10_sd'])}); the mean eigenvalue tr(H_bb)/d_b ranges from "
+           f"{_fmt(per_dim[level])} ({level}) to {_fmt(per_dim[curved])} ({curved}).")
+    top = r.get("topk", {})
+    if top.get("which", "largest") == "largest" and top.get("eigenvalues"):
+        whole = top["eigenvalues"][0]
+        txt += (f" No block's lambda_max can exceed the whole Hessian's ({_fmt(whole)}; Cauchy "
+                f"interlacing)")
+        txt += (f"; the sharpest block reaches {100 * lam[sharp] / whole:.0f}% of it."
+                if whole > 0 else ".")
+    if b["covers_all"] and "trace" in r:
+        t = r["trace"]
+        txt += (f" The blocks cover all {r['n_params']} parameters, so their traces add up to "
+                f"tr(H): sum_b tr(H_bb) = {_fmt(sum(b['block_trace'].values()))} +- "
+                f"{_fmt(b['block_trace_sum_stderr'])} (SLQ) against the Hutch++ estimate "
+                f"{_fmt(t['estimate'])} +- {_fmt(t['stderr'])} (one standard error each).")
+    return txt
+
+
 def _write_gradients(doc: _Doc, r: Dict[str, Any], rel: Dict[str, str]) -> None:
     g = r["gradients"]
     rk = g["rank"]
@@ -172,5 +237,5 @@ def _write_barrier(doc: _Doc, r: Dict[str, Any], rel: Dict[str, str]) -> None:
 
 #: One writer per section, in the order of the report (that of ``SECTIONS``).
 _WRITE: Dict[str, Callable[[_Doc, Dict[str, Any], Dict[str, str]], None]] = {
-    "topk": _write_topk, "trace": _write_trace, "esd": _write_esd,
+    "topk": _write_topk, "trace": _write_trace, "esd": _write_esd, "blocks": _write_blocks,
     "gradients": _write_gradients, "training": _write_training, "barrier": _write_barrier}
