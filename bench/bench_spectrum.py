@@ -26,6 +26,7 @@ Results: a markdown table on stdout and JSON in ``bench/results/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -264,10 +265,11 @@ def run_ours(model, loss_fn, data, k, tol, device, repeats, **kw):
             "restarts": r.n_restarts}
 
 
-def run_pyhessian(model, loss_fn, data, k, tol, device, repeats, max_iter=100):
-    from pyhessian import hessian as PH
+@contextlib.contextmanager
+def counting_pyhessian_products():
+    """PyHessian's Hessian-vector products, counted while the block runs: yields a dict whose
+    "n" is the count so far."""
     phmod = sys.modules["pyhessian.hessian"]
-
     counter = {"n": 0}
     orig = phmod.hessian_vector_product
 
@@ -277,6 +279,15 @@ def run_pyhessian(model, loss_fn, data, k, tol, device, repeats, max_iter=100):
 
     phmod.hessian_vector_product = counting
     try:
+        yield counter
+    finally:
+        phmod.hessian_vector_product = orig
+
+
+def run_pyhessian(model, loss_fn, data, k, tol, device, repeats, max_iter=100):
+    from pyhessian import hessian as PH
+
+    with counting_pyhessian_products() as counter:
         def f():
             counter["n"] = 0
             m = copy.deepcopy(model)
@@ -286,8 +297,6 @@ def run_pyhessian(model, loss_fn, data, k, tol, device, repeats, max_iter=100):
             return vals, counter["n"]
 
         t = timed(f, device, repeats)
-    finally:
-        phmod.hessian_vector_product = orig
     vals, n = t["out"]
     return {"eigenvalues": list(vals), "hvps": n, "median_s": t["median_s"],
             "times_s": t["times_s"], "setting": f"tol={tol:g}"}
@@ -501,24 +510,14 @@ def trace_section(case, model, loss_fn, data, device, args, rows, detail):
                      "setting": f"{r.estimate:.5g} +- {r.stderr:.2g}"})
     if available("pyhessian"):
         from pyhessian import hessian as PH
-        phmod = sys.modules["pyhessian.hessian"]
-        counter = {"n": 0}
-        orig = phmod.hessian_vector_product
 
-        def counting(*a, **kw):
-            counter["n"] += 1
-            return orig(*a, **kw)
-
-        phmod.hessian_vector_product = counting
-        try:
+        with counting_pyhessian_products() as counter:
             m = copy.deepcopy(model)
             torch.manual_seed(0)
             t0 = time.perf_counter()
             h = PH(m, loss_fn, data=data, cuda=str(device).startswith("cuda"))
             tr = h.trace(maxIter=n, tol=1e-3)
             dt = time.perf_counter() - t0
-        finally:
-            phmod.hessian_vector_product = orig
         est, se = float(np.mean(tr)), float(np.std(tr, ddof=1) / math.sqrt(len(tr)))
         out["pyhessian"] = {"estimate": est, "stderr": se, "n_matvecs": counter["n"]}
         rows.append({"case": case, "task": f"trace ({n} HVPs)", "impl": "pyhessian",
