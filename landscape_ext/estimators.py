@@ -259,7 +259,7 @@ def diagonal(op: Any, n_matvecs: int, method: str = "hutchinson", *, seed: int =
     -------
     DiagonalResult
         ``estimate (d,)`` float64 and entrywise ``stderr (d,)`` (across probes, or across
-        XDiag's leave-one-out estimates).
+        XDiag's leave-one-out estimates). For an operator of an FSDP2 model: this rank's local rows.
     """
     t0 = time.perf_counter()
     if method not in DIAG_METHODS:

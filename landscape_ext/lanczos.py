@@ -522,6 +522,8 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         Seed of the random start block.
     v0 : Tensor, optional
         ``(d,)`` or ``(d, j)`` start directions (warm start); the rest of the block is random.
+        For an operator of an FSDP2 model (sharded vectors): local rows, ``(d_local,)``; its
+        eigenvectors come back as local rows too, the eigenvalues identical on every rank.
     max_matvecs : int, optional
         Budget of products (default ``max(200 * k, 2000)``); on exhaustion the unconverged pairs
         are returned with ``converged=False``. Operators with ``d <= max_basis + block_size``
