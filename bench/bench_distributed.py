@@ -15,6 +15,14 @@ k x d product plus the two status exchanges, timed by wrapping them); ``MB/dir s
 handed to all-reduce per direction on each rank and, beside it, the ring all-reduce traffic
 ``2 (W-1)/W`` times that; ``eigsh s`` and ``HVPs`` for the top-k; ``max rel diff`` of the
 eigenvalues against the W = 1 run (the only difference is floating-point summation order).
+
+``--fsdp`` adds the FSDP2 case (``fully_shard`` on every Linear and the root, W >= 2): the
+sharded operator's products are central differences of FSDP2's gradients (two forward and
+backward passes per direction), so its rows add ``FSDP coll. ms`` / ``FSDP MB/dir`` (the
+all-gathers and reduce-scatters FSDP2 makes, timed and counted by wrapping its default
+collectives) and ``fd rel err``: the relative error of the finite-difference products against
+the exact product of the unsharded model on all the data. ``--hidden 32`` makes the case tiny
+(what the test machine runs; timings are taken on a quiet machine).
 """
 from __future__ import annotations
 
@@ -34,15 +42,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, markdown_table, write_results  # noqa: E402
 
 
-def _case(device):
+def _case(device, hidden=512):
     from torch import nn
     from landscape_lab.data import load_digits
     ds = load_digits(seed=0)
     x = torch.cat([ds.x_train, ds.x_test])
     y = torch.cat([ds.y_train, ds.y_test])
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 512), nn.Tanh(), nn.Linear(512, 512),
-                          nn.Tanh(), nn.Linear(512, 10)).to(device)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.Tanh(),
+                          nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(device)
     return model, x.to(device), y.to(device)
 
 
@@ -64,7 +72,7 @@ def _worker(rank, world, tmp, args, queue):
     if args.device == "cuda":
         dev = f"cuda:{rank}" if world > 1 else "cuda:0"
     torch.set_num_threads(max(1, args.threads_total // world))
-    model, x, y = _case(dev)
+    model, x, y = _case(dev, args.hidden)
     n = x.shape[0]
     lo, hi = n * rank // world, n * (rank + 1) // world
     shard = [(x[s:min(s + 512, hi)], y[s:min(s + 512, hi)]) for s in range(lo, hi, 512)]
@@ -116,13 +124,66 @@ def _worker(rank, world, tmp, args, queue):
     m0 = op.n_matvecs
     r = le.eigsh(op, k=args.k, tol=args.tol, block_size=args.block, seed=0)
     eig_s = time.perf_counter() - t0
+    fsdp = _fsdp_rows(model, shard, x, y, args) if args.fsdp and group is not None else None
     if rank == 0:
         queue.put({"world": world, "d": d, "rows": rows, "eigsh_s": eig_s,
                    "hvps": op.n_matvecs - m0, "eigenvalues": r.eigenvalues.tolist(),
-                   "mode_used": op.mode_used, "threads": torch.get_num_threads()})
+                   "mode_used": op.mode_used, "threads": torch.get_num_threads(),
+                   "fsdp": fsdp})
     if group is not None:
         import torch.distributed as dist
         dist.destroy_process_group()
+
+
+def _fsdp_rows(model, shard, x, y, args):
+    """The FSDP2 case on this rank: ms per direction, FSDP2's collective time and bytes, and the
+    finite-difference error against the exact unsharded product (computed on rank 0)."""
+    import copy
+    import landscape_ext as le
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
+    from torch.nn import functional as F
+
+    plain = copy.deepcopy(model)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    comm = {"s": 0.0, "bytes": 0}
+
+    def counted(call, size_of):
+        def wrapped(self, output_tensor, input_tensor, *a, **kw):
+            t0 = time.perf_counter()
+            out = call(self, output_tensor, input_tensor, *a, **kw)
+            comm["s"] += time.perf_counter() - t0
+            comm["bytes"] += size_of(output_tensor, input_tensor)
+            return out
+        return wrapped
+
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    coll.DefaultAllGather.__call__ = counted(coll.DefaultAllGather.__call__,
+                                             lambda o, i: nbytes(i))
+    coll.DefaultReduceScatter.__call__ = counted(coll.DefaultReduceScatter.__call__,
+                                                 lambda o, i: nbytes(o))
+    out = {}
+    for mode in ("central-difference", "richardson"):
+        op = le.HessianOperator(model, F.cross_entropy, shard, mode=mode)
+        V = torch.randn(args.block, op.d_global, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+        X = op.vector_shards.take(V).to(op.device)
+        op.apply_rows(X)  # warm-up
+        comm["s"], comm["bytes"] = 0.0, 0
+        t0 = time.perf_counter()
+        P = op.vector_shards.gather(op.apply_rows(X))
+        elapsed = time.perf_counter() - t0
+        row = {"ms_per_dir": elapsed * 1e3 / args.block, "comm_ms": comm["s"] * 1e3,
+               "mb_per_dir": comm["bytes"] / args.block / 1e6, "d_local": op.d}
+        if torch.distributed.get_rank() == 0:
+            exact = le.HessianOperator(plain, F.cross_entropy, (x, y))
+            ref = exact.apply_rows(V.to(exact.device, exact.dtype)).to(torch.float64)
+            row["fd_rel_err"] = float((P.cpu() - ref.cpu()).norm() / ref.norm())
+        out[mode] = row
+    return out
 
 
 def run_world(world, args):
@@ -152,6 +213,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="auto")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="add the FSDP2 case (W >= 2)")
+    ap.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -176,10 +239,20 @@ def main(argv=None):
     print(f"digits MLP, d = {results[0]['d']:,}, 1,797 samples, {args.device}, "
           f"mode {results[0]['mode_used']}")
     print(markdown_table(table, cols))
+    fsdp_table = [dict(W=res["world"], mode=mode, **{
+        "ms/dir": row["ms_per_dir"], "FSDP coll. ms": row["comm_ms"],
+        "FSDP MB/dir": row["mb_per_dir"], "d_local": row["d_local"],
+        "fd rel err": row.get("fd_rel_err", float("nan"))})
+        for res in results if res.get("fsdp") for mode, row in res["fsdp"].items()]
+    if fsdp_table:
+        print("FSDP2 (sharded vectors, finite-difference products, rank 0):")
+        print(markdown_table(fsdp_table, ["W", "mode", "ms/dir", "FSDP coll. ms",
+                                          "FSDP MB/dir", "d_local", "fd rel err"]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     path = write_results(args.out or f"distributed_{args.device}",
                          {"machine": machine_info(args.device), "load_avg_1min": load,
-                          "args": vars(args), "results": results, "table": table})
+                          "args": vars(args), "results": results, "table": table,
+                          "fsdp_table": fsdp_table})
     print(f"wrote {path}")
 
 

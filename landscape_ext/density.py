@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from .distributed import agree_all, is_main_process
-from .estimators import _probes
-from .lanczos import BASIS_DTYPES, _products
+from .estimators import _agree, _local_probes, _reduce
+from .lanczos import BASIS_DTYPES, _products, _row_norms
 from .ops import orthogonalize_batched
 from .operators import CurvatureOperator, as_operator
 from .results import Result
+from .shards import vector_shards
 
 __all__ = ["SpectralDensityResult", "DensityCurve", "spectral_density"]
 
@@ -194,13 +195,16 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
     """
     t0 = time.perf_counter()
     op = as_operator(op)
-    d = op.d
+    shards = vector_shards(op)
+    d = op.d if shards is None else shards.d
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"spectral_density: n_steps must be a positive integer, got {n_steps!r}")
     if not isinstance(n_probes, int) or n_probes < 1:
         raise ValueError(f"spectral_density: n_probes must be a positive integer, got "
                          f"{n_probes!r}")
     n_steps = min(n_steps, d)
+    _agree(op, "spectral_density", n_steps=n_steps, n_probes=n_probes, seed=seed,
+           distribution=distribution == "gaussian", reorthogonalize=bool(reorthogonalize))
     run = _start_slq(op, n_steps, n_probes, seed, distribution, basis_dtype, reorthogonalize,
                      progress)
     try:
@@ -243,10 +247,10 @@ def _start_slq(op: CurvatureOperator, n_steps: int, r: int, seed: int, distribut
     d, dev = op.d, op.device
     if probes is None:
         gen = torch.Generator().manual_seed(int(seed))
-        V = _probes(r, d, gen, distribution, "spectral_density")
+        V = _local_probes(op, r, gen, distribution, "spectral_density")
     else:
         V = probes.to(torch.float64)
-    V /= torch.linalg.vector_norm(V, dim=1, keepdim=True)
+    V /= _row_norms(op, V)[:, None]
     V = V.to(dev)
     basis_dtype = basis_dtype or (op.dtype if op.dtype in BASIS_DTYPES else torch.float32)
     basis = None
@@ -274,9 +278,9 @@ def _slq_step(run: _SlqRun, j: int) -> bool:
     if run.progress_bar is not None:
         run.progress_bar.update(1)
     if reorthogonalize:
-        a, norms, q = _reorthogonalized_step(run.basis, W, q_j, j, j == run.n_steps - 1)
+        a, norms, q = _reorthogonalized_step(run.op, run.basis, W, q_j, j, j == run.n_steps - 1)
     else:
-        a, norms, q = _recurrence_step(W, run.current, run.previous, run.beta, j)
+        a, norms, q = _recurrence_step(run.op, W, run.current, run.previous, run.beta, j)
     run.alpha[:, j] = torch.where(run.active, a.cpu(), run.alpha[:, j])
     if norms is None:
         return False
@@ -301,25 +305,30 @@ def _slq_step(run: _SlqRun, j: int) -> bool:
     return False
 
 
-def _reorthogonalized_step(basis: Tensor, W: Tensor, q_j: Tensor, j: int, last: bool
-                           ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def _reorthogonalized_step(op: CurvatureOperator, basis: Tensor, W: Tensor, q_j: Tensor, j: int,
+                           last: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(alpha_j, beta_j, q_{j+1})`` of every probe by CGS2 against its whole basis; the last
     step needs only ``alpha_j``."""
     if last:
-        return (W * q_j.to(torch.float64)).sum(1), None, None
-    q, coeffs, norms = orthogonalize_batched(basis, W, j + 1)
+        return _reduce(op, (W * q_j.to(torch.float64)).sum(1)), None, None
+    shards = vector_shards(op)
+    if shards is not None:
+        q, coeffs, norms = shards.orthogonalize_batched(basis, W, j + 1)
+    else:
+        q, coeffs, norms = orthogonalize_batched(basis, W, j + 1)
     return coeffs[:, j], norms, q
 
 
-def _recurrence_step(W: Tensor, current: Tensor, previous: Optional[Tensor], beta: Tensor,
+def _recurrence_step(op: CurvatureOperator, W: Tensor, current: Tensor,
+                     previous: Optional[Tensor], beta: Tensor,
                      j: int) -> Tuple[Tensor, Tensor, Tensor]:
     """``(alpha_j, beta_j, q_{j+1})`` of every probe by the three-term recurrence alone."""
     current = current.to(torch.float64)
-    a = (W * current).sum(1)
+    a = _reduce(op, (W * current).sum(1))
     W = W - a[:, None] * current
     if previous is not None:
         W = W - beta[:, j - 1].to(W.device)[:, None] * previous.to(torch.float64)
-    norms = torch.linalg.vector_norm(W, dim=1)
+    norms = _row_norms(op, W)
     return a, norms, W / norms.clamp_min(1e-300)[:, None]
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from .lanczos import _products_in_batches
 from .operators import CurvatureOperator, as_operator
 from .results import Result
+from .shards import vector_shards
 
 __all__ = ["TraceResult", "DiagonalResult", "trace", "diagonal"]
 
@@ -82,8 +83,39 @@ def _checked_operator(op: Any, n_matvecs: int, minimum: int, where: str) -> Curv
     return op
 
 
-def _orth_cols(Y: Tensor) -> Tuple[Tensor, Tensor]:
-    """Reduced QR of rows ``Y (s, d)``: returns ``Q (d, s)``, ``R (s, s)``."""
+# sharded vectors (operators of FSDP2 models, landscape_ext.shards): probes are the local rows
+# of the global draws, and every sum over d is all-reduced; identity for other operators
+
+
+def _local_probes(op: CurvatureOperator, m: int, gen: torch.Generator, distribution: str,
+                  where: str) -> Tensor:
+    """``(m, op.d)`` probes: this rank's rows of the global probes for sharded vectors."""
+    shards = vector_shards(op)
+    if shards is None:
+        return _probes(m, op.d, gen, distribution, where)
+    if distribution not in ("rademacher", "gaussian"):
+        _probes(1, 1, torch.Generator(), distribution, where)     # raises the usual error
+    return shards.draw(m, lambda n, d: _probes(n, d, gen, distribution, where))
+
+
+def _reduce(op: CurvatureOperator, t: Tensor) -> Tensor:
+    """``t`` (a sum over this rank's rows) summed over the ranks of sharded vectors."""
+    shards = vector_shards(op)
+    return t if shards is None else shards.sum_(t.contiguous())
+
+
+def _agree(op: CurvatureOperator, where: str, **values: float) -> None:
+    shards = vector_shards(op)
+    if shards is not None:
+        shards.agree(where, **values)
+
+
+def _orth_cols(Y: Tensor, op: Optional[CurvatureOperator] = None) -> Tuple[Tensor, Tensor]:
+    """Reduced QR of rows ``Y (s, d)``: returns ``Q (d, s)``, ``R (s, s)`` (TSQR over the ranks
+    for sharded vectors)."""
+    shards = None if op is None else vector_shards(op)
+    if shards is not None:
+        return shards.orth_cols(Y)
     Q, R = torch.linalg.qr(Y.T)
     return Q, R
 
@@ -125,6 +157,8 @@ def trace(op: Any, n_matvecs: int, method: str = "hutch++", *, seed: int = 0,
         raise ValueError(f"trace: method must be one of {TRACE_METHODS}, got {method!r}")
     minimum = {"hutch++": 3, "xtrace": 4, "hutchinson": 2}[method]
     op = _checked_operator(op, n_matvecs, minimum, "trace")
+    _agree(op, "trace", n_matvecs=n_matvecs, method=TRACE_METHODS.index(method), seed=seed,
+           distribution=distribution == "gaussian")
     gen = torch.Generator().manual_seed(int(seed))
     n_matvecs_start = op.n_matvecs
     if method == "hutchinson":
@@ -143,8 +177,8 @@ def trace(op: Any, n_matvecs: int, method: str = "hutch++", *, seed: int = 0,
 def _hutchinson_trace(op: CurvatureOperator, n_matvecs: int, gen: torch.Generator,
                       distribution: str, batch_size: Optional[int]) -> Tuple[float, float]:
     """Girard-Hutchinson: the mean of ``z_i^T A z_i`` and its standard error."""
-    Z = _probes(n_matvecs, op.d, gen, distribution, "trace")
-    s = (Z * _products_in_batches(op, Z, batch_size, "trace")).sum(1)
+    Z = _local_probes(op, n_matvecs, gen, distribution, "trace")
+    s = _reduce(op, (Z * _products_in_batches(op, Z, batch_size, "trace")).sum(1))
     return float(s.mean()), float(s.std() / math.sqrt(s.numel()))
 
 
@@ -152,14 +186,14 @@ def _hutchpp_trace(op: CurvatureOperator, n_matvecs: int, gen: torch.Generator,
                    distribution: str, batch_size: Optional[int]) -> Tuple[float, float]:
     """Hutch++: the exact trace on the sketched range plus Hutchinson on the deflated rest
     (whose sample standard error is the estimate's)."""
-    d = op.d
     k = n_matvecs // 3
-    S = _probes(k, d, gen, distribution, "trace")
-    Q, _ = _orth_cols(_products_in_batches(op, S, batch_size, "trace"))
-    t_low = float((Q.T * _products_in_batches(op, Q.T.contiguous(), batch_size, "trace")).sum())
-    G = _probes(n_matvecs - 2 * k, d, gen, distribution, "trace")
-    G = G - (G @ Q) @ Q.T
-    s = (G * _products_in_batches(op, G, batch_size, "trace")).sum(1)
+    S = _local_probes(op, k, gen, distribution, "trace")
+    Q, _ = _orth_cols(_products_in_batches(op, S, batch_size, "trace"), op)
+    t_low = float(_reduce(op, (Q.T * _products_in_batches(op, Q.T.contiguous(), batch_size,
+                                                          "trace")).sum()))
+    G = _local_probes(op, n_matvecs - 2 * k, gen, distribution, "trace")
+    G = G - _reduce(op, G @ Q) @ Q.T
+    s = _reduce(op, (G * _products_in_batches(op, G, batch_size, "trace")).sum(1))
     stderr = float(s.std() / math.sqrt(s.numel())) if s.numel() > 1 else float("nan")
     return t_low + float(s.mean()), stderr
 
@@ -170,10 +204,9 @@ def _xtrace_setup(op: CurvatureOperator, m: int, gen: torch.Generator, distribut
     """What XTrace and XDiag share: probes ``Om (m, d)``, the sketch ``Q R = A Om^T``,
     ``Zt = (A Q)^T`` and ``S``, the normalized columns of ``R^{-T}`` (the leave-one-out
     directions)."""
-    d = op.d
-    Om = _probes(m, d, gen, distribution, where)                         # (m, d) rows
+    Om = _local_probes(op, m, gen, distribution, where)                  # (m, d) rows
     Y = _products_in_batches(op, Om, batch_size, where)                  # (m, d) = (A Om)^T
-    Q, R = _orth_cols(Y)                                                 # Q (d, m), R (m, m)
+    Q, R = _orth_cols(Y, op)                                             # Q (d, m), R (m, m)
     Zt = _products_in_batches(op, Q.T.contiguous(), batch_size, where)   # (m, d) = (A Q)^T
     eye = torch.eye(m, dtype=torch.float64)
     try:
@@ -190,10 +223,10 @@ def _xtrace_estimates(op: CurvatureOperator, m: int, gen: torch.Generator, distr
                       batch_size: Optional[int]) -> Tensor:
     """The ``m`` leave-one-out trace estimates of XTrace (``2 m`` products)."""
     Om, Q, R, Zt, S = _xtrace_setup(op, m, gen, distribution, batch_size, "trace")
-    H = Zt @ Q                        # Q^T A Q
+    H = _reduce(op, Zt @ Q)           # Q^T A Q
     H = 0.5 * (H + H.T)
-    W = (Om @ Q).T                    # Q^T Om  (m, m)
-    T = Zt @ Om.T                     # Z^T Om  (m, m)
+    W = _reduce(op, Om @ Q).T         # Q^T Om  (m, m)
+    T = _reduce(op, Zt @ Om.T)        # Z^T Om  (m, m)
     HS, HW = H @ S, H @ W
     c = _column_dots(S, W)
     sHs = _column_dots(S, HS)
@@ -226,12 +259,14 @@ def diagonal(op: Any, n_matvecs: int, method: str = "hutchinson", *, seed: int =
     -------
     DiagonalResult
         ``estimate (d,)`` float64 and entrywise ``stderr (d,)`` (across probes, or across
-        XDiag's leave-one-out estimates).
+        XDiag's leave-one-out estimates). For an operator of an FSDP2 model: this rank's local rows.
     """
     t0 = time.perf_counter()
     if method not in DIAG_METHODS:
         raise ValueError(f"diagonal: method must be one of {DIAG_METHODS}, got {method!r}")
     op = _checked_operator(op, n_matvecs, 4 if method == "xdiag" else 2, "diagonal")
+    _agree(op, "diagonal", n_matvecs=n_matvecs, method=DIAG_METHODS.index(method), seed=seed,
+           distribution=distribution == "gaussian")
     gen = torch.Generator().manual_seed(int(seed))
     n_matvecs_start = op.n_matvecs
     if method == "hutchinson":
@@ -249,7 +284,7 @@ def _hutchinson_diagonal(op: CurvatureOperator, n_matvecs: int, gen: torch.Gener
                          distribution: str, batch_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """The mean of ``z_i * A z_i`` (Gaussian probes: divided by the mean of ``z_i * z_i``) and
     its entrywise standard error."""
-    Z = _probes(n_matvecs, op.d, gen, distribution, "diagonal")
+    Z = _local_probes(op, n_matvecs, gen, distribution, "diagonal")
     if distribution == "gaussian":
         Z2 = Z * Z
     E = Z * _products_in_batches(op, Z, batch_size, "diagonal")

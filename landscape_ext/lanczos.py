@@ -20,6 +20,7 @@ from .distributed import agree_all, is_main_process
 from .ops import block_orthonormalize
 from .operators import CurvatureOperator, as_operator
 from .results import Result
+from .shards import vector_shards
 
 __all__ = ["EigshResult", "SpectralNormResult", "eigsh", "spectral_norm"]
 
@@ -99,6 +100,32 @@ class SpectralNormResult(Result):
     seed: int = 0
     mode_used: Optional[str] = None
     time_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# sharded vectors: operators of FSDP2 models (landscape_ext.shards) hold local rows
+
+
+def _dimension(op: CurvatureOperator) -> int:
+    """The global dimension (``op.d`` unless the operator's vectors are sharded)."""
+    shards = vector_shards(op)
+    return op.d if shards is None else shards.d
+
+
+def _orthonormalize(op: CurvatureOperator, Q: Tensor, W: Tensor, n_basis: int,
+                    **kwargs: Any) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`block_orthonormalize`, or its distributed driver for sharded vectors."""
+    shards = vector_shards(op)
+    if shards is None:
+        return block_orthonormalize(Q, W, n_basis, **kwargs)
+    return shards.block_orthonormalize(Q, W, n_basis)
+
+
+def _row_norms(op: CurvatureOperator, X: Tensor) -> Tensor:
+    shards = vector_shards(op)
+    if shards is None:
+        return torch.linalg.vector_norm(X, dim=1)
+    return shards.norms(X)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +226,7 @@ def _eigsh_settings(op: CurvatureOperator, k: int, which: str, tol: Optional[flo
                     ) -> Tuple[float, int, int, torch.dtype, int]:
     """Checked arguments of :func:`eigsh` with their defaults filled in:
     ``(tol, block_size, max_basis, basis_dtype, max_matvecs)``."""
-    d = op.d
+    d = _dimension(op)
     if which not in WHICH:
         raise ValueError(f"eigsh: which must be one of {WHICH}, got {which!r}")
     if not isinstance(k, int) or k < 1:
@@ -299,13 +326,15 @@ def _start_run(op: CurvatureOperator, k: int, which: str, tol: float, b: int, ma
     short_recurrence = torch.finfo(basis_dtype).eps <= torch.finfo(acc_dtype).eps
     Q = torch.empty(max_basis, d, dtype=basis_dtype, device=dev)
     T = torch.zeros(max_basis + b, max_basis + b, dtype=torch.float64)
-    X0 = _random_rows(b, d, gen, dev)
+    shards = vector_shards(op)
+    X0 = _random_rows(b, d, gen, dev) if shards is None else shards.draw(
+        b, lambda n, m: torch.randn(n, m, generator=gen, dtype=torch.float64)).to(dev)
     if v0 is not None:
         V0 = torch.as_tensor(v0).to(device=dev, dtype=torch.float64)
         V0 = V0.reshape(d, -1).T if V0.dim() == 1 or V0.shape[0] == d else V0
         j = min(V0.shape[0], b)
         X0[:j] = V0[:j]
-    q, _, _ = block_orthonormalize(Q, X0, 0)
+    q, _, _ = _orthonormalize(op, Q, X0, 0)
     Q[:b].copy_(q)
     progress_bar = None
     if progress:
@@ -335,9 +364,10 @@ def _extend_basis(run: _LanczosRun) -> int:
         # 2b rows), then the rest is small and one round over the whole basis suffices (two
         # passes instead of three; a second round runs when a row kept less than 1/sqrt(2) of
         # its norm)
-        q, C, R = block_orthonormalize(Q, W, end, rounds=1, local_rows=end - run.prev_block_start)
+        q, C, R = _orthonormalize(run.op, Q, W, end, rounds=1,
+                                  local_rows=end - run.prev_block_start)
     else:
-        q, C, R = block_orthonormalize(Q, W, end)
+        q, C, R = _orthonormalize(run.op, Q, W, end)
     del W
     C = C.cpu().double()
     R = R.cpu().double()
@@ -393,7 +423,7 @@ def _converged(run: _LanczosRun, size: int) -> Tuple[bool, Tensor]:
         run.progress_bar.set_postfix(converged=f"{int(ok.sum())}/{k}")
     # an invariant subspace can make k Ritz pairs exact while missing eigenvalues outside
     # it: only declare convergence once the wanted pairs are chosen among > k values
-    stop = bool(ok.all()) and run.n_basis >= min(k + size, run.op.d) and settled
+    stop = bool(ok.all()) and run.n_basis >= min(k + size, _dimension(run.op)) and settled
     group = getattr(run.op, "process_group", None)
     if group is not None:  # data parallel: every rank stops at the same product
         stop = agree_all(group, stop, run.op.device)
@@ -426,7 +456,7 @@ def _iterate(run: _LanczosRun, warn: bool) -> bool:
     when it is full. Returns True when a dense solve should take over: an operator with
     ``d <= DENSE_MAX_D`` whose next block would take Lanczos past ``d`` products, when ``d``
     more products fit in the budget."""
-    d, k = run.op.d, run.k
+    d, k = _dimension(run.op), run.k
     while True:
         size = _extend_basis(run)
         used = run.n_matvecs
@@ -492,6 +522,8 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         Seed of the random start block.
     v0 : Tensor, optional
         ``(d,)`` or ``(d, j)`` start directions (warm start); the rest of the block is random.
+        For an operator of an FSDP2 model (sharded vectors): local rows, ``(d_local,)``; its
+        eigenvectors come back as local rows too, the eigenvalues identical on every rank.
     max_matvecs : int, optional
         Budget of products (default ``max(200 * k, 2000)``); on exhaustion the unconverged pairs
         are returned with ``converged=False``. Operators with ``d <= max_basis + block_size``
@@ -516,7 +548,12 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     tol, b, max_basis, basis_dtype, max_matvecs = _eigsh_settings(
         op, k, which, tol, block_size, max_basis, basis_dtype, max_matvecs)
     common = dict(which=which, k=k, tol=float(tol), block_size=b, seed=int(seed))
-    if op.d <= max_basis + b and op.d <= max_matvecs:  # forming it densely costs d products
+    shards = vector_shards(op)
+    if shards is not None:  # every rank must run the same solver (the same collectives)
+        shards.agree("eigsh", k=k, which=WHICH.index(which), tol=tol, block_size=b,
+                     max_basis=max_basis, seed=seed, max_matvecs=max_matvecs,
+                     v0=v0 is not None, verify=bool(verify))
+    if _dimension(op) <= max_basis + b and _dimension(op) <= max_matvecs:  # forming it densely costs d products
         return _dense_eigsh(op, k, which, tol, return_eigenvectors, op.n_matvecs, t0,
                             getattr(op, "mode_used", None), common)
     run = _start_run(op, k, which, tol, b, max_basis, basis_dtype, max_matvecs, seed, v0,
@@ -548,8 +585,7 @@ def _lanczos_result(run: _LanczosRun, return_eigenvectors: bool, verify: bool,
     verified = False
     if verify:
         HX = _products(op, X, "eigsh").to(torch.float64)
-        res = torch.linalg.vector_norm(HX - vals.to(op.device)[:, None] * X.to(torch.float64),
-                                       dim=1).cpu()
+        res = _row_norms(op, HX - vals.to(op.device)[:, None] * X.to(torch.float64)).cpu()
         del HX
         verified = True
     snorm = run.spectral_norm_estimate
@@ -570,15 +606,22 @@ def _dense_eigsh(op: CurvatureOperator, k: int, which: str, tol: float,
                  mode_used: Optional[str], common: dict, n_restarts: int = 0) -> EigshResult:
     """Form the operator densely (``d`` products, ``max(b, 64)`` at a time) and solve by
     ``eigh``."""
-    d = op.d
+    d = _dimension(op)
+    shards = vector_shards(op)
     eye = torch.eye(d, dtype=torch.float64)
+    if shards is not None:  # rows: the local rows of e_i, products: A[:, i] in local rows
+        eye = shards.take(eye)
     A = _products_in_batches(op, eye, max(common["block_size"], 64), "eigsh")
+    if shards is not None:
+        A = shards.gather(A)
     A = 0.5 * (A + A.T)
     theta, Y = torch.linalg.eigh(A)
     sel = _wanted(theta, which, k)
     vals = theta[sel]
     vecs = Y[:, sel]
     res = torch.linalg.vector_norm(A @ vecs - vecs * vals, dim=0)
+    if shards is not None:
+        vecs = shards.take(vecs.T).T
     snorm = float(theta.abs().max())
     out_dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
     return EigshResult(

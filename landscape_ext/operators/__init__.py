@@ -5,7 +5,9 @@
 * :mod:`.model` — :class:`ModelOperator`: the data pass, sample weighting, data-parallel
   reduction and the one decision of how a batch's product runs (``mode``);
 * :mod:`.hessian` / :mod:`.ggn` — :class:`HessianOperator` and :class:`GGNOperator` (their
-  autograd products; the fused MLP path is :class:`landscape_ext.mlp.MLPBackend`).
+  autograd products; the fused MLP path is :class:`landscape_ext.mlp.MLPBackend`);
+* :mod:`.sharded` — the operators of FSDP2-sharded models (local rows, finite differences of
+  FSDP2's gradients), returned by ``HessianOperator`` / ``GGNOperator`` for such a model.
 
 Conventions of the model operators: ``loss_fn(outputs, targets)`` returns the batch **mean**
 (a scalar); products are the mean over all samples (batch ``b`` of ``n_b`` samples weighted
@@ -19,6 +21,7 @@ from .base import CallableOperator, CurvatureOperator, DenseOperator, as_operato
 from .ggn import GGNOperator
 from .hessian import HessianOperator
 from .model import FUSED_MLP_MODE, HVP_MODES, ModelOperator
+from .sharded import ShardedGGNOperator, ShardedHessianOperator, is_fsdp_model
 
 __all__ = [
     "CurvatureOperator",
@@ -31,4 +34,7 @@ __all__ = [
     "model_state_guard",
     "HVP_MODES",
     "FUSED_MLP_MODE",
+    "ShardedHessianOperator",
+    "ShardedGGNOperator",
+    "is_fsdp_model",
 ]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import _losses, _model
 from .model import ModelOperator
+from .sharded import ShardedGGNOperator, is_fsdp_model
 
 __all__ = ["GGNOperator"]
 
@@ -61,6 +62,12 @@ class GGNOperator(ModelOperator):
     """
 
     curvature = "ggn"
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any):
+        # an FSDP2-sharded model gets the sharded operator (operators/sharded.py)
+        if cls is GGNOperator and is_fsdp_model(model):
+            return ShardedGGNOperator(model, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, *args: Any,
                  fused_loss_hessian: bool = True, mode: str = "auto",

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import _model
 from .._losses import forward_ad_safe_loss
 from .model import ModelOperator
+from .sharded import ShardedHessianOperator, is_fsdp_model
 
 __all__ = ["HessianOperator"]
 
@@ -82,6 +83,12 @@ class HessianOperator(ModelOperator):
     """
 
     curvature = "hessian"
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any):
+        # an FSDP2-sharded model gets the sharded operator (operators/sharded.py)
+        if cls is HessianOperator and is_fsdp_model(model):
+            return ShardedHessianOperator(model, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Any,
                  *args: Any, mode: str = "auto", cache_graph: Union[bool, str] = "auto",
