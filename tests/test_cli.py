@@ -128,7 +128,7 @@ def test_sweep_resume_and_fit_only(tmp_path, capsys):
                for l in (out / "results.jsonl").read_text().splitlines()) == 4
     assert main(["sweep", "--fit-only", "--bootstrap", "50", "--out", str(out), "--quiet"]) == 0
     assert "alpha" in capsys.readouterr().out
-    assert _json(out / "scaling_fit.json")["fits"]["gaussian|sgd"]["n_points"] == 4
+    assert _json(out / "scaling_fit.json")["fits"]["mlp|gaussian|sgd"]["n_points"] == 4
     assert (out / "sweep_report.md").exists()
 
 

@@ -54,7 +54,7 @@ def test_sweep_writes_measurements_resumes_and_fits(tmp_path, count_training):
         assert m["data_dim"] == 3
     # fit + report at the end
     fit = json.loads((tmp_path / "scaling_fit.json").read_text())
-    entry = fit["fits"]["gaussian|sgd"]
+    entry = fit["fits"]["mlp|gaussian|sgd"]
     assert entry["n_points"] == 4 and entry["fit"]["alpha"] is not None
     for f in ("scaling_law.png", "phi_grid.png", "gap_vs_rank.png"):
         assert (tmp_path / "figures" / f).stat().st_size > 1000
@@ -140,8 +140,30 @@ def test_config_validation():
         SweepConfig(widths=[])
     c = SweepConfig(widths=[4], depths=[1, 2], seeds=[0, 1], measure_epochs=[2, 0, 2])
     assert c.measure_epochs == [0, 2] and len(c.cells()) == 4
-    assert c.measurement_hash() == SweepConfig(widths=[8]).measurement_hash()
-    assert c.measurement_hash() != SweepConfig(batch_size=7).measurement_hash()
+    assert c.max_epochs == 2 and c.criterion == {} and c.criterion_text() is None
+    assert c.measurement_hash() == SweepConfig(widths=[8], measure_epochs=[1]).measurement_hash()
+    assert c.measurement_hash() != SweepConfig(batch_size=7, measure_epochs=[2]).measurement_hash()
+    # the default sweep trains to a criterion; a grown max_epochs keeps the hash (resume)
+    d = SweepConfig()
+    assert d.criterion == {"train_loss": sweep.DEFAULT_TRAIN_TO_LOSS} and d.measure_epochs == []
+    assert d.max_epochs == sweep.DEFAULT_MAX_EPOCHS
+    assert d.measurement_hash() == SweepConfig(max_epochs=7).measurement_hash()
+    assert d.measurement_hash() != c.measurement_hash()
+    assert d.measurement_hash() != SweepConfig(train_to_loss=0.2).measurement_hash()
+    both = SweepConfig(train_to_loss=0.2, train_to_accuracy=0.9, measure_epochs=[0, 3])
+    assert both.criterion_text() == "train loss <= 0.2 and train accuracy >= 0.9"
+    assert both.criterion_met(0.1, 0.95) and not both.criterion_met(0.1, 0.85)
+    assert not both.criterion_met(0.3, 0.95)
+    for bad, match in [(dict(train_to_loss=0), "train_to_loss must be > 0, got 0"),
+                       (dict(train_to_accuracy=1.5), r"train_to_accuracy must be in \(0, 1\], got 1.5"),
+                       (dict(train_to_loss=0.1, max_epochs=3, measure_epochs=[5]),
+                        "max_epochs=3, measure_epochs=\\[5\\]"),
+                       (dict(measure_epochs=[]), "nothing says when to measure"),
+                       (dict(model="vit", widths=[6, 8]), r"\[6\] are not multiples of 4"),
+                       (dict(model="resnet", depths=[0, 1]), "depths=\\[0, 1\\]"),
+                       (dict(spread_batches=0), "spread_batches=0")]:
+        with pytest.raises(ValueError, match=match):
+            SweepConfig(**bad)
 
 
 # -- one results file, concurrent shards, --shard auto, resume safety ---------------------------
@@ -201,7 +223,7 @@ def test_concurrent_shard_processes_write_one_file(tmp_path, clean_env, capsys):
     assert sorted(r["cell_index"] for r in recs if r["kind"] == "cell_done") == [0, 1, 2, 3]
     assert sorted(r["shard"] for r in recs if r["kind"] == "shard_start") == ["0/2", "1/2"]
     # exactly one process (the one that completed the grid) fitted and wrote the report
-    fitted = ["~ n^" in o for o, _ in res]
+    fitted = ["~ c n^alpha" in o for o, _ in res]
     assert sum(fitted) == 1 and (out / "scaling_fit.json").exists()
     assert (out / "sweep_report.md").exists()
     # resume: nothing runs, nothing is appended but the shard_start line
@@ -296,7 +318,7 @@ def test_torn_line_skipped_and_incomplete_cell_reruns(tmp_path, clean_env, count
     cfg = _cfg(widths=[3], depths=[1, 2], measure_epochs=[0, 1])
     path = results_path(tmp_path)
     run_sweep(cfg, tmp_path, shard=(0, 2), progress=False)          # cell 0
-    torn = '{"kind": "measurement", "cell": "gaussian|sgd|w3|d2|s0", "epo'
+    torn = '{"kind": "measurement", "cell": "mlp|gaussian|sgd|w3|d2|s0", "epo'
     with open(path, "a") as f:
         f.write(torn)                                               # a crash mid-write
     with caplog.at_level("WARNING", logger="landscape_lab"):

@@ -4,7 +4,8 @@ Subcommands (``landscape-lab SUBCOMMAND --help`` explains every option):
 
 * ``report``   — a full landscape report of one model (built-in example or checkpoint);
 * ``train``    — train a model with a curvature/metrics log and save a checkpoint;
-* ``sweep``    — width x depth sweep: train, measure, resume, shard, fit the scaling law;
+* ``sweep``    — width x depth sweep: train to a criterion, measure with batch spread,
+  resume, shard, fit the scaling law per architecture;
 * ``barrier``  — loss along the straight line between two models;
 * ``spectrum`` — top-k eigenvalues, trace and spectral density of one model.
 
@@ -168,18 +169,21 @@ _SUBCOMMAND_TEXTS = {
         "OUT/train_log.jsonl; save OUT/checkpoint.pt and OUT/summary.json. The "
         "checkpoint feeds `report`, `spectrum` and `barrier`."),
     "sweep": (
-        "width x depth sweep with resume, sharding and the scaling-law fit",
-        "Train every (data set, optimizer, width, depth, seed) cell, measure "
-        "||H||_2, lambda_max, tr(H), gradient rank, train/test accuracy and Phi at "
-        "the chosen epochs, one JSON line per measurement in OUT/results.jsonl. "
+        "width x depth sweep to a training criterion, with spread, resume, shards, fit",
+        "Train every (data set, optimizer, width, depth, seed) cell until its training "
+        "set meets the criterion (or --max-epochs), measure ||H||_2, lambda_max, "
+        "tr(H), gradient rank, train/test accuracy and Phi there (and at "
+        "--measure-epochs), each with its batch-to-batch sd over --spread-batches "
+        "disjoint batches, one JSON line per measurement in OUT/results.jsonl. "
         "Finished cells are skipped on a re-run (resume); an interrupted cell is "
         "run again. --shard i/N runs every N-th cell (parallel processes, torchrun "
         "ranks or job-array tasks); every shard appends to the one results file "
         "under a file lock. --shard auto takes i/N from torch.distributed, "
         "torchrun's RANK/WORLD_SIZE or a Slurm job array. When the grid is complete "
         "(or with --fit-only) one process fits the scaling law "
-        "||H||_2 = c n^alpha exp(beta L) and writes OUT/sweep_report.md with its "
-        "figures."),
+        "||H||_2 = c n^alpha exp(beta L) per model and data set over the cells that "
+        "reached the criterion and writes OUT/sweep_report.md with its figures; "
+        "--fit-only --compare DIRS puts several sweeps side by side."),
     "barrier": (
         "loss along the straight line between two models",
         "Evaluate the loss (and accuracy) at (1-t) w_A + t w_B for t in [0, 1] and "
@@ -301,57 +305,13 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _add_sweep_parser(sub: Any) -> None:
-    """``sweep``: the width x depth grid, its execution (resume, shards) and the fit."""
+    """``sweep``: the width x depth grid, its training criterion, measurement, execution (resume,
+    shards) and fit; the sweep's own options live in :mod:`landscape_lab.sweep.options`."""
+    from .sweep.options import add_sweep_options
+
     p = _add_subparser(sub, "sweep")
-    g = p.add_argument_group("grid")
-    g.add_argument("--widths", type=_ints, default=[8, 16], help="comma-separated widths")
-    g.add_argument("--depths", type=_ints, default=[1, 2], help="comma-separated depths")
-    g.add_argument("--datasets", type=_strs, default=["digits"],
-                   help="comma-separated data sets (digits, gaussian, cifar10, cifar100)")
-    g.add_argument("--optimizers", type=_strs, default=["sgd"],
-                   help="comma-separated optimizers (sgd, adam)")
-    g.add_argument("--seeds", type=_ints, default=None,
-                   help="comma-separated seeds per cell (default: --seed)")
-    g.add_argument("--measure-epochs", type=_ints, default=[2],
-                   help="comma-separated epochs to measure at (0 = initialisation)")
-    g.add_argument("--model", default="mlp", choices=["mlp", "resnet", "vit"],
-                   help="architecture of every cell")
-    g.add_argument("--activation", default="tanh", help="MLP activation")
-    g = p.add_argument_group("training and measurement")
-    g.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
-    g.add_argument("--lr-sgd", type=float, default=0.1, help="SGD learning rate")
-    g.add_argument("--lr-adam", type=float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    g.add_argument("--samples", type=int, default=256,
-                   help="training samples of the fixed measurement batch")
-    g.add_argument("--trace-matvecs", type=int, default=30, help="Hutch++ products")
-    g.add_argument("--grad-k", type=int, default=256,
-                   help="gradient-covariance singular values for the rank, at most --samples "
-                        "(0: no rank, no Phi); the rank cannot exceed it")
-    g.add_argument("--tol", type=float, default=1e-3, help="eigensolver relative tolerance")
-    g.add_argument("--data-dir", default=None, help="directory of the CIFAR pickle files")
-    g.add_argument("--max-train", type=int, default=None,
-                   help="use at most this many training samples per data set")
+    add_sweep_options(p, _ints, _strs)
     _gaussian_opts(p.add_argument_group("Gaussian-mixture data (--datasets gaussian)"))
-    g = p.add_argument_group("execution")
-    g.add_argument("--shard", default=None,
-                   help="'i/N': run the cells with index %% N == i (all shards append to "
-                        "OUT/results.jsonl); 'auto': i/N from torch.distributed, else "
-                        "torchrun's RANK/WORLD_SIZE, else a Slurm job array "
-                        "(SLURM_ARRAY_TASK_ID/COUNT), else 0/1; 'slurm': from a Slurm job "
-                        "array only (default: 'auto' without the Slurm array)")
-    g.add_argument("--no-resume", action="store_true",
-                   help="recompute this shard's cells (the new lines supersede the old ones; "
-                        "other shards' results are kept)")
-    g.add_argument("--fit-only", action="store_true",
-                   help="no training: fit the scaling law over OUT/results.jsonl and write "
-                        "the sweep report")
-    g.add_argument("--no-fit", action="store_true", help="do not fit at the end")
-    g.add_argument("--statistic", default="spectral_norm",
-                   choices=["spectral_norm", "lambda_max", "trace"],
-                   help="measured quantity the scaling law is fitted to")
-    g.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap replicates of the fit's confidence intervals")
     _common(p, "out/sweep")
 
 
@@ -400,8 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
                "  landscape-lab train --dataset digits --width 64 --depth 3 --out out/run\n"
                "  landscape-lab report --checkpoint out/run/checkpoint.pt "
                "--train-log out/run/train_log.jsonl\n"
+               "  landscape-lab sweep --widths 16,48 --depths 1,3 --train-to-loss 0.15 "
+               "--max-epochs 40 --out out/sweep\n"
+               "  landscape-lab sweep --model vit --datasets gaussian-images --widths 16,32 "
+               "--out out/vit\n"
                "  landscape-lab sweep --widths 8,16,32 --depths 1,2,3 --shard 0/4 --out out/sweep\n"
-               "  landscape-lab sweep --fit-only --out out/sweep\n\n" + _EPILOG)
+               "  landscape-lab sweep --fit-only --compare out/sweep,out/vit --out out/compare\n\n"
+               + _EPILOG)
     sub = ap.add_subparsers(dest="command", metavar="SUBCOMMAND")
     sub.required = True
 
@@ -649,33 +614,23 @@ def _rank_device(dev: str) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     dev = _rank_device(_setup(args))
-    from .sweep import ShardBusyError, SweepConfig, fit_sweep, parse_shard, run_sweep
+    from .sweep import ShardBusyError, fit_sweep, parse_shard, run_sweep
+    from .sweep.options import fit_kwargs_from_args, fit_lines, sweep_config_from_args
 
+    if args.compare and not args.fit_only:
+        raise ValueError("--compare fits existing sweep directories: use it with --fit-only")
     if args.fit_only:
-        s = fit_sweep(args.out, statistic=args.statistic, n_bootstrap=args.bootstrap,
-                      seed=args.seed)
-        for name, e in s["fits"].items():
-            f = e.get("fit")
-            if f:
-                print(f"{name}: alpha = {f['alpha']}, beta = {f['beta']}, "
-                      f"R^2 = {f['r_squared']:.3f} ({e['n_points']} points)")
-            else:
-                print(f"{name}: no fit ({e.get('error')})")
+        s = fit_sweep(args.out, **fit_kwargs_from_args(args))
+        print("\n".join(fit_lines(s)))
         _done("sweep report", s.get("report"), t0)
         return 0
-    dkw = {"gaussian": _dataset_kwargs(args, "gaussian")} if "gaussian" in args.datasets else {}
-    cfg = SweepConfig(widths=args.widths, depths=args.depths, datasets=args.datasets,
-                      optimizers=args.optimizers, seeds=args.seeds or [args.seed],
-                      measure_epochs=args.measure_epochs, model=args.model,
-                      activation=args.activation, batch_size=args.batch_size,
-                      lr={"sgd": args.lr_sgd, "adam": args.lr_adam}, momentum=args.momentum,
-                      n_samples=args.samples, trace_matvecs=args.trace_matvecs,
-                      grad_k=args.grad_k, tol=args.tol, max_train=args.max_train,
-                      data_dir=args.data_dir, dataset_kwargs=dkw, device=dev)
+    gaussian = _dataset_kwargs(args, "gaussian") if "gaussian" in args.datasets else None
+    cfg = sweep_config_from_args(args, dev, gaussian)
     shard = parse_shard(args.shard)
+    fit_kw = fit_kwargs_from_args(args)
     try:
         s = run_sweep(cfg, args.out, shard=shard, resume=not args.no_resume,
-                      fit=not args.no_fit, progress=not args.quiet)
+                      fit=not args.no_fit, progress=not args.quiet, fit_kwargs=fit_kw)
     except ShardBusyError as e:
         print(f"landscape-lab sweep: error: {e}", file=sys.stderr)
         return 2
@@ -683,11 +638,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"{s.n_run} run, {s.n_skipped} already finished")
     print(f"results: {s.results_path}")
     if s.fit:
-        for name, e in s.fit["fits"].items():
-            f = e.get("fit")
-            if f:
-                print(f"{name}: {e['statistic']} ~ n^{f['alpha']} exp({f['beta']} L), "
-                      f"R^2 = {f['r_squared']:.3f}")
+        print("\n".join(fit_lines(s.fit)))
         _done("sweep report", s.fit.get("report"), t0)
     else:
         _done("results", s.results_path, t0)

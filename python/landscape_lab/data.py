@@ -9,21 +9,27 @@ r"""Data sets of the proposal's studies, as in-memory tensors (no downloads at r
   (``cifar-10-batches-py/data_batch_1..5, test_batch``; ``cifar-100-python/train, test``).
 * :func:`load_wikitext2` — WikiText-2 from ``wiki.train.tokens``, ``wiki.valid.tokens``,
   ``wiki.test.tokens`` (word level, vocabulary from the training split).
+* :func:`markov_text` — generated text: token sequences from a seeded second-order Markov
+  chain whose best achievable loss is known exactly (``synthetic-text`` in :func:`get_dataset`).
+* :func:`template_images` — generated images: a Gaussian class mixture whose class means are
+  smooth random templates, ``channels x height x width`` (``gaussian-images``).
 
 All return a :class:`Dataset`; a missing file raises :class:`DataFileNotFoundError` (a
 ``FileNotFoundError``) naming the file, the directory searched and where the data come from.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._results import PathLike
@@ -35,8 +41,11 @@ __all__ = [
     "load_digits",
     "load_cifar",
     "load_wikitext2",
+    "markov_text",
+    "template_images",
     "get_dataset",
     "DATASETS",
+    "GENERATED_DEFAULTS",
 ]
 
 log = logging.getLogger(__name__)
@@ -429,20 +438,190 @@ def load_wikitext2(root: PathLike, seq_len: int = 32, *, eval_split: str = "vali
 
 
 # ------------------------------------------------------------------------------------------------
+# generated text
+# ------------------------------------------------------------------------------------------------
+
+
+def _second_order_chain(vocab_size: int, branching: int, floor: float,
+                        g: torch.Generator) -> Tensor:
+    """Transition probabilities ``P[a, b, c] = p(next = c | previous two = a, b)``: each context
+    has ``branching`` likely successors with random weights, every token keeps mass ``floor``."""
+    P = torch.full((vocab_size, vocab_size, vocab_size), floor / vocab_size,
+                   dtype=torch.float64)
+    likely = torch.rand(vocab_size, vocab_size, vocab_size, generator=g).argsort(-1)
+    likely = likely[..., :branching]
+    weights = torch.rand(vocab_size, vocab_size, branching, generator=g, dtype=torch.float64)
+    weights = 0.5 + weights                           # no successor is nearly absent
+    weights = (1.0 - floor) * weights / weights.sum(-1, keepdim=True)
+    return P.scatter_add_(-1, likely, weights)
+
+
+def _stationary_pairs(P: Tensor) -> Tensor:
+    """The stationary distribution ``pi[a, b]`` of the chain on pairs ``(a, b) -> (b, c)`` (power
+    iteration; the chain is irreducible and aperiodic as every transition has mass)."""
+    V = P.shape[0]
+    pi = torch.full((V, V), 1.0 / V ** 2, dtype=torch.float64)
+    for _ in range(2000):
+        nxt = torch.einsum("ab,abc->bc", pi, P)
+        if float((nxt - pi).abs().sum()) < 1e-13:
+            return nxt
+        pi = nxt
+    return pi
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+
+
+def markov_text(n_train: int = 2048, n_test: int = 256, seq_len: int = 32,
+                vocab_size: int = 16, branching: int = 3, floor: float = 0.02,
+                seed: int = 0) -> Dataset:
+    """Token sequences from a seeded second-order Markov chain (a generated text source with a
+    known answer).
+
+    Each pair of previous tokens ``(a, b)`` has ``branching`` likely successors (random weights)
+    and every other token keeps a little mass (``floor`` in all). Sequences start from the
+    chain's stationary distribution, so every position is stationary and the best achievable
+    mean cross-entropy per token is exact: ``(H(x_1 | x_0) + (T - 1) h) / T`` with ``h`` the
+    entropy rate (``info["optimal_loss"]``, nats); a model that sees only the last token reaches
+    ``H(x_{t+1} | x_t)`` at best (``info["bigram_loss"]``).
+
+    Parameters
+    ----------
+    n_train, n_test : int
+        Sequences of ``seq_len`` inputs and next-token targets.
+    seq_len, vocab_size, branching : int
+    floor : float
+        Probability mass spread over all tokens, in (0, 1): every transition is possible, so
+        the chain has one stationary distribution and the optimal loss is exact.
+    seed : int
+        Seeds the chain and the samples.
+
+    Returns
+    -------
+    Dataset
+        ``task = "language_model"``, ``n_classes = vocab_size``.
+    """
+    if not (1 <= branching <= vocab_size and 0.0 < floor < 1.0 and seq_len >= 1
+            and n_train >= 1 and n_test >= 1):
+        raise ValueError(f"markov_text: need 1 <= branching <= vocab_size, 0 < floor < 1 and "
+                         f"positive sizes, got branching={branching}, vocab_size={vocab_size}, "
+                         f"floor={floor}, seq_len={seq_len}, n_train={n_train}, n_test={n_test}")
+    g = torch.Generator().manual_seed(int(seed))
+    P = _second_order_chain(vocab_size, branching, floor, g)
+    pi = _stationary_pairs(P)
+    n = n_train + n_test
+    seq = torch.empty(n, seq_len + 1, dtype=torch.int64)
+    start = torch.multinomial(pi.reshape(-1), n, replacement=True, generator=g)
+    seq[:, 0], seq[:, 1] = start // vocab_size, start % vocab_size
+    for t in range(2, seq_len + 1):
+        seq[:, t] = torch.multinomial(P[seq[:, t - 2], seq[:, t - 1]], 1, generator=g)[:, 0]
+    rate = float((pi * _entropy(P)).sum())
+    first = pi.sum(1)                                   # marginal of one token
+    bigram = float(-(pi * torch.log(pi.clamp_min(1e-300) / first[:, None].clamp_min(1e-300))
+                     ).sum())                           # H(x_1 | x_0)
+    optimal = (bigram + (seq_len - 1) * rate) / seq_len
+    x, y = seq[:, :-1], seq[:, 1:]
+    return Dataset(name="markov-text", x_train=x[:n_train], y_train=y[:n_train],
+                   x_test=x[n_train:], y_test=y[n_train:], n_classes=vocab_size,
+                   input_shape=(seq_len,), data_dim=seq_len, task="language_model",
+                   info=dict(source="second-order Markov chain", vocab_size=vocab_size,
+                             branching=branching, floor=floor, seed=seed, entropy_rate=rate,
+                             optimal_loss=optimal, bigram_loss=bigram))
+
+
+# ------------------------------------------------------------------------------------------------
+# images
+# ------------------------------------------------------------------------------------------------
+
+
+def template_images(n_train: int = 2000, n_test: int = 500, n_classes: int = 10,
+                    image_size: Union[int, Tuple[int, int]] = 32, signal: float = 0.05,
+                    smoothness: int = 4, seed: int = 0, *, channels: int = 3) -> Dataset:
+    """Images ``x = signal * T_y + e``: one smooth random template ``T_c`` per class (a
+    ``channels x smoothness x smoothness`` random grid upsampled bilinearly to the image size,
+    unit RMS), white noise ``e ~ N(0, 1)`` per pixel, balanced labels: a Gaussian class mixture
+    in image shape whose class means have spatial structure.
+
+    With equal priors and isotropic Gaussian noise the nearest-template rule is the Bayes
+    classifier; its accuracy on the test split is the ceiling of any model
+    (``info["bayes_accuracy"]``).
+
+    Parameters
+    ----------
+    n_train, n_test, n_classes, smoothness : int
+    image_size : int or (int, int)
+        Height and width (one number: square images).
+    signal : float
+        Template amplitude against unit noise (larger: easier).
+    seed : int
+        Seeds the templates, the labels and the noise.
+    channels : int
+        Image channels (``input_shape = (channels, height, width)``).
+
+    Returns
+    -------
+    Dataset
+        ``data_dim = channels * smoothness ** 2`` (the dimension of the template space).
+    """
+    height, width = ((image_size, image_size) if isinstance(image_size, int)
+                     else (int(image_size[0]), int(image_size[1])))
+    if min(n_train, n_test, n_classes, height, width, smoothness, channels) < 1 or signal <= 0:
+        raise ValueError(f"template_images: sizes must be positive and signal > 0, got "
+                         f"n_train={n_train}, n_test={n_test}, n_classes={n_classes}, "
+                         f"image_size={image_size}, channels={channels}, "
+                         f"smoothness={smoothness}, signal={signal}")
+    g = torch.Generator().manual_seed(int(seed))
+    coarse = torch.randn(n_classes, channels, smoothness, smoothness, generator=g)
+    templates = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)
+    templates = templates / templates.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+    n = n_train + n_test
+    y = (torch.arange(n) % n_classes)[torch.randperm(n, generator=g)]
+    x = signal * templates[y] + torch.randn(n, channels, height, width, generator=g)
+    xte, yte = x[n_train:], y[n_train:]
+    dist = torch.cdist(xte.flatten(1), signal * templates.flatten(1))
+    bayes = float((dist.argmin(1) == yte).double().mean())
+    return Dataset(name="template-images", x_train=x[:n_train], y_train=y[:n_train],
+                   x_test=xte, y_test=yte, n_classes=n_classes,
+                   input_shape=(channels, height, width), data_dim=channels * smoothness ** 2,
+                   info=dict(source="class templates + white noise", signal=signal,
+                             smoothness=smoothness, seed=seed, bayes_accuracy=bayes))
+
+
+# ------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------
 
-DATASETS = ("digits", "gaussian", "cifar10", "cifar100", "wikitext2")
+DATASETS = ("digits", "gaussian", "gaussian-images", "synthetic-text", "cifar10", "cifar100",
+            "wikitext2")
+
+#: Sizes of the generated data sets when :func:`get_dataset` builds them (sweep-sized: a grid
+#: of small models trains on them in seconds per cell on a CPU); keyword arguments override.
+GENERATED_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "gaussian-images": dict(n_train=1024, n_test=256, n_classes=10, image_size=(16, 16),
+                            channels=3, signal=0.15, smoothness=4),
+    "synthetic-text": dict(n_train=1024, n_test=256, seq_len=16, vocab_size=16, branching=3,
+                           floor=0.02),
+}
 
 
 def get_dataset(name: str, data_dir: Optional[PathLike] = None, seed: int = 0,
                 **kwargs: Any) -> Dataset:
     """Load a data set by name (:data:`DATASETS`); ``data_dir`` is required for CIFAR and
-    WikiText-2. ``kwargs`` go to the loader."""
+    WikiText-2. ``kwargs`` go to the loader.
+
+    ``gaussian-images`` is :func:`template_images` and ``synthetic-text`` is
+    :func:`markov_text`, generated here with the sizes of :data:`GENERATED_DEFAULTS` (``kwargs``
+    override them); the returned data set is named after the registry name.
+    """
     if name == "digits":
         return load_digits(seed=seed, **kwargs)
     if name == "gaussian":
         return gaussian_mixture(seed=seed, **kwargs)
+    if name in GENERATED_DEFAULTS:
+        make = template_images if name == "gaussian-images" else markov_text
+        ds = make(seed=seed, **{**GENERATED_DEFAULTS[name], **kwargs})
+        return dataclasses.replace(ds, name=name)
     if name in ("cifar10", "cifar100", "wikitext2"):
         if data_dir is None:
             raise ValueError(f"data set {name!r} is read from files: pass data_dir (--data-dir) "

@@ -60,6 +60,8 @@ class ScalingFit(ResultMixin):
         The data.
     identifiable : list of str
         The fitted parameters among ``"c", "alpha", "beta"``.
+    weights : list of float or None
+        The relative weights of a weighted fit (normalized to mean 1), None when unweighted.
     """
 
     statistic: str
@@ -84,6 +86,7 @@ class ScalingFit(ResultMixin):
     widths: List[float]
     depths: List[float]
     values: List[float]
+    weights: Optional[List[float]] = None
     draws: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, metadata={"export": False})
 
     # ------------------------------------------------------------------
@@ -174,7 +177,8 @@ class ScalingFit(ResultMixin):
         pct = f"{100 * self.confidence:g}%"
         out = [
             f"ScalingFit: {self.statistic} = c * n^alpha * exp(beta * L)  ({self.n_points} points, "
-            f"{pct} {self.bootstrap}-bootstrap intervals, B={self.n_bootstrap})",
+            f"{pct} {self.bootstrap}-bootstrap intervals, B={self.n_bootstrap}"
+            f"{', weighted' if self.weights is not None else ''})",
             line("alpha", self.alpha, self.alpha_ci, self.alpha_se),
             line("beta", self.beta, self.beta_ci, self.beta_se),
             line("c", self.c, self.c_ci, self.log_c_se),
@@ -213,6 +217,19 @@ def _check_scaling_inputs(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"{func}: confidence must be in (0, 1), got {confidence}")
     return n, L, v, int(n_bootstrap), confidence
+
+
+def _check_weights(weights: Optional[ArrayLike], n_points: int, func: str) -> np.ndarray:
+    """The weights as positive floats normalized to mean 1 (all ones when None)."""
+    if weights is None:
+        return np.ones(n_points)
+    w = as_float_array(weights, "weights", func)
+    if w.size != n_points:
+        raise ValueError(f"{func}: weights has {w.size} entries for {n_points} points")
+    if w.size and w.min() <= 0:
+        i = int(np.argmin(w))
+        raise ValueError(f"{func}: weights must be positive, got {w[i]:g} at index {i}")
+    return w / w.mean()
 
 
 @dataclasses.dataclass
@@ -272,10 +289,11 @@ def _design_matrix(n: np.ndarray, L: np.ndarray, func: str) -> _Design:
     return _Design(X, names, bool(single_w), bool(single_d), note)
 
 
-def _goodness_of_fit(y: np.ndarray, resid: np.ndarray, n_params: int) -> Tuple[float, float]:
-    """(R^2, residual standard deviation with ``n_points - n_params`` degrees of freedom), log space."""
+def _goodness_of_fit(y: np.ndarray, resid: np.ndarray, n_params: int, w: np.ndarray) -> Tuple[float, float]:
+    """(R^2, residual standard deviation with ``n_points - n_params`` degrees of freedom), log space;
+    ``resid`` are the weighted residuals ``sqrt(w) (y - fit)``, ``w`` the weights (mean 1)."""
     ss_res = float(resid @ resid)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
+    ss_tot = float((w * (y - (w @ y) / w.sum()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     return r2, math.sqrt(ss_res / (y.size - n_params))
 
@@ -337,6 +355,7 @@ def fit_scaling_law(
     seed: int = 0,
     *,
     bootstrap: str = "residuals",
+    weights: Optional[ArrayLike] = None,
 ) -> ScalingFit:
     r"""Fit ``value = c * n^alpha * exp(beta * L)`` over a (width, depth) grid.
 
@@ -365,6 +384,11 @@ def fit_scaling_law(
         Resampling scheme: fitted values plus resampled leverage-corrected residuals (the design
         is fixed by the experimenter), or (width, depth, value) rows drawn with replacement
         (robust to noise that changes across the grid).
+    weights : array-like, shape (n_points,), optional
+        Positive relative weights of a weighted least-squares fit (normalized to mean 1), e.g.
+        ``1 / (sd_i / value_i)^2`` for values with known measurement sds (the variance of
+        ``log v`` is about ``(sd / v)^2``). R^2, the residual std and both bootstraps use the
+        weighted problem ``sqrt(w) log v ~ sqrt(w) X``; ``residuals`` stay unweighted.
 
     Returns
     -------
@@ -379,19 +403,22 @@ def fit_scaling_law(
     func = "fit_scaling_law"
     n, L, v, n_bootstrap, confidence = _check_scaling_inputs(widths, depths, values, n_bootstrap, confidence, bootstrap, func)
     design = _design_matrix(n, L, func)
+    w = _check_weights(weights, n.size, func)
     y = np.log(v)
-    pinv = np.linalg.pinv(design.X)  # (p, n_points)
-    coef = pinv @ y
-    fitted = design.X @ coef
-    resid = y - fitted
-    r2, resid_std = _goodness_of_fit(y, resid, design.n_params)
+    sw = np.sqrt(w)
+    Xw, yw = design.X * sw[:, None], y * sw  # the weighted problem (plain least squares for w = 1)
+    pinv = np.linalg.pinv(Xw)  # (p, n_points)
+    coef = pinv @ yw
+    fitted_w = Xw @ coef
+    resid_w = yw - fitted_w
+    r2, resid_std = _goodness_of_fit(y, resid_w, design.n_params, w)
     draws_full = None
     if n_bootstrap:
         rng = np.random.default_rng(seed)
         if bootstrap == "residuals":
-            draws = _residual_bootstrap(design.X, pinv, fitted, resid, n_bootstrap, rng)
+            draws = _residual_bootstrap(Xw, pinv, fitted_w, resid_w, n_bootstrap, rng)
         else:
-            draws = _case_bootstrap(design.X, y, n_bootstrap, rng, func)
+            draws = _case_bootstrap(Xw, yw, n_bootstrap, rng, func)
         draws_full = design.expand(draws)
     full = design.expand(coef[None, :])[0]
     interval = _BootstrapSummary(draws_full, confidence)
@@ -410,7 +437,7 @@ def fit_scaling_law(
         log_c_se=interval.se(0),
         r_squared=float(r2),
         residual_std=float(resid_std),
-        residuals=resid.tolist(),
+        residuals=(y - design.X @ coef).tolist(),
         n_points=int(n.size),
         n_bootstrap=n_bootstrap,
         confidence=confidence,
@@ -420,6 +447,7 @@ def fit_scaling_law(
         widths=n.tolist(),
         depths=L.tolist(),
         values=v.tolist(),
+        weights=None if weights is None else w.tolist(),
         draws=draws_full,
     )
     logger.debug("%s: %s", func, res)

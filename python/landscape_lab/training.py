@@ -268,7 +268,12 @@ class TrainConfig:
 
 @dataclass
 class TrainState:
-    """What callbacks see: the model, optimizer, data, counters and the record sink."""
+    """What callbacks see: the model, optimizer, data, counters and the record sink.
+
+    A callback ends training early by setting ``stop = True``: :func:`train` stops after the
+    current step (from :meth:`Callback.on_step_end`) or epoch (from
+    :meth:`Callback.on_epoch_end`), then runs the ``on_train_end`` hooks as usual.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -280,6 +285,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     last_loss: float = float("nan")
+    stop: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -503,13 +509,13 @@ def train(model: nn.Module, dataset: Dataset, config: Optional[TrainConfig] = No
                         pbar.set_postfix(loss=f"{state.last_loss:.4f}", refresh=False)
                 for cb in callbacks:
                     cb.on_step_end(state)
-                if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                if state.stop or (cfg.max_steps is not None and state.step >= cfg.max_steps):
                     done = True
                     break
             state.epoch = epoch
             for cb in callbacks:
                 cb.on_epoch_end(state)
-            if done:
+            if done or state.stop:
                 break
         for cb in callbacks:
             cb.on_train_end(state)

@@ -6,7 +6,7 @@ Each ``_fig_*`` draws one figure from the numbers a report section computed and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -314,72 +314,4 @@ def _fig_barrier(path_obj: Any, path: Path) -> str:
         if a.get_legend() is not None:
             a.get_legend().remove()
     ax.legend(handles, labels, fontsize="small", loc="center right")
-    return _save(fig, path)
-
-
-# ---- sweep -------------------------------------------------------------------------------------
-
-
-def _fig_scaling_law(fits: Dict[str, Any], statistic: str, path: Path) -> str:
-    """One panel per fitted group: the measurements against width, the law and its band."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(fits), figsize=(6.5 * len(fits), 4.5), squeeze=False)
-    for ax, (name, f) in zip(axes[0], sorted(fits.items())):
-        f.plot(ax)
-        _plain_log_ticks(ax.xaxis, sorted(set(f.widths)))
-        ax.set_xlabel("width n (hidden units)")
-        ax.set_ylabel(f"{statistic} ||H||_2 ({EIG_UNIT})")
-        ax.set_title(f"{name}: " + ax.get_title(), fontsize="small")
-    return _save(fig, path)
-
-
-def _fig_phi_grid(with_phi: List[Dict[str, Any]], widths: Sequence[int], depths: Sequence[int],
-                  path: Path) -> str:
-    """Phi over (width, depth), one heatmap per (data set, optimizer), mean over seeds."""
-    plt = _plt()
-    groups = sorted({(r["dataset"], r["optimizer"]) for r in with_phi})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, grp in zip(axes[0], groups):
-        Z = np.full((len(depths), len(widths)), np.nan)
-        for i, dd in enumerate(depths):
-            for j, ww in enumerate(widths):
-                v = [r["phi"] for r in with_phi if (r["dataset"], r["optimizer"]) == grp
-                     and r["width"] == ww and r["depth"] == dd]
-                if v:
-                    Z[i, j] = float(np.mean(v))
-        im = ax.imshow(Z, origin="lower", cmap="viridis", aspect="auto")
-        for i in range(len(depths)):
-            for j in range(len(widths)):
-                if np.isfinite(Z[i, j]):
-                    ax.text(j, i, f"{Z[i, j]:.3g}", ha="center", va="center", color="w",
-                            fontsize="small")
-        ax.set_xticks(range(len(widths)), [str(w) for w in widths])
-        ax.set_yticks(range(len(depths)), [str(d) for d in depths])
-        ax.set_xlabel("width n")
-        ax.set_ylabel("depth L (hidden layers)")
-        ax.set_title(f"Phi = (tr H / d) / ||H||_2 * rank / D  ({grp[0]}, {grp[1]})",
-                     fontsize="small")
-        fig.colorbar(im, ax=ax, label="Phi (dimensionless)")
-    return _save(fig, path)
-
-
-def _fig_gap_vs_rank(pts: List[Dict[str, Any]], depths: Sequence[int], epoch: int,
-                     path: Path) -> str:
-    """Generalization gap against gradient effective rank, colour = depth, size ~ width."""
-    plt = _plt()
-    rank = np.array([r["grad_effective_rank"] for r in pts])
-    gap = np.array([r["gen_gap"] for r in pts])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, dd in enumerate(depths):
-        sel = [j for j, r in enumerate(pts) if r["depth"] == dd]
-        if sel:
-            ax.scatter(rank[sel], gap[sel], s=[12 + 4 * np.log2(pts[j]["width"]) ** 2
-                                               for j in sel],
-                       color=f"C{i}", label=f"L = {dd}", alpha=0.8)
-    ax.axvline(100, color="0.4", ls="--", lw=1, label="rank 100 (proposal's plateau)")
-    ax.set_xscale("log")
-    _plain_log_ticks(ax.xaxis)
-    _label(ax, "gradient effective rank (Roy-Vetterli, dimensionless)",
-           "generalization gap = train acc - test acc",
-           f"Gap vs gradient rank at epoch {epoch} (marker size ~ width)", grid="both")
     return _save(fig, path)

@@ -2,14 +2,14 @@
 transformer (``vit``), both built from ``torch.nn`` layers (``nn.TransformerEncoder``), with data
 the package generates or reads from a directory (never downloaded).
 
-* :func:`markov_text` — token sequences from a seeded second-order Markov chain: the next token
-  depends on the two before it, so a model must look one token back (attention) to reach the
-  best possible loss, which is known exactly (``info["optimal_loss"]``).
+* :func:`markov_text` — token sequences from a seeded second-order Markov chain with a known
+  best possible loss (``info["optimal_loss"]``); it lives in :mod:`landscape_lab.data` (the
+  sweep's ``synthetic-text`` data set) and is re-exported here.
 * :func:`wikitext_chars` — WikiText-2 at character level from ``wiki.train.tokens`` and
   ``wiki.valid.tokens``.
-* :func:`template_images` — 3 x 32 x 32 images: a smooth random template per class plus white
-  noise; the nearest-template rule is the Bayes classifier, its test accuracy the ceiling
-  (``info["bayes_accuracy"]``).
+* :func:`template_images` — images made of a smooth random template per class plus white noise,
+  with the Bayes accuracy as the ceiling (``info["bayes_accuracy"]``); in
+  :mod:`landscape_lab.data` (the sweep's ``gaussian-images``), re-exported here.
 * :class:`TinyCausalLM`, :class:`TinyViT` — the models; :func:`transformer_blocks` their
   parameter blocks by kind (embeddings, attention, mlp, norms, head).
 """
@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import landscape_ext as le
 
 from .._results import PathLike
-from ..data import Dataset, _find_dir, _missing
+from ..data import Dataset, _find_dir, _missing, markov_text, template_images
 from ..models import _seeded_init
 
 __all__ = ["TinyCausalLM", "TinyViT", "markov_text", "wikitext_chars", "template_images",
@@ -151,94 +150,6 @@ def transformer_blocks(model: nn.Module) -> Dict[str, List[str]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _second_order_chain(vocab_size: int, branching: int, floor: float,
-                        g: torch.Generator) -> Tensor:
-    """Transition probabilities ``P[a, b, c] = p(next = c | previous two = a, b)``: each context
-    has ``branching`` likely successors with random weights, every token keeps mass ``floor``."""
-    P = torch.full((vocab_size, vocab_size, vocab_size), floor / vocab_size,
-                   dtype=torch.float64)
-    likely = torch.rand(vocab_size, vocab_size, vocab_size, generator=g).argsort(-1)
-    likely = likely[..., :branching]
-    weights = torch.rand(vocab_size, vocab_size, branching, generator=g, dtype=torch.float64)
-    weights = 0.5 + weights                           # no successor is nearly absent
-    weights = (1.0 - floor) * weights / weights.sum(-1, keepdim=True)
-    return P.scatter_add_(-1, likely, weights)
-
-
-def _stationary_pairs(P: Tensor) -> Tensor:
-    """The stationary distribution ``pi[a, b]`` of the chain on pairs ``(a, b) -> (b, c)`` (power
-    iteration; the chain is irreducible and aperiodic as every transition has mass)."""
-    V = P.shape[0]
-    pi = torch.full((V, V), 1.0 / V ** 2, dtype=torch.float64)
-    for _ in range(2000):
-        nxt = torch.einsum("ab,abc->bc", pi, P)
-        if float((nxt - pi).abs().sum()) < 1e-13:
-            return nxt
-        pi = nxt
-    return pi
-
-
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
-
-
-def markov_text(n_train: int = 2048, n_test: int = 256, seq_len: int = 32,
-                vocab_size: int = 16, branching: int = 3, floor: float = 0.02,
-                seed: int = 0) -> Dataset:
-    """Token sequences from a seeded second-order Markov chain (a generated text source with a
-    known answer).
-
-    Each pair of previous tokens ``(a, b)`` has ``branching`` likely successors (random weights)
-    and every other token keeps a little mass (``floor`` in all). Sequences start from the
-    chain's stationary distribution, so every position is stationary and the best achievable
-    mean cross-entropy per token is exact: ``(H(x_1 | x_0) + (T - 1) h) / T`` with ``h`` the
-    entropy rate (``info["optimal_loss"]``, nats); a model that sees only the last token reaches
-    ``H(x_{t+1} | x_t)`` at best (``info["bigram_loss"]``).
-
-    Parameters
-    ----------
-    n_train, n_test : int
-        Sequences of ``seq_len`` inputs and next-token targets.
-    seq_len, vocab_size, branching : int
-    floor : float
-        Probability mass spread over all tokens, in (0, 1): every transition is possible, so
-        the chain has one stationary distribution and the optimal loss is exact.
-    seed : int
-        Seeds the chain and the samples.
-
-    Returns
-    -------
-    Dataset
-        ``task = "language_model"``, ``n_classes = vocab_size``.
-    """
-    if not (1 <= branching <= vocab_size and 0.0 < floor < 1.0 and seq_len >= 1
-            and n_train >= 1 and n_test >= 1):
-        raise ValueError(f"markov_text: need 1 <= branching <= vocab_size, 0 < floor < 1 and "
-                         f"positive sizes, got branching={branching}, vocab_size={vocab_size}, "
-                         f"floor={floor}, seq_len={seq_len}, n_train={n_train}, n_test={n_test}")
-    g = torch.Generator().manual_seed(int(seed))
-    P = _second_order_chain(vocab_size, branching, floor, g)
-    pi = _stationary_pairs(P)
-    n = n_train + n_test
-    seq = torch.empty(n, seq_len + 1, dtype=torch.int64)
-    start = torch.multinomial(pi.reshape(-1), n, replacement=True, generator=g)
-    seq[:, 0], seq[:, 1] = start // vocab_size, start % vocab_size
-    for t in range(2, seq_len + 1):
-        seq[:, t] = torch.multinomial(P[seq[:, t - 2], seq[:, t - 1]], 1, generator=g)[:, 0]
-    rate = float((pi * _entropy(P)).sum())
-    first = pi.sum(1)                                   # marginal of one token
-    bigram = float(-(pi * torch.log(pi.clamp_min(1e-300) / first[:, None].clamp_min(1e-300))
-                     ).sum())                           # H(x_1 | x_0)
-    optimal = (bigram + (seq_len - 1) * rate) / seq_len
-    x, y = seq[:, :-1], seq[:, 1:]
-    return Dataset(name="markov-text", x_train=x[:n_train], y_train=y[:n_train],
-                   x_test=x[n_train:], y_test=y[n_train:], n_classes=vocab_size,
-                   input_shape=(seq_len,), data_dim=seq_len, task="language_model",
-                   info=dict(source="second-order Markov chain", vocab_size=vocab_size,
-                             branching=branching, floor=floor, seed=seed, entropy_rate=rate,
-                             optimal_loss=optimal, bigram_loss=bigram))
-
-
 #: Token-file names of WikiText-2 (the ``wikitext-2-v1`` archive) and of its raw variant.
 _WIKI_NAMES = (("wiki.train.tokens", "wiki.valid.tokens"), ("wiki.train.raw", "wiki.valid.raw"))
 _WIKI_URL = ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip "
@@ -315,49 +226,3 @@ def wikitext_chars(root: PathLike, seq_len: int = 32, n_train: int = 2048, n_tes
                    info=dict(files=[str(p) for p in files],
                              vocab_size=len(stoi) + 1, seq_len=seq_len,
                              characters_head="".join(ordered[:20])))
-
-
-# ------------------------------------------------------------------------------------------------
-# images
-# ------------------------------------------------------------------------------------------------
-
-
-def template_images(n_train: int = 2000, n_test: int = 500, n_classes: int = 10,
-                    image_size: int = 32, signal: float = 0.05, smoothness: int = 4,
-                    seed: int = 0) -> Dataset:
-    """Images ``x = signal * T_y + e``: one smooth random template ``T_c`` per class (3 channels,
-    a ``smoothness x smoothness`` random grid upsampled bilinearly to ``image_size``, unit RMS),
-    white noise ``e ~ N(0, 1)`` per pixel, balanced labels.
-
-    With equal priors and isotropic Gaussian noise the nearest-template rule is the Bayes
-    classifier; its accuracy on the test split is the ceiling of any model
-    (``info["bayes_accuracy"]``).
-
-    Parameters
-    ----------
-    n_train, n_test, n_classes, image_size, smoothness : int
-    signal : float
-        Template amplitude against unit noise (larger: easier).
-    seed : int
-        Seeds the templates, the labels and the noise.
-    """
-    if min(n_train, n_test, n_classes, image_size, smoothness) < 1 or signal <= 0:
-        raise ValueError(f"template_images: sizes must be positive and signal > 0, got "
-                         f"n_train={n_train}, n_test={n_test}, n_classes={n_classes}, "
-                         f"image_size={image_size}, smoothness={smoothness}, signal={signal}")
-    g = torch.Generator().manual_seed(int(seed))
-    coarse = torch.randn(n_classes, 3, smoothness, smoothness, generator=g)
-    templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear",
-                              align_corners=True)
-    templates = templates / templates.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
-    n = n_train + n_test
-    y = (torch.arange(n) % n_classes)[torch.randperm(n, generator=g)]
-    x = signal * templates[y] + torch.randn(n, 3, image_size, image_size, generator=g)
-    xte, yte = x[n_train:], y[n_train:]
-    dist = torch.cdist(xte.flatten(1), signal * templates.flatten(1))
-    bayes = float((dist.argmin(1) == yte).double().mean())
-    return Dataset(name="template-images", x_train=x[:n_train], y_train=y[:n_train],
-                   x_test=xte, y_test=yte, n_classes=n_classes,
-                   input_shape=(3, image_size, image_size), data_dim=3 * smoothness ** 2,
-                   info=dict(source="class templates + white noise", signal=signal,
-                             smoothness=smoothness, seed=seed, bayes_accuracy=bayes))

@@ -13,110 +13,87 @@ from landscape_ext.results import JsonlWriter
 
 from .. import training
 from .._results import PathLike
-from ..data import Dataset, get_dataset
+from ..data import GENERATED_DEFAULTS, Dataset, get_dataset
 from ..models import build_model, default_model_kwargs
-from ..scaling import phi as phi_metric
-from ..training import Callback, TrainConfig, TrainState
+from ..training import TrainConfig
 from . import sharding, store
-from .config import Cell, SweepConfig, SweepSummary
+from .config import TRANSFORMER_HEADS, Cell, SweepConfig, SweepSummary
 from .fitting import fit_sweep
+from .measuring import CellRecorder, measurement_batches
 
 __all__ = ["run_sweep"]
 
 log = logging.getLogger(__name__)
 
 
-class _Measure(Callback):
-    """Writes one measurement line per wanted epoch (callback of the sweep's training)."""
-
-    def __init__(self, cfg: SweepConfig, cell: Cell, dataset: Dataset, writer: JsonlWriter,
-                 done_epochs: set, chash: str, lr: float):
-        super().__init__(every_steps=None, every_epochs=1, at_start=True, at_end=False)
-        self.cfg, self.cell, self.ds, self.writer = cfg, cell, dataset, writer
-        self.done_epochs, self.chash, self.lr = done_epochs, chash, lr
-        self.batch = None
-        self.n_written = 0
-
-    def measure(self, state: TrainState) -> None:
-        epoch = state.epoch
-        if epoch not in self.cfg.measure_epochs or epoch in self.done_epochs:
-            return
-        t0 = time.perf_counter()
-        cfg, cell, ds = self.cfg, self.cell, self.ds
-        if self.batch is None:
-            x, y = ds.subset(cfg.n_samples, "train", seed=0)
-            self.batch = (x.to(cfg.device), y.to(cfg.device))
-        stats, _ = training.curvature_stats(
-            state.model, state.loss_fn, self.batch, k=0, tol=cfg.tol,
-            trace_matvecs=cfg.trace_matvecs, spectral_norm=True,
-            per_sample_loss=state.per_sample_loss, grad_k=cfg.grad_k, seed=cell.seed)
-        train_loss, train_acc = training.evaluate(state.model, ds.x_train, ds.y_train,
-                                                  state.loss_fn, device=cfg.device)
-        test_loss, test_acc = training.evaluate(state.model, ds.x_test, ds.y_test,
-                                                state.loss_fn, device=cfg.device)
-        rec: Dict[str, Any] = dict(
-            kind="measurement", cell=cell.key, cell_index=cell.index, dataset=cell.dataset,
-            optimizer=cell.optimizer, model=cfg.model, width=cell.width, depth=cell.depth,
-            seed=cell.seed, epoch=epoch, step=state.step, lr=self.lr, data_dim=ds.data_dim,
-            train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
-            gen_gap=train_acc - test_acc, loss_gap=test_loss - train_loss, config_hash=self.chash)
-        rec.update(stats)
-        rank = stats.get("grad_effective_rank")
-        if rank is not None and stats.get("trace") is not None and stats["spectral_norm"] > 0:
-            rec["phi"] = phi_metric(stats["trace"], stats["spectral_norm"], stats["n_params"],
-                                    rank, ds.data_dim)
-        rec["measure_time_s"] = time.perf_counter() - t0
-        self.writer.write(rec)
-        self.done_epochs.add(epoch)
-        self.n_written += 1
-
-
 def _dataset(cfg: SweepConfig, name: str, cache: Dict[str, Dataset]) -> Dataset:
-    """Data set ``name`` as the sweep uses it (images for ResNet/ViT, capped at ``max_train``),
-    loaded once per run."""
+    """Data set ``name`` as the sweep uses it (images for ResNet/ViT, text for the LM, capped
+    at ``max_train``; a generated set is generated with ``max_train`` training samples), loaded
+    once per run."""
     if name not in cache:
         kw = dict(cfg.dataset_kwargs.get(name, {}))
         if name == "digits" and cfg.model in ("resnet", "vit"):
             kw.setdefault("images", True)
-        if name in ("cifar10", "cifar100") and cfg.max_train is not None:
+        if name in ("cifar10", "cifar100", *GENERATED_DEFAULTS) and cfg.max_train is not None:
             kw.setdefault("n_train", cfg.max_train)
         ds = get_dataset(name, cfg.data_dir, **kw)
-        if ds.task != "classification":
-            raise ValueError(f"sweep: data set {name!r} is not a classification task")
+        want = "language_model" if cfg.model == "lm" else "classification"
+        if ds.task != want:
+            kinds = {"language_model": "a language-model data set (synthetic-text, wikitext2)",
+                     "classification": "a classification data set"}
+            raise ValueError(f"sweep: model {cfg.model!r} needs {kinds[want]}; {name!r} is "
+                             f"{kinds[ds.task]}")
         if cfg.max_train is not None and ds.n_train > cfg.max_train:
             ds = dataclasses.replace(ds, x_train=ds.x_train[: cfg.max_train],
                                      y_train=ds.y_train[: cfg.max_train])
+        _warn_unreachable(cfg, ds)
         cache[name] = ds
     return cache[name]
 
 
+def _warn_unreachable(cfg: SweepConfig, ds: Dataset) -> None:
+    """Warn when the loss criterion is below the best loss a generated data set allows."""
+    best = ds.info.get("optimal_loss")
+    if cfg.train_to_loss is not None and best is not None and cfg.train_to_loss < best:
+        log.warning("sweep: train_to_loss = %g is below the best achievable loss %.4f of %s "
+                    "(its entropy rate); a cell reaches it only by memorizing the training "
+                    "sequences", cfg.train_to_loss, best, ds.name)
+
+
 def _run_cell(cfg: SweepConfig, cell: Cell, ds: Dataset, writer: JsonlWriter,
               done_epochs: set, chash: str) -> int:
-    """Train ``cell`` from its seed, writing the measurements of the epochs not in
-    ``done_epochs``; returns how many were written."""
-    kw = default_model_kwargs(cfg.model, ds.input_shape, ds.n_classes, width=cell.width,
-                              depth=cell.depth, seed=cell.seed)
+    """Train ``cell`` from its seed to the criterion or ``max_epochs``, writing the measurements
+    of the epochs not in ``done_epochs``; returns how many were written."""
+    extra: Dict[str, Any] = {"heads": TRANSFORMER_HEADS} if cfg.model in ("vit", "lm") else {}
     if cfg.model == "mlp":
-        kw["activation"] = cfg.activation
+        extra["activation"] = cfg.activation
+    kw = default_model_kwargs(cfg.model, ds.input_shape, ds.n_classes, width=cell.width,
+                              depth=cell.depth, seed=cell.seed, **extra)
     model = build_model(cfg.model, **kw)
     lr = cfg.lr_for(cell.optimizer)
-    train_cfg = TrainConfig(epochs=max(cfg.measure_epochs), batch_size=cfg.batch_size,
+    train_cfg = TrainConfig(epochs=cfg.max_epochs, batch_size=cfg.batch_size,
                             optimizer=cell.optimizer, lr=lr,
                             momentum=cfg.momentum if cell.optimizer == "sgd" else 0.0,
                             seed=cell.seed, device=cfg.device)
-    measure = _Measure(cfg, cell, ds, writer, done_epochs, chash, lr)
-    training.train(model, ds, train_cfg, callbacks=[measure], progress=False)
-    return measure.n_written
+    recorder = CellRecorder(cfg, cell, ds, writer, done_epochs, chash, lr,
+                            measurement_batches(cfg, ds))
+    training.train(model, ds, train_cfg, callbacks=[recorder], progress=False)
+    return recorder.n_written
 
 
 def _progress_state(records: Sequence[Dict[str, Any]], chash: str,
-                    measure_epochs: Optional[Sequence[int]] = None, warn: bool = True
+                    cfg: Optional[SweepConfig] = None, warn: bool = True
                     ) -> Tuple[set, Dict[str, List[int]]]:
     """(finished cell keys, measured epochs per cell) of the records with ``config_hash ==
-    chash``. A cell is finished when it has a ``cell_done`` line and (given ``measure_epochs``)
-    a measurement at each of those epochs; records missing their fields are ignored."""
+    chash``; records missing their fields are ignored.
+
+    A cell is finished when it has a ``cell_done`` line and (given ``cfg``) a measurement where
+    it stops: the epoch it reached the criterion, else ``cfg.max_epochs`` (so a cell stopped by
+    a smaller ``max_epochs`` trains on when it grows), and at each of ``cfg.measure_epochs``
+    up to there."""
     done = set()
     measured: Dict[str, List[int]] = {}
+    reached_at: Dict[str, int] = {}
     others = set()
     for r in records:
         if r.get("config_hash") != chash:
@@ -130,14 +107,20 @@ def _progress_state(records: Sequence[Dict[str, Any]], chash: str,
             done.add(cell)
         elif r.get("kind") == "measurement":
             try:
-                measured.setdefault(cell, []).append(int(r["epoch"]))
+                epoch = int(r["epoch"])
             except (KeyError, TypeError, ValueError):
                 continue
-    if measure_epochs is not None:
-        want = set(int(e) for e in measure_epochs)
-        finished = {c for c in done if want <= set(measured.get(c, ()))}
-    else:
-        finished = done
+            measured.setdefault(cell, []).append(epoch)
+            if r.get("final") and r.get("reached_criterion"):
+                reached_at[cell] = epoch
+    finished = done
+    if cfg is not None:
+        def complete(cell: str) -> bool:
+            stop = reached_at.get(cell, cfg.max_epochs)
+            want = {e for e in cfg.measure_epochs if e <= stop} | {stop}
+            return want <= set(measured.get(cell, ()))
+
+        finished = {c for c in done if complete(c)}
     if others and warn:
         log.warning("sweep: the results directory also holds records made with other settings "
                     "(config hashes %s); they are not reused", sorted(others))
@@ -165,7 +148,7 @@ class _ShardRun:
         the others are measured."""
         cfg, shard = self.cfg, self.shard
         records = store.load_results(self.out) if resume else []
-        finished, self.measured = _progress_state(records, self.chash, cfg.measure_epochs)
+        finished, self.measured = _progress_state(records, self.chash, cfg)
         self.complete_at_start = self.keys <= finished
         self.todo = [c for c in self.mine if c.key not in finished]
         log.info("sweep: %d cells in the grid, %d in shard %d/%d, %d already finished",
@@ -204,7 +187,7 @@ class _ShardRun:
                         read_back=detect_completion and j == len(todo) - 1)
                     if records is not None:
                         done, _ = _progress_state(store._legacy_results(self.out) + records,
-                                                  self.chash, self.cfg.measure_epochs, warn=False)
+                                                  self.chash, self.cfg, warn=False)
                         self.completed_grid = self.keys <= done
                     self.n_run += 1
                     if bar is not None:
@@ -228,12 +211,14 @@ class _ShardRun:
                      "scaling law (or run --fit-only)")
         return False
 
-    def fit(self, report: bool) -> Optional[Dict[str, Any]]:
-        """:func:`fit_sweep` when every cell of the grid is finished (over all shards)."""
-        finished, _ = _progress_state(store.load_results(self.out), self.chash,
-                                      self.cfg.measure_epochs, warn=False)
+    def fit(self, report: bool, fit_kwargs: Optional[Dict[str, Any]] = None
+            ) -> Optional[Dict[str, Any]]:
+        """:func:`fit_sweep` (with ``fit_kwargs``) when every cell of the grid is finished (over
+        all shards)."""
+        finished, _ = _progress_state(store.load_results(self.out), self.chash, self.cfg,
+                                      warn=False)
         if self.keys <= finished:
-            return fit_sweep(self.out, report=report)
+            return fit_sweep(self.out, report=report, **(fit_kwargs or {}))
         log.info("sweep: %d of %d cells finished over all shards; the fit runs when all "
                  "are done (or with --fit-only)", len(finished & self.keys), len(self.cells))
         return None
@@ -241,7 +226,8 @@ class _ShardRun:
 
 def run_sweep(cfg: SweepConfig, out_dir: PathLike, *,
               shard: Union[Tuple[int, int], str, None] = None, resume: bool = True,
-              fit: bool = True, progress: bool = True, report: bool = True) -> SweepSummary:
+              fit: bool = True, progress: bool = True, report: bool = True,
+              fit_kwargs: Optional[Dict[str, Any]] = None) -> SweepSummary:
     """Run this shard's cells of the grid, appending measurements to ``out_dir/results.jsonl``
     (shared by every shard; each line written under a file lock).
 
@@ -264,6 +250,11 @@ def run_sweep(cfg: SweepConfig, out_dir: PathLike, *,
         the grid, or shard 0 when the grid was complete at start.
     progress : bool
         tqdm bar over the cells.
+    report : bool
+        Write the sweep report with the fit.
+    fit_kwargs : dict, optional
+        Further arguments of :func:`fit_sweep` (``statistic``, ``fit_all``, ``weighted``,
+        ``n_bootstrap``, ``seed``).
 
     Returns
     -------
@@ -299,5 +290,5 @@ def run_sweep(cfg: SweepConfig, out_dir: PathLike, *,
     if distributed:
         sharding._rank_sync(error)   # every rank's cells are written (or every rank raises)
     if fit and run.fits_here():
-        summary.fit = run.fit(report)
+        summary.fit = run.fit(report, fit_kwargs)
     return summary
