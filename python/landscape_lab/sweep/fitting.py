@@ -113,6 +113,9 @@ def _fit_group(group: Sequence[Dict[str, Any]], statistic: str, epoch: Optional[
                               n_bootstrap=n_bootstrap, seed=seed, weights=weights)
     except ValueError as err:
         entry["error"] = str(err)
+        if info["n_not_reached"] and not fit_all:
+            entry["error"] += (f"; {info['n_not_reached']} of {info['n_cells']} cells were left "
+                               f"out for not reaching {info['criterion']} (--fit-all keeps them)")
         return entry, None
     entry["fit"] = law.to_dict()
     return entry, law
@@ -194,7 +197,7 @@ def fit_sweep(out_dir: PathLike, *, statistic: str = "spectral_norm", epoch: Opt
             log.info("scaling law %s:\n%s", name, law)
         else:
             log.warning("scaling law %s: %s", name, entry["error"])
-        if entry["n_not_reached"] and not fit_all:
+        if entry["n_not_reached"] and not fit_all and law is not None:
             log.warning("scaling law %s: %d of %d cells did not reach %s and are left out "
                         "(--fit-all keeps them)", name, entry["n_not_reached"],
                         entry["n_cells"], entry["criterion"])

@@ -55,9 +55,9 @@ def _warn_unreachable(cfg: SweepConfig, ds: Dataset) -> None:
     """Warn when the loss criterion is below the best loss a generated data set allows."""
     best = ds.info.get("optimal_loss")
     if cfg.train_to_loss is not None and best is not None and cfg.train_to_loss < best:
-        log.warning("sweep: train_to_loss = %g is below the best achievable loss %.4f of %s "
-                    "(its entropy rate); a cell reaches it only by memorizing the training "
-                    "sequences", cfg.train_to_loss, best, ds.name)
+        log.warning("sweep: train_to_loss = %g is below %.4f, the best mean loss a model can "
+                    "reach on %s (from its source's entropy); a cell reaches it only by "
+                    "memorizing the training sequences", cfg.train_to_loss, best, ds.name)
 
 
 def _run_cell(cfg: SweepConfig, cell: Cell, ds: Dataset, writer: JsonlWriter,
