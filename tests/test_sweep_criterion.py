@@ -116,6 +116,14 @@ def test_interrupted_criterion_sweep_resumes(tmp_path, count_training):
     assert {r["epoch"] for r in finals.values()} == {3}
     assert all(r["reached_criterion"] is False and r["epochs_to_criterion"] is None
                for r in finals.values())
+    # shrunk: epoch 1 was a trajectory point; it is measured again as the final one
+    s = run_sweep(_cfg(widths=[3, 5], train_to_loss=1e-4, max_epochs=1, measure_epochs=[0, 1]),
+                  out, progress=False, fit=False)
+    assert s.n_run == 2 and count_training[-2:] == [1, 1]
+    finals = sweep.final_measurements(sweep.measurements(load_results(out)))
+    assert {(r["epoch"], r["final"]) for r in finals.values()} == {(1, True)}
+    assert fit_points(sweep.measurements(load_results(out)), "spectral_norm", fit_all=True)[1][
+        "n_cells"] == 2
 
     easy = _cfg(widths=[3, 5], train_to_loss=50.0, max_epochs=2)
     run_sweep(easy, tmp_path / "reached", progress=False, fit=False)

@@ -20,27 +20,29 @@ log = logging.getLogger(__name__)
 
 def measurements(records: Sequence[Dict[str, Any]], config_hash: Optional[str] = None
                  ) -> List[Dict[str, Any]]:
-    """Measurement records (deduplicated by (cell, epoch, config_hash); the last wins),
-    optionally of one ``config_hash``."""
+    """Measurement records (deduplicated by (cell, epoch, config_hash); the last wins), in the
+    order of their last write, optionally of one ``config_hash``."""
     seen: Dict[Tuple[str, int, Optional[str]], Dict[str, Any]] = {}
     for r in records:
         if r.get("kind") != "measurement":
             continue
         if config_hash is not None and r.get("config_hash") != config_hash:
             continue
-        seen[(r["cell"], int(r["epoch"]), r.get("config_hash"))] = r
+        key = (r["cell"], int(r["epoch"]), r.get("config_hash"))
+        seen.pop(key, None)
+        seen[key] = r
     return list(seen.values())
 
 
 def final_measurements(group: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Each cell's final measurement (where it stopped: at the criterion or ``max_epochs``; the
-    latest such epoch when ``max_epochs`` grew). Records of older versions, without ``final``,
-    count as final at the group's last epoch."""
+    last written when ``max_epochs`` changed), from records in the order of their writing (as
+    :func:`measurements` returns them). Records of older versions, without ``final``, count as
+    final at the group's last epoch."""
     last = max(int(r["epoch"]) for r in group)
     out: Dict[str, Dict[str, Any]] = {}
     for r in group:
-        is_final = r.get("final") if "final" in r else int(r["epoch"]) == last
-        if is_final and (r["cell"] not in out or r["epoch"] > out[r["cell"]]["epoch"]):
+        if r.get("final") if "final" in r else int(r["epoch"]) == last:
             out[r["cell"]] = r
     return out
 
