@@ -147,3 +147,32 @@ def test_get_dataset_registry(tmp_path):
         get_dataset("mnist")
     _write_wiki(tmp_path)
     assert get_dataset("wikitext2", tmp_path, seq_len=3).task == "language_model"
+
+
+def test_generated_image_and_text_sets():
+    from landscape_lab.data import DATASETS, GENERATED_DEFAULTS, markov_text, template_images
+
+    assert {"gaussian-images", "synthetic-text"} <= set(DATASETS)
+    img = get_dataset("gaussian-images", channels=2, image_size=(6, 10), n_train=40, n_test=20,
+                      n_classes=4, seed=1)
+    assert img.name == "gaussian-images" and img.x_train.shape == (40, 2, 6, 10)
+    assert img.input_shape == (2, 6, 10) and img.n_classes == 4 and img.data_dim == 2 * 4 ** 2
+    # the same generator as template_images, under the registry name
+    same = template_images(n_train=40, n_test=20, n_classes=4, image_size=(6, 10), channels=2,
+                           seed=1, signal=GENERATED_DEFAULTS["gaussian-images"]["signal"])
+    assert torch.equal(same.x_train, img.x_train) and same.name == "template-images"
+    # class means are smooth templates: neighbouring pixels of a class mean are correlated
+    big = template_images(n_train=2000, n_test=10, n_classes=2, image_size=12, signal=1.0,
+                          channels=1, seed=0)
+    m = big.x_train[big.y_train == 0].mean(0)[0]
+    assert torch.corrcoef(torch.stack([m[:, :-1].reshape(-1), m[:, 1:].reshape(-1)]))[0, 1] > 0.8
+    d = get_dataset("gaussian-images")
+    assert d.input_shape == (3, 16, 16) and d.n_train == 1024 and d.info["bayes_accuracy"] > 0.9
+    txt = get_dataset("synthetic-text", n_train=8, n_test=4, seq_len=5, vocab_size=6, seed=2)
+    assert txt.name == "synthetic-text" and txt.task == "language_model"
+    assert txt.x_train.shape == (8, 5) and txt.n_classes == 6
+    same_text = markov_text(n_train=8, n_test=4, seq_len=5, vocab_size=6, branching=2, seed=2)
+    assert torch.equal(txt.x_train, same_text.x_train) and same_text.name == "markov-text"
+    assert 0 < txt.info["entropy_rate"] < txt.info["optimal_loss"] < np.log(6)
+    with pytest.raises(ValueError, match="channels=0"):
+        template_images(channels=0)

@@ -215,3 +215,32 @@ def test_architecture_search_errors():
     # per-configuration data_dim is used when no default is passed
     res = architecture_search([8], [1], lambda w, d: dict(_measure(w, d), data_dim=7))
     assert res.best["data_dim"] == 7
+
+
+def test_weighted_fit_is_weighted_least_squares():
+    """weights=w solves min sum w_i (log v_i - log c - alpha log n_i - beta L_i)^2 (numpy's lstsq
+    on the sqrt(w)-scaled rows is the reference); equal weights give the unweighted fit; with
+    unequal noise the weighted estimate is the closer one."""
+    rng = np.random.default_rng(1)
+    n, L, _ = synthetic(rng, repeats=1)
+    sd = np.where(np.arange(n.size) % 2 == 0, 0.02, 0.4)         # two precisions of log v
+    v = C * n**ALPHA * np.exp(BETA * L) * np.exp(sd * rng.standard_normal(n.size))
+    w = 1.0 / sd**2
+    fit = fit_scaling_law(n, L, v, n_bootstrap=400, weights=w)
+    X = np.stack([np.ones_like(n), np.log(n), L], 1)
+    ref = np.linalg.lstsq(X * np.sqrt(w)[:, None], np.log(v) * np.sqrt(w), rcond=None)[0]
+    assert [math.log(fit.c), fit.alpha, fit.beta] == pytest.approx(ref.tolist(), rel=1e-10)
+    assert fit.weights == pytest.approx((w / w.mean()).tolist())
+    assert fit.residuals == pytest.approx((np.log(v) - X @ ref).tolist())
+    assert fit.alpha_ci[0] < fit.alpha < fit.alpha_ci[1] and fit.beta_ci[0] < fit.beta < fit.beta_ci[1]
+    plain = fit_scaling_law(n, L, v, n_bootstrap=0)
+    assert abs(fit.alpha - ALPHA) < abs(plain.alpha - ALPHA)      # the precise points count more
+    same = fit_scaling_law(n, L, v, n_bootstrap=50, weights=np.full(n.size, 7.0), seed=3)
+    ref_same = fit_scaling_law(n, L, v, n_bootstrap=50, seed=3)
+    assert same.alpha == pytest.approx(ref_same.alpha) and same.alpha_ci == pytest.approx(
+        ref_same.alpha_ci) and same.r_squared == pytest.approx(ref_same.r_squared)
+    assert "weighted" in str(fit) and "weighted" not in str(plain)
+    with pytest.raises(ValueError, match="weights has 3 entries for 20 points"):
+        fit_scaling_law(n, L, v, weights=[1, 2, 3])
+    with pytest.raises(ValueError, match="weights must be positive, got 0 at index 4"):
+        fit_scaling_law(n, L, v, weights=np.where(np.arange(20) == 4, 0.0, 1.0))

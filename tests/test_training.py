@@ -137,3 +137,32 @@ def test_adam_has_no_eos_line_and_language_model_trains(tmp_path):
     curv = res.records("curvature")
     assert len(curv) == 1 and math.isfinite(curv[0]["lambda_max"])
     assert 0 <= res.records("metrics")[-1]["test_acc"] <= 1
+
+
+def test_a_callback_stops_training(tiny):
+    """state.stop from on_epoch_end ends training after that epoch; from on_step_end after that
+    step; the on_train_end hooks still run."""
+    from landscape_lab.training import Callback
+
+    class StopAt(Callback):
+        def __init__(self, epoch=None, step=None):
+            super().__init__(at_start=False, at_end=False)
+            self.epoch, self.step, self.ended = epoch, step, False
+
+        def on_epoch_end(self, state):
+            state.stop = state.stop or state.epoch == self.epoch
+
+        def on_step_end(self, state):
+            state.stop = state.stop or state.step == self.step
+
+        def on_train_end(self, state):
+            self.ended = True
+
+    per_epoch = math.ceil(tiny.n_train / 30)
+    cb = StopAt(epoch=2)
+    res = train(_model(tiny), tiny, TrainConfig(epochs=5, batch_size=30), callbacks=[cb],
+                progress=False)
+    assert (res.epochs, res.steps, cb.ended) == (2, 2 * per_epoch, True)
+    res = train(_model(tiny), tiny, TrainConfig(epochs=5, batch_size=30),
+                callbacks=[StopAt(step=per_epoch + 1)], progress=False)
+    assert res.steps == per_epoch + 1

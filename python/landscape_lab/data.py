@@ -599,8 +599,8 @@ DATASETS = ("digits", "gaussian", "gaussian-images", "synthetic-text", "cifar10"
 #: of small models trains on them in seconds per cell on a CPU); keyword arguments override.
 GENERATED_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "gaussian-images": dict(n_train=1024, n_test=256, n_classes=10, image_size=(16, 16),
-                            channels=3, signal=0.15, smoothness=4),
-    "synthetic-text": dict(n_train=1024, n_test=256, seq_len=16, vocab_size=16, branching=3,
+                            channels=3, signal=0.3, smoothness=4),
+    "synthetic-text": dict(n_train=1024, n_test=256, seq_len=16, vocab_size=8, branching=2,
                            floor=0.02),
 }
 

@@ -4,8 +4,10 @@
   semicircle fit and spikes, blockwise spectra (per parameter block), gradient-covariance
   spectrum and ranks, ``lambda_max`` over training, loss barrier (module :mod:`.model`, its
   text :mod:`.model_doc`);
-* :func:`sweep_report` — a width x depth sweep: scaling-law fit, Phi over the grid, gap against
-  gradient rank (module :mod:`.sweep`);
+* :func:`sweep_report` — width x depth sweeps, side by side: where the cells reached the training
+  criterion, the scaling law per architecture and data set with alpha and beta compared, the
+  verdicts on the proposal's conjectures, the statistics with their batch-to-batch spread, Phi
+  over the grid, gap against gradient rank (modules :mod:`.sweep`, :mod:`.sweep_figures`);
 * :func:`example_report` — trains a built-in example (MLPs; a causal transformer LM and a
   ViT, models and data in :mod:`.transformer_examples`) and writes its model report (module
   :mod:`.examples`).

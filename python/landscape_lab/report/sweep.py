@@ -111,7 +111,9 @@ def _write_scaling_law(doc: _Doc, fits: Dict[str, Any], entries: Dict[str, Dict[
         if e.get("error"):
             doc.p(f"{name}: no fit ({e['error']}).")
     if not fits:
-        doc.p("No scaling-law fit (too few points or degenerate grid); see scaling_fit.json.")
+        doc.p("No scaling-law fit" + (" (the reasons above)." if entries else
+                                      " (too few points or degenerate grid); see "
+                                      "scaling_fit.json."))
         return
     doc.p(f"Fit of {statistic} = c n^alpha exp(beta L) (log-linear least squares, 95% "
           f"bootstrap intervals) at each cell's final measurement, over the cells that reached "
@@ -120,7 +122,9 @@ def _write_scaling_law(doc: _Doc, fits: Dict[str, Any], entries: Dict[str, Dict[
     rows = []
     for name, f in sorted(fits.items()):
         e = entries.get(name, {})
-        left = e.get("n_not_reached", 0) if not e.get("fit_all") else 0
+        left: Any = e.get("n_not_reached", 0)
+        if e.get("fit_all") and left:
+            left = f"none ({left} not reached, kept: --fit-all)"
         rows.append([name, f.n_points, left, f.alpha, _fmt_ci(f.alpha_ci), f.beta,
                      _fmt_ci(f.beta_ci), f.c, f.r_squared,
                      "yes" if f.weights is not None else "no"])
@@ -165,7 +169,7 @@ def _write_conjectures(doc: _Doc, fits: Dict[str, Any], final: List[Dict[str, An
             ci = getattr(f, f"{key}_ci")
             verdict = _claim_verdict(ci, lo, hi) if ci is not None else "not resolved"
             note(claim, verdict, name)
-            words.append(f"{claim} is {verdict} by the CI" if ci is not None
+            words.append(f"{claim} is {verdict} by the CI ({_fmt_ci(ci)})" if ci is not None
                          else f"{claim} cannot be tested ({key} not identifiable)")
         if f.note:
             words.append(f.note)

@@ -20,27 +20,29 @@ log = logging.getLogger(__name__)
 
 def measurements(records: Sequence[Dict[str, Any]], config_hash: Optional[str] = None
                  ) -> List[Dict[str, Any]]:
-    """Measurement records (deduplicated by (cell, epoch, config_hash); the last wins),
-    optionally of one ``config_hash``."""
+    """Measurement records (deduplicated by (cell, epoch, config_hash); the last wins), in the
+    order of their last write, optionally of one ``config_hash``."""
     seen: Dict[Tuple[str, int, Optional[str]], Dict[str, Any]] = {}
     for r in records:
         if r.get("kind") != "measurement":
             continue
         if config_hash is not None and r.get("config_hash") != config_hash:
             continue
-        seen[(r["cell"], int(r["epoch"]), r.get("config_hash"))] = r
+        key = (r["cell"], int(r["epoch"]), r.get("config_hash"))
+        seen.pop(key, None)
+        seen[key] = r
     return list(seen.values())
 
 
 def final_measurements(group: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Each cell's final measurement (where it stopped: at the criterion or ``max_epochs``; the
-    latest such epoch when ``max_epochs`` grew). Records of older versions, without ``final``,
-    count as final at the group's last epoch."""
+    last written when ``max_epochs`` changed), from records in the order of their writing (as
+    :func:`measurements` returns them). Records of older versions, without ``final``, count as
+    final at the group's last epoch."""
     last = max(int(r["epoch"]) for r in group)
     out: Dict[str, Dict[str, Any]] = {}
     for r in group:
-        is_final = r.get("final") if "final" in r else int(r["epoch"]) == last
-        if is_final and (r["cell"] not in out or r["epoch"] > out[r["cell"]]["epoch"]):
+        if r.get("final") if "final" in r else int(r["epoch"]) == last:
             out[r["cell"]] = r
     return out
 
@@ -113,6 +115,9 @@ def _fit_group(group: Sequence[Dict[str, Any]], statistic: str, epoch: Optional[
                               n_bootstrap=n_bootstrap, seed=seed, weights=weights)
     except ValueError as err:
         entry["error"] = str(err)
+        if info["n_not_reached"] and not fit_all:
+            entry["error"] += (f"; {info['n_not_reached']} of {info['n_cells']} cells were left "
+                               f"out for not reaching {info['criterion']} (--fit-all keeps them)")
         return entry, None
     entry["fit"] = law.to_dict()
     return entry, law
@@ -194,7 +199,7 @@ def fit_sweep(out_dir: PathLike, *, statistic: str = "spectral_norm", epoch: Opt
             log.info("scaling law %s:\n%s", name, law)
         else:
             log.warning("scaling law %s: %s", name, entry["error"])
-        if entry["n_not_reached"] and not fit_all:
+        if entry["n_not_reached"] and not fit_all and law is not None:
             log.warning("scaling law %s: %d of %d cells did not reach %s and are left out "
                         "(--fit-all keeps them)", name, entry["n_not_reached"],
                         entry["n_cells"], entry["criterion"])

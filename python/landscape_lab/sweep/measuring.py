@@ -42,14 +42,15 @@ def measurement_batches(cfg: SweepConfig, ds: Dataset) -> List[Tuple[Tensor, Ten
 class CellRecorder(Callback):
     """Callback of one cell's training: checks the criterion after every epoch (stopping the
     training when it is met or ``max_epochs`` is reached) and writes a measurement line at the
-    wanted epochs not in ``done_epochs`` and at the stop."""
+    wanted epochs and at the stop, unless ``done`` (``{epoch: final}`` of the lines already
+    written) has it (for the stop: as a final line)."""
 
     def __init__(self, cfg: SweepConfig, cell: Cell, dataset: Dataset, writer: JsonlWriter,
-                 done_epochs: set, chash: str, lr: float,
+                 done: Dict[int, bool], chash: str, lr: float,
                  batches: List[Tuple[Tensor, Tensor]]):
         super().__init__(every_steps=None, every_epochs=None, at_start=True, at_end=False)
         self.cfg, self.cell, self.ds, self.writer = cfg, cell, dataset, writer
-        self.done_epochs, self.chash, self.lr = done_epochs, chash, lr
+        self.done, self.chash, self.lr = done, chash, lr
         self.batches = [(x.to(cfg.device), y.to(cfg.device)) for x, y in batches]
         self.epochs_to_criterion: Optional[int] = None
         self.n_written = 0
@@ -74,9 +75,9 @@ class CellRecorder(Callback):
             final = True
         if final:
             state.stop = True
-        if (wanted or final) and epoch not in self.done_epochs:
+        if (final and not self.done.get(epoch)) or (wanted and epoch not in self.done):
             self.writer.write(self._record(state, train, final))
-            self.done_epochs.add(epoch)
+            self.done[epoch] = final
             self.n_written += 1
 
     def _record(self, state: TrainState, train: Tuple[float, float], final: bool

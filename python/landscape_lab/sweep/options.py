@@ -191,7 +191,7 @@ def fit_lines(summary: Dict[str, Any]) -> List[str]:
         left = (f", {e['n_not_reached']} of {e['n_cells']} cells left out (criterion "
                 f"not reached)" if e.get("n_not_reached") and not e.get("fit_all") else "")
         if not f:
-            lines.append(f"{name}: no fit ({e.get('error')}){left}")
+            lines.append(f"{name}: no fit ({e.get('error')})")
             continue
         ci = {k: ("" if f.get(f"{k}_ci") is None
                   else f" [{f[f'{k}_ci'][0]:.3g}, {f[f'{k}_ci'][1]:.3g}]")

@@ -55,15 +55,16 @@ def _warn_unreachable(cfg: SweepConfig, ds: Dataset) -> None:
     """Warn when the loss criterion is below the best loss a generated data set allows."""
     best = ds.info.get("optimal_loss")
     if cfg.train_to_loss is not None and best is not None and cfg.train_to_loss < best:
-        log.warning("sweep: train_to_loss = %g is below the best achievable loss %.4f of %s "
-                    "(its entropy rate); a cell reaches it only by memorizing the training "
-                    "sequences", cfg.train_to_loss, best, ds.name)
+        log.warning("sweep: train_to_loss = %g is below %.4f, the best mean loss a model can "
+                    "reach on %s (from its source's entropy); a cell reaches it only by "
+                    "memorizing the training sequences", cfg.train_to_loss, best, ds.name)
 
 
 def _run_cell(cfg: SweepConfig, cell: Cell, ds: Dataset, writer: JsonlWriter,
-              done_epochs: set, chash: str) -> int:
+              done: Dict[int, bool], chash: str) -> int:
     """Train ``cell`` from its seed to the criterion or ``max_epochs``, writing the measurements
-    of the epochs not in ``done_epochs``; returns how many were written."""
+    not in ``done`` (``{epoch: final}`` of the lines already written); returns how many were
+    written."""
     extra: Dict[str, Any] = {"heads": TRANSFORMER_HEADS} if cfg.model in ("vit", "lm") else {}
     if cfg.model == "mlp":
         extra["activation"] = cfg.activation
@@ -75,7 +76,7 @@ def _run_cell(cfg: SweepConfig, cell: Cell, ds: Dataset, writer: JsonlWriter,
                             optimizer=cell.optimizer, lr=lr,
                             momentum=cfg.momentum if cell.optimizer == "sgd" else 0.0,
                             seed=cell.seed, device=cfg.device)
-    recorder = CellRecorder(cfg, cell, ds, writer, done_epochs, chash, lr,
+    recorder = CellRecorder(cfg, cell, ds, writer, done, chash, lr,
                             measurement_batches(cfg, ds))
     training.train(model, ds, train_cfg, callbacks=[recorder], progress=False)
     return recorder.n_written
@@ -83,17 +84,19 @@ def _run_cell(cfg: SweepConfig, cell: Cell, ds: Dataset, writer: JsonlWriter,
 
 def _progress_state(records: Sequence[Dict[str, Any]], chash: str,
                     cfg: Optional[SweepConfig] = None, warn: bool = True
-                    ) -> Tuple[set, Dict[str, List[int]]]:
-    """(finished cell keys, measured epochs per cell) of the records with ``config_hash ==
-    chash``; records missing their fields are ignored.
+                    ) -> Tuple[set, Dict[str, Dict[int, bool]]]:
+    """(finished cell keys, ``{cell: {epoch: final}}``: the measured epochs of each cell and
+    whether their latest line is a final one) of the records with ``config_hash == chash``;
+    records missing their fields are ignored.
 
-    A cell is finished when it has a ``cell_done`` line and (given ``cfg``) a measurement where
-    it stops: the epoch it reached the criterion, else ``cfg.max_epochs`` (so a cell stopped by
-    a smaller ``max_epochs`` trains on when it grows), and at each of ``cfg.measure_epochs``
-    up to there."""
+    A cell is finished when it has a ``cell_done`` line and (given ``cfg``) a final measurement
+    where it stops under ``cfg`` (the first epoch it reached the criterion, if not after
+    ``cfg.max_epochs``, else ``cfg.max_epochs``: ``max_epochs`` is not in the hash, so a cell
+    trains on when it grows, and is measured again where it stops when it shrinks), and a
+    measurement at each of ``cfg.measure_epochs`` up to there."""
     done = set()
-    measured: Dict[str, List[int]] = {}
-    reached_at: Dict[str, int] = {}
+    measured: Dict[str, Dict[int, bool]] = {}
+    reached: Dict[str, set] = {}
     others = set()
     for r in records:
         if r.get("config_hash") != chash:
@@ -110,15 +113,17 @@ def _progress_state(records: Sequence[Dict[str, Any]], chash: str,
                 epoch = int(r["epoch"])
             except (KeyError, TypeError, ValueError):
                 continue
-            measured.setdefault(cell, []).append(epoch)
+            measured.setdefault(cell, {})[epoch] = bool(r.get("final"))
             if r.get("final") and r.get("reached_criterion"):
-                reached_at[cell] = epoch
+                reached.setdefault(cell, set()).add(epoch)
     finished = done
     if cfg is not None:
         def complete(cell: str) -> bool:
-            stop = reached_at.get(cell, cfg.max_epochs)
-            want = {e for e in cfg.measure_epochs if e <= stop} | {stop}
-            return want <= set(measured.get(cell, ()))
+            stop = min([e for e in reached.get(cell, ()) if e <= cfg.max_epochs]
+                       or [cfg.max_epochs])
+            have = measured.get(cell, {})
+            return have.get(stop, False) and all(e in have for e in cfg.measure_epochs
+                                                 if e <= stop)
 
         finished = {c for c in done if complete(c)}
     if others and warn:
@@ -138,7 +143,7 @@ class _ShardRun:
         self.keys = {c.key for c in self.cells}
         self.mine = [c for c in self.cells if c.index % shard[1] == shard[0]]
         self.todo: List[Cell] = []
-        self.measured: Dict[str, List[int]] = {}
+        self.measured: Dict[str, Dict[int, bool]] = {}
         self.complete_at_start = False
         self.completed_grid = False   # this shard's last cell_done completed the grid
         self.n_run = 0
@@ -179,7 +184,8 @@ class _ShardRun:
                         bar.set_postfix_str(cell.key, refresh=True)
                     t0 = time.perf_counter()
                     n_new = _run_cell(self.cfg, cell, _dataset(self.cfg, cell.dataset, cache),
-                                      writer, set(self.measured.get(cell.key, ())), self.chash)
+                                      writer, dict(self.measured.get(cell.key, {})),
+                                      self.chash)
                     records = writer.write(
                         {"kind": "cell_done", "cell": cell.key, "cell_index": cell.index,
                          "config_hash": self.chash, "n_new": n_new,
