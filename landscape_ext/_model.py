@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -414,6 +414,20 @@ def output_loss(outputs: Any, owner: str, where: str = "") -> Tensor:
                      f"in the batch), got {what} {where}".rstrip())
 
 
+def batch_mean_loss(loss_fn: Optional[Callable[[Any, Any], Tensor]], outputs: Any, targets: Any,
+                    owner: str, where: str = "") -> Tensor:
+    """The batch's mean loss: ``loss_fn(outputs, targets)``, which must be a scalar, or the loss
+    the model computed itself when ``loss_fn`` is None (:func:`output_loss`)."""
+    if loss_fn is None:
+        return output_loss(outputs, owner, where)
+    loss = loss_fn(outputs, targets)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{owner}: loss_fn must return a scalar (the batch mean), got {shape} "
+                         f"{where}".rstrip())
+    return loss
+
+
 def tensors_of(x: Any) -> List[Tensor]:
     """The tensors in a (nested) batch structure, in pytree order."""
     return [t for t in pytree.tree_leaves(x) if isinstance(t, Tensor)]
@@ -442,6 +456,19 @@ def batch_size(inputs: Any, targets: Any) -> int:
         return int(targets.shape[0])
     ts = tensors_of(inputs)
     return int(ts[0].shape[0]) if ts and ts[0].dim() > 0 else 1
+
+
+def batch_weight(batch_size_fn: Optional[Callable[[Any], int]], inputs: Any, targets: Any,
+                 owner: str, where: str = "") -> int:
+    """A batch's weight in the mean over batches: ``batch_size_fn(batch)`` when given (``batch``
+    is ``inputs`` for a dict-only batch, else ``(inputs, targets)``), else :func:`batch_size`."""
+    if batch_size_fn is None:
+        return batch_size(inputs, targets)
+    n = batch_size_fn(inputs if targets is None else (inputs, targets))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{owner}: batch_size must return a sample count >= 0, got {n!r} "
+                         f"{where}".rstrip())
+    return n
 
 
 class DataSource:

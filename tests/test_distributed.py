@@ -6,20 +6,17 @@ against the single-process results on all of the data.
 """
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 import landscape_ext as le
 
-from _dist_common import N, error_text, tiny_data, tiny_model, uneven_shard
+from _dist_common import N, error_text, run_rank, spawn_ranks, tiny_data, tiny_model, uneven_shard
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -58,98 +55,73 @@ def _compute(model, data, group=None, ddp=None):
     return out
 
 
-def _init(rank: int, world: int, tmp: str):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    return dist
+def _scenario(rank: int, tmp: str, scenario: str, dist) -> None:
+    if scenario == "main":
+        model = _model()
+        before = [p.detach().clone() for p in model.parameters()]
+        res = _compute(model, _shard(rank), dist.group.WORLD)
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        H = le.HessianOperator(ddp, F.cross_entropy, _shard(rank))  # DDP's group by default
+        res["hv_ddp"] = H @ _directions(H.d)
+        res["ddp_group_used"] = H.process_group is not None
+        # directions that differ between ranks by rounding are replaced by rank 0's
+        Hs = le.HessianOperator(model, F.cross_entropy, _shard(rank),
+                                process_group=dist.group.WORLD)
+        res["hv_rank0_input"] = Hs @ (_directions(Hs.d) * (1.0 + 1e-9 * rank))
+        res["input_syncs"] = Hs.n_input_syncs
+        # ... but a v0 or seed that differs per rank (the solvers' state would diverge, and
+        # with it their calls: a hang), or a different number of directions (a collective
+        # of different sizes), is an error on every rank
+        res["v0_error"] = error_text(
+            lambda: le.eigsh(Hs, k=2, v0=_directions(Hs.d)[:, 0] + rank, max_basis=24))
+        res["seed_error"] = error_text(lambda: le.trace(Hs, 6, seed=rank))
+        res["k_error"] = error_text(lambda: Hs @ _directions(Hs.d)[:, :3 - rank])
+        res["input_syncs_after"] = Hs.n_input_syncs
+        # a rank without samples contributes zeros (and takes part in every collective)
+        Hz = le.HessianOperator(model, F.cross_entropy, _shard(0) + _shard(1) if rank == 0
+                                else [], process_group=dist.group.WORLD)
+        res["hv_all_on_rank0"] = Hz @ _directions(Hz.d)
+        # rank 0 of a subgroup that does not hold global rank 0
+        g1 = dist.new_group([1])
+        res["main_of_g1"] = le.is_main_process(g1)
+        r = le.eigsh(Hs, k=2, tol=1e-8)
+        res["saved"] = r.save(Path(tmp) / f"eig_rank{rank}.json") is not None
+        res["saved_all"] = r.save(Path(tmp) / f"own{rank}.json", all_ranks=True) is not None
+        res["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        torch.save(res, Path(tmp) / f"result{rank}.pt")
+    elif scenario == "raise":
+        def loss_fn(out, t):
+            if rank == 1:
+                raise ValueError("rank 1's loss is broken")
+            return F.cross_entropy(out, t)
+        H = le.HessianOperator(_model(), loss_fn, _shard(rank),
+                               process_group=dist.group.WORLD)
+        le.eigsh(H, k=2)
+    elif scenario == "nan":
+        data = _shard(rank)
+        if rank == 0:
+            data[1][0][3, 0] = float("nan")
+        H = le.HessianOperator(_model(), F.cross_entropy, data, process_group=dist.group.WORLD)
+        le.trace(H, 12)
+    elif scenario == "replica_check_raises":
+        # an exception before the product's guarded local work (here: in the replica check)
+        H = le.HessianOperator(_model(), F.cross_entropy, _shard(rank),
+                               process_group=dist.group.WORLD)
+        if rank == 1:
+            H.param_names = H.param_names + ["no.such.parameter"]
+        H @ _directions(H.d)
+    elif scenario == "mismatch":
+        H = le.HessianOperator(_model(seed=rank), F.cross_entropy, _shard(rank),
+                               process_group=dist.group.WORLD)
+        H @ _directions(H.d)
 
 
 def _worker(rank: int, world: int, tmp: str, scenario: str):
-    dist = _init(rank, world, tmp)
-    try:
-        if scenario == "main":
-            model = _model()
-            before = [p.detach().clone() for p in model.parameters()]
-            res = _compute(model, _shard(rank), dist.group.WORLD)
-            ddp = nn.parallel.DistributedDataParallel(_model())
-            H = le.HessianOperator(ddp, F.cross_entropy, _shard(rank))  # DDP's group by default
-            res["hv_ddp"] = H @ _directions(H.d)
-            res["ddp_group_used"] = H.process_group is not None
-            # directions that differ between ranks by rounding are replaced by rank 0's
-            Hs = le.HessianOperator(model, F.cross_entropy, _shard(rank),
-                                    process_group=dist.group.WORLD)
-            res["hv_rank0_input"] = Hs @ (_directions(Hs.d) * (1.0 + 1e-9 * rank))
-            res["input_syncs"] = Hs.n_input_syncs
-            # ... but a v0 or seed that differs per rank (the solvers' state would diverge, and
-            # with it their calls: a hang), or a different number of directions (a collective
-            # of different sizes), is an error on every rank
-            res["v0_error"] = error_text(
-                lambda: le.eigsh(Hs, k=2, v0=_directions(Hs.d)[:, 0] + rank, max_basis=24))
-            res["seed_error"] = error_text(lambda: le.trace(Hs, 6, seed=rank))
-            res["k_error"] = error_text(lambda: Hs @ _directions(Hs.d)[:, :3 - rank])
-            res["input_syncs_after"] = Hs.n_input_syncs
-            # a rank without samples contributes zeros (and takes part in every collective)
-            Hz = le.HessianOperator(model, F.cross_entropy, _shard(0) + _shard(1) if rank == 0
-                                    else [], process_group=dist.group.WORLD)
-            res["hv_all_on_rank0"] = Hz @ _directions(Hz.d)
-            # rank 0 of a subgroup that does not hold global rank 0
-            g1 = dist.new_group([1])
-            res["main_of_g1"] = le.is_main_process(g1)
-            r = le.eigsh(Hs, k=2, tol=1e-8)
-            res["saved"] = r.save(Path(tmp) / f"eig_rank{rank}.json") is not None
-            res["saved_all"] = r.save(Path(tmp) / f"own{rank}.json", all_ranks=True) is not None
-            res["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-            torch.save(res, Path(tmp) / f"result{rank}.pt")
-        elif scenario == "raise":
-            def loss_fn(out, t):
-                if rank == 1:
-                    raise ValueError("rank 1's loss is broken")
-                return F.cross_entropy(out, t)
-            H = le.HessianOperator(_model(), loss_fn, _shard(rank),
-                                   process_group=dist.group.WORLD)
-            le.eigsh(H, k=2)
-        elif scenario == "nan":
-            data = _shard(rank)
-            if rank == 0:
-                data[1][0][3, 0] = float("nan")
-            H = le.HessianOperator(_model(), F.cross_entropy, data, process_group=dist.group.WORLD)
-            le.trace(H, 12)
-        elif scenario == "replica_check_raises":
-            # an exception before the product's guarded local work (here: in the replica check)
-            H = le.HessianOperator(_model(), F.cross_entropy, _shard(rank),
-                                   process_group=dist.group.WORLD)
-            if rank == 1:
-                H.param_names = H.param_names + ["no.such.parameter"]
-            H @ _directions(H.d)
-        elif scenario == "mismatch":
-            H = le.HessianOperator(_model(seed=rank), F.cross_entropy, _shard(rank),
-                                   process_group=dist.group.WORLD)
-            H @ _directions(H.d)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        (Path(tmp) / f"error{rank}.txt").write_text(
-            f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        dist.destroy_process_group()
+    run_rank(rank, world, tmp, lambda dist: _scenario(rank, tmp, scenario, dist))
 
 
 def _spawn(tmp_path: Path, scenario: str, world: int = 2, timeout: float = 150.0):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path), scenario))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    hung = []
-    for r, p in enumerate(procs):
-        p.join(timeout)
-        if p.is_alive():
-            hung.append(r)
-            p.kill()
-            p.join()
-    assert not hung, f"rank(s) {hung} hung in scenario {scenario!r}"
-    return {r: (tmp_path / f"error{r}.txt").read_text() if (tmp_path / f"error{r}.txt").exists()
-            else None for r in range(world)}
+    return spawn_ranks(tmp_path, _worker, scenario, world, timeout)
 
 
 def _close(a, b, rtol=1e-9):

@@ -10,10 +10,8 @@ different points must make both ranks raise instead of hanging.
 """
 from __future__ import annotations
 
-import datetime
 import math
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from torch import nn
 import landscape_ext  # noqa: F401  (loads the ops)
 from landscape_ext.gradients import gradient_covariance_svd, per_sample_gradients
 
-from _dist_common import N, SPLIT, error_text, tiny_data, tiny_model, uneven_shard
+from _dist_common import N, SPLIT, error_text, run_rank, tiny_data, tiny_model, uneven_shard
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -70,64 +68,58 @@ class _FailingLoss:
         return CE(out, t)
 
 
-def _worker(rank: int, world: int, tmp: str):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        group = dist.group.WORLD
-        model = _model()
-        before = [p.detach().clone() for p in model.parameters()]
-        out = {"runs": {}, "errors": {}, "times": {}}
-        t0 = time.perf_counter()
-        for method, centered in RUNS:
-            out["runs"][method, centered] = _keep(_svd(model, _shard(rank), method, centered,
-                                                       process_group=group))
-        out["times"]["runs"] = time.perf_counter() - t0
-        out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-        # a DDP-wrapped model: unwrapped, DDP's group by default
-        ddp = nn.parallel.DistributedDataParallel(_model())
-        out["ddp"] = _keep(_svd(ddp, _shard(rank), "kronecker", True))
-        # a DataLoader with a DistributedSampler: the sample count of auto's choice is the
-        # ranks' shares (not world x the data set's length)
-        x, y = _data()
-        ds = torch.utils.data.TensorDataset(x, y)
-        sampler = torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=False)
-        loader = torch.utils.data.DataLoader(ds, batch_size=25, sampler=sampler)
-        out["sampler"] = _keep(_svd(model, loader, "auto", True, process_group=group))
-        # per-sample gradients are local: this rank's rows (DDP names with "module." accepted)
-        out["psg"] = per_sample_gradients(ddp, CE, _shard(rank))
-        out["psg_named"] = per_sample_gradients(ddp, CE, _shard(rank),
-                                                params=["module.2.weight", "0.bias"])
-
-        t0 = time.perf_counter()
-        # NaN in rank 1's data: its probe of the first batch fails
-        data = _shard(rank)
-        if rank == 1:
-            data[0][0][4, 2] = float("nan")
-        out["errors"]["nan"] = error_text(lambda: _svd(model, data, "kronecker", True,
+def _compute_all(rank: int, world: int, tmp: str, dist) -> None:
+    group = dist.group.WORLD
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = {"runs": {}, "errors": {}, "times": {}}
+    t0 = time.perf_counter()
+    for method, centered in RUNS:
+        out["runs"][method, centered] = _keep(_svd(model, _shard(rank), method, centered,
                                                    process_group=group))
-        # rank 1's loss raises on its 4th call: a later data pass of jvp
-        loss = _FailingLoss(rank, 1, 4)
-        out["errors"]["late"] = error_text(lambda: gradient_covariance_svd(
-            model, loss, _shard(rank), 5, method="jvp", n_power_iter=2, process_group=group))
-        # rank 0's loss raises in the factor pass of gram (its 2nd call, after the probe)
-        loss = _FailingLoss(rank, 0, 2)
-        out["errors"]["gram"] = error_text(lambda: gradient_covariance_svd(
-            model, loss, _shard(rank), 5, method="gram", process_group=group))
-        # the group still works after the failures
-        out["after"] = _keep(_svd(model, _shard(rank), "gram", True, process_group=group))
-        # different parameters on the ranks: an error everywhere
-        out["errors"]["mismatch"] = error_text(lambda: _svd(_model(seed=rank), _shard(rank),
-                                                        "kronecker", True, process_group=group))
-        out["times"]["errors"] = time.perf_counter() - t0
-        torch.save(out, Path(tmp) / f"result{rank}.pt")
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        (Path(tmp) / f"error{rank}.txt").write_text(
-            f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        dist.destroy_process_group()
+    out["times"]["runs"] = time.perf_counter() - t0
+    out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # a DDP-wrapped model: unwrapped, DDP's group by default
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    out["ddp"] = _keep(_svd(ddp, _shard(rank), "kronecker", True))
+    # a DataLoader with a DistributedSampler: the sample count of auto's choice is the
+    # ranks' shares (not world x the data set's length)
+    x, y = _data()
+    ds = torch.utils.data.TensorDataset(x, y)
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, world, rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=25, sampler=sampler)
+    out["sampler"] = _keep(_svd(model, loader, "auto", True, process_group=group))
+    # per-sample gradients are local: this rank's rows (DDP names with "module." accepted)
+    out["psg"] = per_sample_gradients(ddp, CE, _shard(rank))
+    out["psg_named"] = per_sample_gradients(ddp, CE, _shard(rank),
+                                            params=["module.2.weight", "0.bias"])
+
+    t0 = time.perf_counter()
+    # NaN in rank 1's data: its probe of the first batch fails
+    data = _shard(rank)
+    if rank == 1:
+        data[0][0][4, 2] = float("nan")
+    out["errors"]["nan"] = error_text(lambda: _svd(model, data, "kronecker", True,
+                                               process_group=group))
+    # rank 1's loss raises on its 4th call: a later data pass of jvp
+    loss = _FailingLoss(rank, 1, 4)
+    out["errors"]["late"] = error_text(lambda: gradient_covariance_svd(
+        model, loss, _shard(rank), 5, method="jvp", n_power_iter=2, process_group=group))
+    # rank 0's loss raises in the factor pass of gram (its 2nd call, after the probe)
+    loss = _FailingLoss(rank, 0, 2)
+    out["errors"]["gram"] = error_text(lambda: gradient_covariance_svd(
+        model, loss, _shard(rank), 5, method="gram", process_group=group))
+    # the group still works after the failures
+    out["after"] = _keep(_svd(model, _shard(rank), "gram", True, process_group=group))
+    # different parameters on the ranks: an error everywhere
+    out["errors"]["mismatch"] = error_text(lambda: _svd(_model(seed=rank), _shard(rank),
+                                                    "kronecker", True, process_group=group))
+    out["times"]["errors"] = time.perf_counter() - t0
+    torch.save(out, Path(tmp) / f"result{rank}.pt")
+
+
+def _worker(rank: int, world: int, tmp: str):
+    run_rank(rank, world, tmp, lambda dist: _compute_all(rank, world, tmp, dist))
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,16 @@ landscape_ext/operators/sharded.py); the eigenvalue tolerance is the issue's 1e-
 """
 from __future__ import annotations
 
-import datetime
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 import landscape_ext as le
 
-from _dist_common import error_text, tiny_data, tiny_model, uneven_shard
+from _dist_common import error_text, run_rank, spawn_ranks, tiny_data, tiny_model, uneven_shard
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -96,6 +93,30 @@ def _shard_transformer(model):
     return fully_shard(model)
 
 
+class OwnLossMLP(nn.Module):
+    """The tiny MLP behind a HuggingFace-style interface: ``model(x=..., labels=...)`` returns a
+    dict with the batch-mean ``loss`` and the ``logits``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x, labels):
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def _own_loss_ggn_rows(rank: int, gather, take, d_global: int):
+    """The sharded GGN of :class:`OwnLossMLP` with ``loss_fn=None`` applied to the directions."""
+    from torch.distributed.fsdp import fully_shard
+    model = OwnLossMLP()
+    fully_shard(model.net[0])
+    fully_shard(model)
+    data = [{"x": x, "labels": y} for x, y in uneven_shard(rank, 32)]
+    G = le.GGNOperator(model, None, data)
+    return gather(G.apply_rows(take(_directions(d_global)))), G.inferred_loss
+
+
 def _directions(d: int) -> torch.Tensor:
     return torch.randn(3, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
@@ -117,14 +138,6 @@ def _mlp_results(H, G, gather, take):
     dens = le.spectral_density(H, n_steps=8, n_probes=3, seed=5)
     out["density_nodes"], out["density_weights"] = dens.nodes, dens.weights
     return out
-
-
-def _init(rank: int, world: int, tmp: str):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    return dist
 
 
 def _state(model):
@@ -151,6 +164,10 @@ def _main(rank: int, tmp: str) -> dict:
     res.update(kind=type(H).__name__, ggn_kind=type(G).__name__, d_local=H.d,
                d_global=H.d_global, shape=H.shape, mode_used=H.mode_used,
                n_samples=H.n_samples, unchanged=_same_state(before, _state(model)))
+    res["is_hessian_operator"] = isinstance(H, le.HessianOperator)
+    res["is_ggn_operator"] = isinstance(G, le.GGNOperator)
+    res["gv_own_loss"], res["own_loss"] = _own_loss_ggn_rows(rank, shards.gather, shards.take,
+                                                             H.d_global)
     R = le.HessianOperator(model, F.cross_entropy, data, mode="richardson")
     res["hv_richardson"] = shards.gather(R.apply_rows(shards.take(_directions(H.d_global))))
     res["richardson_used"] = R.mode_used
@@ -171,50 +188,33 @@ def _transformer(rank: int, tmp: str) -> dict:
             "unchanged": _same_state(before, _state(model))}
 
 
-def _worker(rank: int, world: int, tmp: str, scenario: str):
-    dist = _init(rank, world, tmp)
-    try:
-        if scenario == "main":
-            torch.save(_main(rank, tmp), Path(tmp) / f"result{rank}.pt")
-        elif scenario == "transformer":
-            torch.save(_transformer(rank, tmp), Path(tmp) / f"result{rank}.pt")
-        elif scenario == "raise":
-            model = _shard_mlp(tiny_model())
-            before = _state(model)
+def _scenario(rank: int, tmp: str, scenario: str) -> None:
+    if scenario == "main":
+        torch.save(_main(rank, tmp), Path(tmp) / f"result{rank}.pt")
+    elif scenario == "transformer":
+        torch.save(_transformer(rank, tmp), Path(tmp) / f"result{rank}.pt")
+    elif scenario == "raise":
+        model = _shard_mlp(tiny_model())
+        before = _state(model)
 
-            def loss_fn(out, t):
-                if rank == 1:
-                    raise ValueError("rank 1's loss is broken")
-                return F.cross_entropy(out, t)
-            H = le.HessianOperator(model, loss_fn, uneven_shard(rank, 32))
-            try:
-                le.eigsh(H, k=2)
-            finally:
-                torch.save({"unchanged": _same_state(before, _state(model))},
-                           Path(tmp) / f"result{rank}.pt")
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        (Path(tmp) / f"error{rank}.txt").write_text(
-            f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        dist.destroy_process_group()
+        def loss_fn(out, t):
+            if rank == 1:
+                raise ValueError("rank 1's loss is broken")
+            return F.cross_entropy(out, t)
+        H = le.HessianOperator(model, loss_fn, uneven_shard(rank, 32))
+        try:
+            le.eigsh(H, k=2)
+        finally:
+            torch.save({"unchanged": _same_state(before, _state(model))},
+                       Path(tmp) / f"result{rank}.pt")
+
+
+def _worker(rank: int, world: int, tmp: str, scenario: str):
+    run_rank(rank, world, tmp, lambda dist: _scenario(rank, tmp, scenario))
 
 
 def _spawn(tmp_path: Path, scenario: str, world: int = 2, timeout: float = 150.0):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path), scenario))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    hung = []
-    for r, p in enumerate(procs):
-        p.join(timeout)
-        if p.is_alive():
-            hung.append(r)
-            p.kill()
-            p.join()
-    assert not hung, f"rank(s) {hung} hung in scenario {scenario!r}"
-    return {r: (tmp_path / f"error{r}.txt").read_text() if (tmp_path / f"error{r}.txt").exists()
-            else None for r in range(world)}
+    return spawn_ranks(tmp_path, _worker, scenario, world, timeout)
 
 
 def _rel(a, b) -> float:
@@ -241,6 +241,9 @@ def test_fsdp_mlp_equals_single_process(tmp_path):
     assert _rel(g0["hv"], ref["hv"]) < 1e-8
     assert _rel(g0["hv_richardson"], ref["hv"]) < _rel(g0["hv"], ref["hv"])
     assert _rel(g0["gv"], ref["gv"]) < 1e-8
+    # a model that computes its own loss (loss_fn=None): the same GGN
+    assert _rel(g0["gv_own_loss"], ref["gv"]) < 1e-8 and g0["own_loss"] == "cross_entropy"
+    assert g0["is_hessian_operator"] and g0["is_ggn_operator"]
     for key in ("eig", "eig_lanczos", "eig_ggn", "trace", "xtrace", "norm", "density_nodes"):
         assert _rel(g0[key], ref[key]) < 1e-6, (key, g0[key], ref[key])
         # the projected problems are solved identically on every rank

@@ -8,6 +8,7 @@ one boundary where rows and columns are transposed. ``n_matvecs`` counts directi
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import Tensor
 __all__ = ["CurvatureOperator", "DenseOperator", "CallableOperator", "as_operator"]
 
 
-class CurvatureOperator:
+class CurvatureOperator(metaclass=abc.ABCMeta):
     """A symmetric ``(d, d)`` linear operator known through products.
 
     Subclasses implement :meth:`_apply_rows`; the base class checks shapes, counts products and

@@ -3,8 +3,6 @@ fused MLP path is :class:`landscape_ext.mlp.MLPBackend`, the loss Hessian
 :mod:`landscape_ext._losses`)."""
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any, List, Optional, Union
 
 import torch
@@ -13,14 +11,11 @@ from torch import Tensor, nn
 
 from .. import _losses, _model
 from .model import ModelOperator
+from .own_loss import OWN_LOSS_SPEC, OwnLoss
 from .sharded import ShardedGGNOperator, is_fsdp_model
 
 __all__ = ["GGNOperator"]
 
-#: The label of positions without a loss (HuggingFace's and ``F.cross_entropy``'s default).
-IGNORE_INDEX = -100
-CROSS_ENTROPY = "cross_entropy"
-CAUSAL_LM_CROSS_ENTROPY = "causal_lm_cross_entropy"
 
 
 class GGNOperator(ModelOperator):
@@ -73,13 +68,11 @@ class GGNOperator(ModelOperator):
                  fused_loss_hessian: bool = True, mode: str = "auto",
                  cache_graph: Union[bool, str] = "auto", **kwargs: Any):
         self.fused_loss_hessian = bool(fused_loss_hessian)
-        #: with ``loss_fn=None``: the loss found to reproduce the model's own
-        #: (``"cross_entropy"`` or ``"causal_lm_cross_entropy"``; ``None`` before the first
-        #: product)
-        self.inferred_loss: Optional[str] = None
+        #: with ``loss_fn=None``: which cross-entropy of the logits the model's loss is
+        self.own_loss = OwnLoss("GGNOperator")
         if loss_fn is None:
             # the model's own loss, recognised as a cross-entropy of its logits on each batch
-            self.loss_spec = _losses.LossSpec("ce", "mean", IGNORE_INDEX)
+            self.loss_spec = OWN_LOSS_SPEC
         else:
             try:
                 self.loss_spec = _losses.loss_spec(loss_fn)
@@ -153,45 +146,17 @@ class GGNOperator(ModelOperator):
                                  f"{type(raw).__name__} (loss_fn=None takes an output with "
                                  f".loss and .logits)")
             return raw
-        logits = _field(raw, "logits")
-        if not isinstance(logits, Tensor) or logits.dim() < 2:
-            got = (f"logits of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else
-                   f"{type(raw).__name__} without logits")
-            raise ValueError(f"GGNOperator: loss_fn=None needs a model output with .logits (or a "
-                             f"dict with 'logits') of shape (batch, ..., classes) beside its loss, "
-                             f"got {got} {where}; pass loss_fn (a function of the outputs)")
-        return logits.reshape(-1, logits.shape[-1])
+        return self.own_loss.logit_rows(raw, where)
 
     def _own_loss_targets(self, raw: Any, rows: Tensor, inputs: Any, where: str) -> Tensor:
-        """The labels of the logit rows under the cross-entropy that reproduces the model's own
-        loss (decided on the first batch, checked on every batch)."""
-        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
-        logits = _field(raw, "logits")
-        if not isinstance(labels, Tensor):
-            keys = sorted(inputs)[:8] if isinstance(inputs, Mapping) else type(inputs).__name__
-            raise ValueError(f"GGNOperator: loss_fn=None needs the labels in the batch under "
-                             f"'labels' (a dict batch for model(**batch), the HuggingFace "
-                             f"convention) to write the loss as a function of the logits; got "
-                             f"{keys} {where}. Pass loss_fn instead")
-        if labels.is_floating_point() or tuple(labels.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(f"GGNOperator: loss_fn=None recognises a cross-entropy of logits "
-                             f"(batch, ..., classes) {tuple(logits.shape)} against integer "
-                             f"labels of shape {tuple(logits.shape[:-1])}; batch['labels'] is "
-                             f"{labels.dtype} of shape {tuple(labels.shape)} {where}. Pass loss_fn")
-        candidates = {CROSS_ENTROPY: labels}
-        if labels.dim() >= 2:
-            # HF causal LMs: position t predicts token t + 1; the last position has no target
-            shifted = torch.full_like(labels, IGNORE_INDEX)
-            shifted[:, :-1] = labels[:, 1:]
-            candidates[CAUSAL_LM_CROSS_ENTROPY] = shifted
-        if self.inferred_loss is not None:
-            candidates = {self.inferred_loss: candidates[self.inferred_loss]}
-        own = _model.output_loss(raw, "GGNOperator", where).detach()
-        z = rows.detach().double()
-        values = {name: float(F.cross_entropy(z, t.reshape(-1), ignore_index=IGNORE_INDEX))
-                  for name, t in candidates.items()}
-        self.inferred_loss = _matching_loss(float(own), values, own.dtype, where)
-        return candidates[self.inferred_loss].reshape(-1)
+        return self.own_loss.targets(raw, rows, inputs, where)
+
+    @property
+    def inferred_loss(self) -> Optional[str]:
+        """With ``loss_fn=None``: the loss found to reproduce the model's own
+        (``"cross_entropy"`` or ``"causal_lm_cross_entropy"``; ``None`` before the first
+        product)."""
+        return self.own_loss.inferred
 
     def _jacobian_rows_forward(self, X: Tensor, inputs: Any) -> Tensor:
         """``J v`` for each row ``v`` of ``X`` by ``vmap(jvp)``."""
@@ -219,30 +184,5 @@ class GGNOperator(ModelOperator):
                                        is_grads_batched=True, retain_graph=True)[0]
 
 
-def _field(outputs: Any, name: str) -> Any:
-    """``outputs.<name>`` or ``outputs[name]`` (``None`` when absent)."""
-    if isinstance(outputs, Mapping):
-        return outputs.get(name)
-    return None if isinstance(outputs, Tensor) else getattr(outputs, name, None)
-
-
-def _matching_loss(own: float, values: dict, dtype: torch.dtype, where: str) -> str:
-    """The one candidate whose value reproduces the model's loss ``own`` to the precision of
-    its dtype (``sqrt(eps)``, relative)."""
-    tol = math.sqrt(torch.finfo(dtype).eps) * max(1.0, abs(own))
-    matches = [name for name, value in values.items() if abs(value - own) <= tol]
-    described = {CROSS_ENTROPY: "cross-entropy of logits vs labels",
-                 CAUSAL_LM_CROSS_ENTROPY: "causal-LM cross-entropy (logits[:, :-1] vs "
-                                          "labels[:, 1:])"}
-    listed = "; ".join(f"{described[name]}: {value:.10g}" for name, value in values.items())
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise ValueError(f"GGNOperator: loss_fn=None: the model's loss {own:.10g} {where} is not "
-                         f"a cross-entropy of its logits that the operator recognises ({listed}; "
-                         f"ignore_index={IGNORE_INDEX}, no label smoothing or class weights, "
-                         f"relative tolerance {tol / max(1.0, abs(own)):.1e}); pass loss_fn "
-                         f"explicitly")
-    raise ValueError(f"GGNOperator: loss_fn=None: the model's loss {own:.10g} {where} is "
-                     f"reproduced by more than one cross-entropy ({listed}), so which one the "
-                     f"model computes is ambiguous on this batch; pass loss_fn explicitly")
+# the FSDP2 operator is a GGN operator to its users (isinstance); see hessian.py
+GGNOperator.register(ShardedGGNOperator)

@@ -177,3 +177,8 @@ class HessianOperator(ModelOperator):
                   for h, leaf in zip(hv, leaves)]
             outs.append(self.layout.join_rows(hv, end - start))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+# the FSDP2 operator is a Hessian operator to its users (isinstance), though its machinery is
+# its own (``__new__`` above returns it for a sharded model)
+HessianOperator.register(ShardedHessianOperator)

@@ -136,15 +136,8 @@ class ModelOperator(CurvatureOperator):
 
     def _loss(self, outputs: Any, targets: Tensor, where: str,
               loss_fn: Optional[Callable[[Any, Tensor], Tensor]] = None) -> Tensor:
-        loss_fn = loss_fn or self.loss_fn
-        if loss_fn is None:  # the model computes its own loss
-            return _model.output_loss(outputs, type(self).__name__, where)
-        loss = loss_fn(outputs, targets)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"{type(self).__name__}: loss_fn must return a scalar (the batch "
-                             f"mean), got {shape} {where}")
-        return loss
+        return _model.batch_mean_loss(loss_fn or self.loss_fn, outputs, targets,
+                                      type(self).__name__, where)
 
     def _check_finite(self, t: Tensor, what: str, where: str) -> None:
         check_finite(t, what, type(self).__name__, where)
@@ -236,15 +229,9 @@ class ModelOperator(CurvatureOperator):
         return acc, n_total, n_batches
 
     def _samples_in(self, inputs: Any, targets: Any, where: str) -> int:
-        """The batch's weight in the mean over batches: ``batch_size(batch)`` when given, else
-        the leading size of the targets (of the first input tensor for a dict batch)."""
-        if self.batch_size is None:
-            return _model.batch_size(inputs, targets)
-        n = self.batch_size(inputs if targets is None else (inputs, targets))
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{type(self).__name__}: batch_size must return a sample count >= 0, "
-                             f"got {n!r} {where}")
-        return n
+        """The batch's weight in the mean over batches (``batch_size`` or the leading size of
+        the targets, of the first input tensor for a dict batch)."""
+        return _model.batch_weight(self.batch_size, inputs, targets, type(self).__name__, where)
 
     def _choose_mode(self, k: int) -> str:
         """How the product of ``k`` directions on a batch is computed: the forced ``mode``, or

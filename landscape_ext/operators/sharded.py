@@ -30,6 +30,7 @@ import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _losses, _model
@@ -37,6 +38,7 @@ from .. import distributed as _dist
 from .._model import DataSource, evaluation_context
 from ..shards import VectorShards
 from .base import CurvatureOperator
+from .own_loss import OWN_LOSS_SPEC, OwnLoss
 
 __all__ = ["is_fsdp_model", "ShardedModelOperator", "ShardedHessianOperator",
            "ShardedGGNOperator", "CENTRAL_DIFFERENCE", "RICHARDSON", "SHARDED_MODES"]
@@ -246,22 +248,10 @@ class ShardedModelOperator(CurvatureOperator):
         return batch, n, more, batch
 
     def _samples_in(self, inputs: Any, targets: Any) -> int:
-        if self.batch_size is None:
-            return _model.batch_size(inputs, targets)
-        n = self.batch_size(inputs if targets is None else (inputs, targets))
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{type(self).__name__}: batch_size must return a sample count "
-                             f">= 0, got {n!r}")
-        return n
+        return _model.batch_weight(self.batch_size, inputs, targets, type(self).__name__)
 
     def _loss(self, outputs: Any, targets: Any) -> Tensor:
-        if self.loss_fn is None:
-            return _model.output_loss(outputs, type(self).__name__)
-        loss = self.loss_fn(outputs, targets)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ValueError(f"{type(self).__name__}: loss_fn must return a scalar (the batch "
-                             f"mean)")
-        return loss
+        return _model.batch_mean_loss(self.loss_fn, outputs, targets, type(self).__name__)
 
     def _forward(self, inputs: Any) -> Any:
         self.n_forward += 1
@@ -362,37 +352,61 @@ class ShardedGGNOperator(ShardedModelOperator):
     r"""Generalized Gauss-Newton matrix of an FSDP2 model: ``J v`` by central differences of
     the outputs, the loss Hessian in closed form (cross-entropy, MSE, or by double backward on
     the outputs), ``J^T u`` exact by FSDP2's backward; three forwards and one backward per
-    batch and direction (``GGNOperator`` returns it for an FSDP2 model; ``loss_fn`` must be
-    given)."""
+    batch and direction (``GGNOperator`` returns it for an FSDP2 model; ``loss_fn=None`` as
+    for :class:`~landscape_ext.GGNOperator`: the model's own loss recognised as a cross-entropy
+    of its logits against ``batch["labels"]``)."""
 
     curvature = "ggn"
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, *args: Any,
                  fused_loss_hessian: bool = True, **kwargs: Any):
+        #: with ``loss_fn=None``: which cross-entropy of the logits the model's loss is (as
+        #: :class:`~landscape_ext.GGNOperator`)
+        self.own_loss = OwnLoss("ShardedGGNOperator")
         if loss_fn is None:
-            raise ValueError("ShardedGGNOperator: pass loss_fn for an FSDP2 model (the model's "
-                             "own loss is not recognised here)")
-        try:
-            self.loss_spec = _losses.loss_spec(loss_fn)
-        except ValueError as exc:
-            raise ValueError(f"ShardedGGNOperator: {exc}") from None
+            self.loss_spec = OWN_LOSS_SPEC
+        else:
+            try:
+                self.loss_spec = _losses.loss_spec(loss_fn)
+            except ValueError as exc:
+                raise ValueError(f"ShardedGGNOperator: {exc}") from None
         self.impl = "auto" if fused_loss_hessian else "composite"
         super().__init__(model, _losses.loss_callable(loss_fn), data, *args, **kwargs)
+
+    @property
+    def inferred_loss(self) -> Optional[str]:
+        """With ``loss_fn=None``: the cross-entropy found to reproduce the model's own loss."""
+        return self.own_loss.inferred
+
+    def _gauss_newton_outputs(self, raw: Any) -> Tensor:
+        """The model's output tensor, or with ``loss_fn=None`` its logits as rows."""
+        if self.loss_fn is not None:
+            if not isinstance(raw, Tensor):
+                raise ValueError(f"ShardedGGNOperator: the model must return one tensor, got "
+                                 f"{type(raw).__name__} (loss_fn=None takes an output with "
+                                 f".loss and .logits)")
+            return raw
+        return self.own_loss.logit_rows(raw)
 
     def _outputs_at(self, saved: List[Tensor], x: Tensor, t: float, inputs: Any) -> Tensor:
         self._set_parameters(saved, x, t)
         with torch.no_grad():
             out = self._forward(inputs)
-        return out
+        return self._gauss_newton_outputs(out)
 
     def _central(self, saved: List[Tensor], x: Tensor, h: float) -> Tensor:
         def objective(inputs: Any, targets: Any, weight: int) -> Tensor:
             jv = (self._outputs_at(saved, x, h, inputs)
                   - self._outputs_at(saved, x, -h, inputs)) / (2.0 * h)
             self._set_parameters(saved, None, 0.0)
-            outputs = self._forward(inputs)
+            raw = self._forward(inputs)
+            outputs = self._gauss_newton_outputs(raw)
+            loss_fn = self.loss_fn
+            if loss_fn is None:  # the model's own loss as a cross-entropy of its logits
+                targets = self.own_loss.targets(raw, outputs, inputs)
+                loss_fn = F.cross_entropy
             u = _losses.output_hessian(self.loss_spec, outputs.detach(), targets,
-                                       jv.unsqueeze(0).to(outputs.dtype), loss_fn=self.loss_fn,
+                                       jv.unsqueeze(0).to(outputs.dtype), loss_fn=loss_fn,
                                        impl=self.impl)[0]
             _model.check_finite(u, "the loss Hessian product", type(self).__name__)
             return (outputs * u.detach()).sum() * weight
