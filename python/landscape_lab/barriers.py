@@ -350,32 +350,17 @@ def interpolate(
     _check_same_architecture(model_a, model_b, func)
     t_values = _check_ts(ts, func)
     batches = _as_batches(data, func, "data")
-    if bn_reestimate is True:
-        bn_batches = batches
-    elif bn_reestimate is False or bn_reestimate is None:
-        bn_batches = None
-    else:
-        bn_batches = _as_batches(bn_reestimate, func, "bn_reestimate")
-
+    bn_batches = (batches if bn_reestimate is True else None if bn_reestimate in (False, None)
+                  else _as_batches(bn_reestimate, func, "bn_reestimate"))
     if device is None:
         first = next(itertools.chain(model_a.parameters(), model_a.buffers()), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = torch.device(device if device is not None else
+                          first.device if first is not None else "cpu")
 
     work = copy.deepcopy(model_a).to(device)
     work.eval()
     work.zero_grad(set_to_none=True)  # the copy needs no .grad tensors
-    named_a = dict(model_a.named_parameters())
-    named_b = dict(model_b.named_parameters())
-    buf_a = dict(model_a.named_buffers())
-    buf_b = dict(model_b.named_buffers())
-    # (target tensor in the copy, start, end) for every interpolated tensor.
-    pairs = []
-    for name, p in work.named_parameters():
-        pairs.append((p, named_a[name].detach().to(device, p.dtype), named_b[name].detach().to(device, p.dtype)))
-    for name, bfr in work.named_buffers():
-        if bfr.is_floating_point() or bfr.is_complex():
-            pairs.append((bfr, buf_a[name].detach().to(device, bfr.dtype), buf_b[name].detach().to(device, bfr.dtype)))
+    pairs = _interpolation_pairs(work, model_a, model_b, device)
     bns = _bn_modules(work) if bn_batches is not None else []
     if bn_batches is not None and not bns:
         logger.info("%s: bn_reestimate requested but the model has no BatchNorm layer tracking statistics; no-op", func)
@@ -391,31 +376,8 @@ def interpolate(
                 target.copy_(wa * (1.0 - tf) + wb * tf)  # exact at t = 0 and t = 1
             if bns:
                 _reestimate_bn(work, bns, bn_batches, device, func)
-            total_loss, total_n, correct, counted = 0.0, 0, 0, 0
-            for k, batch in enumerate(batches):
-                inputs, targets = _split_batch(batch, func)
-                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-                outputs = _forward(work, inputs)
-                loss = loss_fn(outputs, targets)
-                if isinstance(loss, torch.Tensor):
-                    if loss.numel() != 1:
-                        raise ValueError(f"{func}: loss_fn must return a scalar (batch mean), got shape {tuple(loss.shape)}")
-                    lv = float(loss.detach().reshape(()))
-                else:
-                    lv = float(loss)
-                if not math.isfinite(lv):
-                    raise ValueError(f"{func}: loss is {lv} at t={tf:.6g} (batch {k})")
-                bs = _batch_size(inputs, targets)
-                total_loss += lv * bs
-                total_n += bs
-                if do_acc:
-                    if _is_classification(outputs, targets):
-                        valid = targets >= 0
-                        correct += int(((outputs.argmax(dim=1) == targets) & valid).sum())
-                        counted += int(valid.sum())
-                    else:
-                        logger.debug("%s: targets are not integer class labels for logits; no accuracy", func)
-                        do_acc = False
+            total_loss, total_n, correct, counted, do_acc = _evaluate(
+                work, batches, loss_fn, device, tf, do_acc, func)
             if total_n == 0:
                 raise ValueError(f"{func}: data has no batches")
             losses.append(total_loss / total_n)
@@ -432,6 +394,58 @@ def interpolate(
         n_samples=n_samples,
         bn_reestimated=bool(bns),
     )
+
+
+def _interpolation_pairs(work: nn.Module, model_a: nn.Module, model_b: nn.Module,
+                         device: torch.device) -> list:
+    """``(tensor in the copy, its value in model_a, in model_b)`` for every parameter and
+    floating-point buffer (integer buffers such as ``num_batches_tracked`` stay model_a's)."""
+    named_a, named_b = dict(model_a.named_parameters()), dict(model_b.named_parameters())
+    buf_a, buf_b = dict(model_a.named_buffers()), dict(model_b.named_buffers())
+    pairs = []
+    for name, p in work.named_parameters():
+        pairs.append((p, named_a[name].detach().to(device, p.dtype),
+                      named_b[name].detach().to(device, p.dtype)))
+    for name, bfr in work.named_buffers():
+        if bfr.is_floating_point() or bfr.is_complex():
+            pairs.append((bfr, buf_a[name].detach().to(device, bfr.dtype),
+                          buf_b[name].detach().to(device, bfr.dtype)))
+    return pairs
+
+
+def _evaluate(work: nn.Module, batches: list, loss_fn: Callable[[Any, Any], torch.Tensor],
+              device: torch.device, tf: float, do_acc: bool, func: str):
+    """One pass over the batches at interpolation coefficient ``tf``: ``(sum of n_k * loss_k,
+    samples, correct, counted, do_acc)``; ``do_acc`` turns False when the targets are not class
+    labels of logits."""
+    total_loss, total_n, correct, counted = 0.0, 0, 0, 0
+    for k, batch in enumerate(batches):
+        inputs, targets = _split_batch(batch, func)
+        inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+        outputs = _forward(work, inputs)
+        loss = loss_fn(outputs, targets)
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"{func}: loss_fn must return a scalar (batch mean), got shape "
+                                 f"{tuple(loss.shape)}")
+            lv = float(loss.detach().reshape(()))
+        else:
+            lv = float(loss)
+        if not math.isfinite(lv):
+            raise ValueError(f"{func}: loss is {lv} at t={tf:.6g} (batch {k})")
+        bs = _batch_size(inputs, targets)
+        total_loss += lv * bs
+        total_n += bs
+        if do_acc:
+            if _is_classification(outputs, targets):
+                valid = targets >= 0
+                correct += int(((outputs.argmax(dim=1) == targets) & valid).sum())
+                counted += int(valid.sum())
+            else:
+                logger.debug("%s: targets are not integer class labels for logits; no accuracy",
+                             func)
+                do_acc = False
+    return total_loss, total_n, correct, counted, do_acc
 
 
 def _reestimate_bn(model: nn.Module, bns: list, batches: Iterable, device: torch.device, func: str) -> None:
