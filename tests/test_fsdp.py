@@ -289,3 +289,31 @@ def test_is_fsdp_model_false_for_plain_model():
     assert not is_fsdp_model(model)
     assert type(le.HessianOperator(model, F.cross_entropy, tiny_data())).__name__ == \
         "HessianOperator"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sharded_block_orthonormalize_matches_the_op(dtype):
+    """One process (group None): the sharded driver's CholeskyQR2 gives the op's (q, coeffs, r);
+    a rank-deficient block takes the row-by-row path and marks the lost direction."""
+    from landscape_ext.shards import VectorShards
+    d, m, b = 300, 7, 5
+    g = torch.Generator().manual_seed(0)
+    shards = VectorShards(None, torch.arange(d), d, torch.device("cpu"), "test")
+    basis = torch.linalg.qr(torch.randn(d, m, generator=g, dtype=torch.float64))[0].T
+    basis = basis.contiguous().to(dtype)
+    block = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype)
+    q, C, R = shards.block_orthonormalize(basis, block, m)
+    q_ref, C_ref, R_ref = le.block_orthonormalize(basis.clone(), block.clone(), m)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(R, R_ref.to(dtype), atol=tol * float(R_ref.abs().max()))
+    assert torch.allclose(C, C_ref.to(dtype), atol=tol * float(C_ref.abs().max()))
+    assert torch.allclose(q, q_ref.to(dtype), atol=tol * 10)
+    eye = torch.eye(b, dtype=torch.float64)
+    assert torch.allclose((q.double() @ q.double().T), eye, atol=tol)
+    assert float((q.double() @ basis.double().T).abs().max()) < tol
+    # a block whose third row repeats its first: r[2, 2] == 0 and q[2] is a fresh direction
+    dup = block.clone()
+    dup[2] = dup[0]
+    q, _, R = shards.block_orthonormalize(basis, dup, m)
+    assert float(R[2, 2]) == 0.0 and float(R[0, 0]) > 0
+    assert torch.allclose((q.double() @ q.double().T), eye, atol=tol)
