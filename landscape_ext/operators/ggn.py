@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import _losses, _model
 from .model import ModelOperator
-from .own_loss import OWN_LOSS_SPEC, OwnLoss
+from .own_loss import OwnLoss, gauss_newton_loss_spec
 from .sharded import ShardedGGNOperator, is_fsdp_model
 
 __all__ = ["GGNOperator"]
@@ -70,14 +70,7 @@ class GGNOperator(ModelOperator):
         self.fused_loss_hessian = bool(fused_loss_hessian)
         #: with ``loss_fn=None``: which cross-entropy of the logits the model's loss is
         self.own_loss = OwnLoss("GGNOperator")
-        if loss_fn is None:
-            # the model's own loss, recognised as a cross-entropy of its logits on each batch
-            self.loss_spec = OWN_LOSS_SPEC
-        else:
-            try:
-                self.loss_spec = _losses.loss_spec(loss_fn)
-            except ValueError as exc:
-                raise ValueError(f"GGNOperator: {exc}") from None
+        self.loss_spec = gauss_newton_loss_spec(loss_fn, "GGNOperator")
         self.loss_kind = self.loss_spec.kind
         super().__init__(model, _losses.loss_callable(loss_fn), data, *args, mode=mode,
                          cache_graph=cache_graph, **kwargs)

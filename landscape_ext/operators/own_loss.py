@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _losses, _model
 
-__all__ = ["OwnLoss", "IGNORE_INDEX", "CROSS_ENTROPY", "CAUSAL_LM_CROSS_ENTROPY", "field"]
+__all__ = ["OwnLoss", "gauss_newton_loss_spec", "IGNORE_INDEX", "CROSS_ENTROPY", "CAUSAL_LM_CROSS_ENTROPY", "field"]
 
 #: The label of positions without a loss (HuggingFace's and ``F.cross_entropy``'s default).
 IGNORE_INDEX = -100
@@ -26,6 +26,18 @@ CROSS_ENTROPY = "cross_entropy"
 CAUSAL_LM_CROSS_ENTROPY = "causal_lm_cross_entropy"
 #: The loss spec of the recognised losses: a mean cross-entropy skipping ``IGNORE_INDEX``.
 OWN_LOSS_SPEC = _losses.LossSpec("ce", "mean", IGNORE_INDEX)
+
+
+def gauss_newton_loss_spec(loss_fn: Any, owner: str) -> _losses.LossSpec:
+    """The loss spec of a GGN operator's ``loss_fn``: :data:`OWN_LOSS_SPEC` for ``None`` (the
+    model's own loss, recognised per batch by :class:`OwnLoss`), else
+    :func:`landscape_ext._losses.loss_spec` with errors naming ``owner``."""
+    if loss_fn is None:
+        return OWN_LOSS_SPEC
+    try:
+        return _losses.loss_spec(loss_fn)
+    except ValueError as exc:
+        raise ValueError(f"{owner}: {exc}") from None
 
 
 def field(outputs: Any, name: str) -> Any:

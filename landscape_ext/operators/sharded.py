@@ -38,7 +38,7 @@ from .. import distributed as _dist
 from .._model import DataSource, evaluation_context
 from ..shards import VectorShards
 from .base import CurvatureOperator
-from .own_loss import OWN_LOSS_SPEC, OwnLoss
+from .own_loss import OwnLoss, gauss_newton_loss_spec
 
 __all__ = ["is_fsdp_model", "ShardedModelOperator", "ShardedHessianOperator",
            "ShardedGGNOperator", "CENTRAL_DIFFERENCE", "RICHARDSON", "SHARDED_MODES"]
@@ -363,13 +363,7 @@ class ShardedGGNOperator(ShardedModelOperator):
         #: with ``loss_fn=None``: which cross-entropy of the logits the model's loss is (as
         #: :class:`~landscape_ext.GGNOperator`)
         self.own_loss = OwnLoss("ShardedGGNOperator")
-        if loss_fn is None:
-            self.loss_spec = OWN_LOSS_SPEC
-        else:
-            try:
-                self.loss_spec = _losses.loss_spec(loss_fn)
-            except ValueError as exc:
-                raise ValueError(f"ShardedGGNOperator: {exc}") from None
+        self.loss_spec = gauss_newton_loss_spec(loss_fn, "ShardedGGNOperator")
         self.impl = "auto" if fused_loss_hessian else "composite"
         super().__init__(model, _losses.loss_callable(loss_fn), data, *args, **kwargs)
 
