@@ -18,7 +18,8 @@ eigenvalues against the W = 1 run (the only difference is floating-point summati
 
 ``--fsdp`` adds the FSDP2 case (``fully_shard`` on every Linear and the root, W >= 2): the
 sharded operator's products are central differences of FSDP2's gradients (two forward and
-backward passes per direction), so its rows add ``FSDP coll. ms`` / ``FSDP MB/dir`` (the
+backward passes per direction), so its rows add the median and range over ``--repeats`` products, ``FSDP coll. ms/dir`` /
+``FSDP MB/dir`` (per direction: the
 all-gathers and reduce-scatters FSDP2 makes, timed and counted by wrapping its default
 collectives) and ``fd rel err``: the relative error of the finite-difference products against
 the exact product of the unsharded model on all the data. ``--hidden 32`` makes the case tiny
@@ -172,11 +173,17 @@ def _fsdp_rows(model, shard, x, y, args):
                         dtype=torch.float64)
         X = op.vector_shards.take(V).to(op.device)
         op.apply_rows(X)  # warm-up
-        comm["s"], comm["bytes"] = 0.0, 0
-        t0 = time.perf_counter()
-        P = op.vector_shards.gather(op.apply_rows(X))
-        elapsed = time.perf_counter() - t0
-        row = {"ms_per_dir": elapsed * 1e3 / args.block, "comm_ms": comm["s"] * 1e3,
+        times, comm_s = [], []
+        for _ in range(max(1, args.repeats)):
+            comm["s"], comm["bytes"] = 0.0, 0
+            t0 = time.perf_counter()
+            P = op.apply_rows(X)
+            times.append(time.perf_counter() - t0)
+            comm_s.append(comm["s"])
+        P = op.vector_shards.gather(P)
+        ms = sorted(t * 1e3 / args.block for t in times)
+        row = {"ms_per_dir": statistics.median(ms), "ms_per_dir_range": [ms[0], ms[-1]],
+               "comm_ms": statistics.median(comm_s) * 1e3 / args.block,
                "mb_per_dir": comm["bytes"] / args.block / 1e6, "d_local": op.d}
         if torch.distributed.get_rank() == 0:
             exact = le.HessianOperator(plain, F.cross_entropy, (x, y))
@@ -240,13 +247,15 @@ def main(argv=None):
           f"mode {results[0]['mode_used']}")
     print(markdown_table(table, cols))
     fsdp_table = [dict(W=res["world"], mode=mode, **{
-        "ms/dir": row["ms_per_dir"], "FSDP coll. ms": row["comm_ms"],
+        "ms/dir": row["ms_per_dir"],
+        "range": "{:.0f}-{:.0f}".format(*row["ms_per_dir_range"]),
+        "FSDP coll. ms/dir": row["comm_ms"],
         "FSDP MB/dir": row["mb_per_dir"], "d_local": row["d_local"],
         "fd rel err": row.get("fd_rel_err", float("nan"))})
         for res in results if res.get("fsdp") for mode, row in res["fsdp"].items()]
     if fsdp_table:
         print("FSDP2 (sharded vectors, finite-difference products, rank 0):")
-        print(markdown_table(fsdp_table, ["W", "mode", "ms/dir", "FSDP coll. ms",
+        print(markdown_table(fsdp_table, ["W", "mode", "ms/dir", "range", "FSDP coll. ms/dir",
                                           "FSDP MB/dir", "d_local", "fd rel err"]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     path = write_results(args.out or f"distributed_{args.device}",
