@@ -142,10 +142,12 @@ def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
                 Rz.add_(db[l].unsqueeze(1))
         if hessian:
             RZ[l] = Rz
-        if Rz is None:
-            Ra = None
-        else:
-            Ra = Rz * S1[l] if S1[l] is not None else Rz
+        if Rz is None or S1[l] is None:
+            Ra = Rz
+        elif hessian:                # R z_l is kept for the R-backward: a new tensor
+            Ra = Rz * S1[l]
+        else:                        # GGN: R z_l is not needed again, scale it in place
+            Ra = Rz.mul_(S1[l])
     if Ra is None:
         return X.new_zeros((k, plan.d))
 
@@ -153,9 +155,11 @@ def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
     out = X.new_empty((k, plan.d))  # every column belongs to a layer >= plan.first: all written
     Rga = _losses.output_hessian(cfg, f, y, Ra, impl=impl)
     del Ra
+    buf: Optional[Tensor] = None    # R a_{l-1} of the Hessian's cross term
     for l in range(L - 1, plan.first - 1, -1):
         W, (n_out, n_in) = plan.W[l], dims[l]
-        Rd = Rga * S1[l] if S1[l] is not None else Rga.contiguous()
+        # Rga is always a fresh tensor (the loss Hessian's output or a GEMM's): scale in place
+        Rd = Rga.mul_(S1[l]) if S1[l] is not None else Rga.contiguous()
         del Rga
         if hessian and S2[l] is not None and RZ[l] is not None:
             Rd.addcmul_(RZ[l], C2[l])
@@ -163,19 +167,23 @@ def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
         # R a_{l-1} for the Hessian's cross term, recomputed from R z_{l-1}
         Ra_in: Optional[Tensor] = None
         if hessian and l > plan.first and RZ[l - 1] is not None:
-            Ra_in = RZ[l - 1] * S1[l - 1] if S1[l - 1] is not None else RZ[l - 1]
+            if S1[l - 1] is None:
+                Ra_in = RZ[l - 1]
+            else:                    # reuse one buffer for R a_{l-1} across layers
+                if buf is None or buf.shape != RZ[l - 1].shape:
+                    buf = torch.empty_like(RZ[l - 1])
+                Ra_in = torch.mul(RZ[l - 1], S1[l - 1], out=buf)
         slot = _view(out, plan, plan.layers[l].weight, dims[l])
         if slot is not None:
-            # R g_W_j = R delta_j^T a_{l-1} (+ delta^T R a_{l-1, j}): bmm (+ baddbmm)
-            gW = torch.bmm(Rd.transpose(1, 2), A[l].expand(k, B, n_in))
+            # R g_W_j = R delta_j^T a_{l-1} (+ delta^T R a_{l-1, j}): bmm (+ baddbmm), written
+            # straight into the output rows (no (k, n_out, n_in) temporary and copy)
+            torch.bmm(Rd.transpose(1, 2), A[l].expand(k, B, n_in), out=slot)
             if Ra_in is not None:
-                gW.baddbmm_(D[l].t().expand(k, n_out, B), Ra_in)
-            slot.copy_(gW)
-            del gW
+                slot.baddbmm_(D[l].t().expand(k, n_out, B), Ra_in)
         del Ra_in
         bslot = _view(out, plan, plan.layers[l].bias, (n_out,))
         if bslot is not None:
-            bslot.copy_(Rd.sum(1))
+            torch.sum(Rd, 1, out=bslot)
         if l > plan.first:
             # R g_a_{l-1} = R delta W (+ delta dW_j): one GEMM (+ one baddbmm)
             Rga = (Rd.view(k * B, n_out) @ W).view(k, B, n_in)
