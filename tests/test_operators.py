@@ -56,10 +56,15 @@ def test_auto_mode_choice(problem):
     model, loss, data = problem("cnn")
     op = HessianOperator(model, loss, data)  # single batch: the first-order graph is cached
     assert not op.fused_mlp and "Conv2d" in op.fused_mlp_reason
-    op @ torch.randn(op.d, 2, dtype=torch.float64)
-    assert op.mode_used == "double-backward"
-    op @ torch.randn(op.d, 6, dtype=torch.float64)
-    assert op.mode_used == "forward-over-reverse"
+    # a single product runs on the prior rule (double backward on the cached graph) unmeasured
+    op @ torch.randn(op.d, dtype=torch.float64)
+    assert op.mode_used == "double-backward" and op.mode_timings == {}
+    # several directions: measured per bucket of k (tests/test_modes.py checks the choice)
+    for k, bucket in ((2, 2), (6, 8)):
+        op @ torch.randn(op.d, k, dtype=torch.float64)
+        assert op.mode_used == op.mode_choices[bucket]
+        assert set(op.mode_timings[bucket]) == {"forward-over-reverse", "double-backward",
+                                                "double-backward-loop"}
     model, loss, data = problem("mlp")
     op = HessianOperator(model, loss, data)
     for k in (1, 2, 6):  # an MLP: the fused products for any number of directions
@@ -351,7 +356,9 @@ def test_auto_falls_back_when_forward_ad_is_missing():
         HessianOperator(model, loss, (X, y), mode="forward-over-reverse") @ V
     op = HessianOperator(model, loss, (X, y), mode="auto", cache_graph=False)
     out = op @ V
-    assert op.mode_used == "double-backward" and op.forward_ad_broken
+    # the measurement (k = 3) skips forward-over-reverse once it failed
+    assert op.mode_used in ("double-backward", "double-backward-loop") and op.forward_ad_broken
+    assert "forward-over-reverse" not in op.mode_timings[4]
     ref = HessianOperator(model, loss, (X, y), mode="double-backward") @ V
     torch.testing.assert_close(out, ref)
 

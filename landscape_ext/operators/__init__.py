@@ -21,6 +21,7 @@ from .base import CallableOperator, CurvatureOperator, DenseOperator, as_operato
 from .ggn import GGNOperator
 from .hessian import HessianOperator
 from .model import FUSED_MLP_MODE, HVP_MODES, ModelOperator
+from .modes import DOUBLE_BACKWARD_LOOP, ModeChooser, bucket_of
 from .sharded import ShardedGGNOperator, ShardedHessianOperator, is_fsdp_model
 
 __all__ = [

@@ -3,7 +3,7 @@ fused MLP path is :class:`landscape_ext.mlp.MLPBackend`, the loss Hessian
 :mod:`landscape_ext._losses`)."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,6 @@ from .own_loss import OwnLoss, gauss_newton_loss_spec
 from .sharded import ShardedGGNOperator, is_fsdp_model
 
 __all__ = ["GGNOperator"]
-
 
 
 class GGNOperator(ModelOperator):
@@ -88,17 +87,25 @@ class GGNOperator(ModelOperator):
 
     def _apply_rows_forward_over_reverse(self, X: Tensor, inputs: Any, targets: Tensor,
                                          where: str) -> Tensor:
-        return self._ggn_rows(X, inputs, targets, where, forward_mode=True)
+        return self._ggn_rows(self._forward(inputs, targets, where), X, "forward", False)
 
-    def _apply_rows_double_backward(self, X: Tensor, inputs: Any, targets: Tensor,
-                                    where: str) -> Tensor:
-        return self._ggn_rows(X, inputs, targets, where, forward_mode=False)
+    def _double_backward_state(self, inputs: Any, targets: Tensor, where: str) -> Any:
+        state = self._forward(inputs, targets, where)
+        # the graph of the double-vjp trick, shared by all directions: u -> J^T u
+        u = torch.zeros_like(state["out"], requires_grad=True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(state["out"], state["leaves"], u, create_graph=True,
+                                    retain_graph=True, allow_unused=True)
+        state["u"] = u
+        state["jt_u"] = [(gi, name) for gi, name in zip(g, self.param_names) if gi is not None]
+        return state
 
-    def _ggn_rows(self, X: Tensor, inputs: Any, targets: Tensor, where: str,
-                  forward_mode: bool) -> Tensor:
-        """``J^T H_out J`` for the rows of ``X``: one forward pass, then per chunk the
-        Jacobian products ``J V`` (forward mode, or the double-vjp trick), the loss Hessian and
-        batched vector-Jacobian products."""
+    def _double_backward_rows(self, state: Any, X: Tensor, where: str, loop: bool,
+                              retain: bool, batched: bool = False) -> Tensor:
+        return self._ggn_rows(state, X, "loop" if loop else "batched", retain)
+
+    def _forward(self, inputs: Any, targets: Tensor, where: str) -> Dict[str, Any]:
+        """One forward pass with its graph: ``{"out", "leaves", "targets"}``."""
         base = _model.detached_parameters(self.model)
         leaves = [base[n].clone().requires_grad_(True) for n in self.param_names]
         full = dict(base)
@@ -110,16 +117,34 @@ class GGNOperator(ModelOperator):
             targets = self._own_loss_targets(raw, out, inputs, where)
         loss = self._loss(out.detach(), targets, where, self._loss_of_outputs)
         self._check_finite(loss, "the loss", where)
-        chunks = self._chunks(X.shape[0])
+        return {"out": out, "leaves": leaves, "targets": targets, "inputs": inputs}
+
+    def _ggn_rows(self, state: Dict[str, Any], X: Tensor, how: str, retain: bool) -> Tensor:
+        """``J^T H_out J`` for the rows of ``X`` on one forward pass (``state``): per piece the
+        Jacobian products ``J V`` (``how``: ``"forward"`` by ``vmap(jvp)``, ``"batched"`` by
+        the double-vjp trick with batched cotangents, ``"loop"`` the same per direction), the
+        loss Hessian, and vector-Jacobian products ``J^T U``."""
+        out, leaves, targets = state["out"], state["leaves"], state["targets"]
+        k = X.shape[0]
+        pieces = ([(i, i + 1) for i in range(k)] if how == "loop" else
+                  self._row_pieces(k) if how == "forward" else self._chunks(k))
         rows = []
-        for index, (start, end) in enumerate(chunks):
+        for index, (start, end) in enumerate(pieces):
             chunk = X[start:end]
-            JV = (self._jacobian_rows_forward(chunk, inputs) if forward_mode
-                  else self._jacobian_rows_double_backward(chunk, out, leaves))
+            if how == "forward":
+                JV = self._jacobian_rows_forward(chunk, state["inputs"])
+            else:
+                JV = self._jacobian_rows_double_backward(chunk, state, batched=how != "loop")
             U = self._out_hessian(out, JV, targets)
+            keep = retain or index + 1 < len(pieces)
             with torch.enable_grad():
-                gv = torch.autograd.grad(out, leaves, U, is_grads_batched=True,
-                                         retain_graph=index + 1 < len(chunks), allow_unused=True)
+                if how == "loop":
+                    gv = torch.autograd.grad(out, leaves, U[0], retain_graph=keep,
+                                             allow_unused=True)
+                    gv = [g.unsqueeze(0) if g is not None else None for g in gv]
+                else:
+                    gv = torch.autograd.grad(out, leaves, U, is_grads_batched=True,
+                                             retain_graph=keep, allow_unused=True)
             gv = [g if g is not None else X.new_zeros((end - start,) + tuple(leaf.shape))
                   for g, leaf in zip(gv, leaves)]
             rows.append(self.layout.join_rows(gv, end - start))
@@ -152,29 +177,39 @@ class GGNOperator(ModelOperator):
         return self.own_loss.inferred
 
     def _jacobian_rows_forward(self, X: Tensor, inputs: Any) -> Tensor:
-        """``J v`` for each row ``v`` of ``X`` by ``vmap(jvp)``."""
-        from torch.func import jvp, vmap
+        """``J v`` for each row ``v`` of ``X`` by ``vmap(jvp)`` (compiled under ``compile``)."""
         base = _model.detached_parameters(self.model)
         selected = {n: base[n] for n in self.param_names}
+        rest = {n: t for n, t in base.items() if n not in selected}
+        return self._run_compiled("jacobian-forward", self._jv_rows_fn, selected, rest,
+                                  self.layout.split_rows(X), inputs)
+
+    def _jv_rows_fn(self, selected: Dict[str, Tensor], rest: Dict[str, Tensor],
+                    V: Dict[str, Tensor], inputs: Any) -> Tensor:
+        """``J v`` for the rows of ``V``: a function of tensors only (one bound method, so a
+        compiled version is reused)."""
+        from torch.func import jvp, vmap
 
         def outputs_of(p):
-            full = dict(base)
+            full = dict(rest)
             full.update(p)
             return self._gauss_newton_outputs(self._call_model(full, inputs), "")
 
-        return vmap(lambda v: jvp(outputs_of, (selected,), (v,))[1])(self.layout.split_rows(X))
+        return vmap(lambda v: jvp(outputs_of, (selected,), (v,))[1])(V)
 
-    def _jacobian_rows_double_backward(self, X: Tensor, out: Tensor,
-                                       leaves: List[Tensor]) -> Tensor:
-        """``J v`` for each row ``v`` of ``X`` without forward-mode AD: the vjp of the vjp."""
-        u = torch.zeros_like(out, requires_grad=True)
+    def _jacobian_rows_double_backward(self, X: Tensor, state: Dict[str, Any],
+                                       batched: bool = True) -> Tensor:
+        """``J v`` for each row ``v`` of ``X`` without forward-mode AD: the vjp of the vjp
+        ``u -> J^T u`` built once per forward (``state``); one call per row unless
+        ``batched``."""
+        pairs, u = state["jt_u"], state["u"]
+        V = self.layout.split_rows(X)
         with torch.enable_grad():
-            g = torch.autograd.grad(out, leaves, u, create_graph=True, retain_graph=True,
-                                    allow_unused=True)
-            pairs = [(gi, name) for gi, name in zip(g, self.param_names) if gi is not None]
-            V = self.layout.split_rows(X)
-            return torch.autograd.grad([gi for gi, _ in pairs], u, [V[n] for _, n in pairs],
-                                       is_grads_batched=True, retain_graph=True)[0]
+            if batched:
+                return torch.autograd.grad([gi for gi, _ in pairs], u, [V[n] for _, n in pairs],
+                                           is_grads_batched=True, retain_graph=True)[0]
+            return torch.autograd.grad([gi for gi, _ in pairs], u, [V[n][0] for _, n in pairs],
+                                       retain_graph=True)[0].unsqueeze(0)
 
 
 # the FSDP2 operator is a GGN operator to its users (isinstance); see hessian.py

@@ -2,7 +2,7 @@
 :class:`landscape_ext.mlp.MLPBackend`)."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -99,16 +99,32 @@ class HessianOperator(ModelOperator):
 
     def _apply_rows_forward_over_reverse(self, X: Tensor, inputs: Any, targets: Tensor,
                                          where: str) -> Tensor:
-        """``vmap(jvp(grad))`` over the directions, chunked."""
-        from torch.func import grad, jvp, vmap
+        """``vmap(jvp(grad))`` over the directions, chunked (under ``compile``: in pieces of
+        powers of two, each through the compiled function)."""
         base = _model.detached_parameters(self.model)
         selected = {n: base[n] for n in self.param_names}
+        rest = {n: t for n, t in base.items() if n not in selected}
+        outs = []
+        for start, end in self._row_pieces(X.shape[0]):
+            V = self.layout.split_rows(X[start:end])
+            hv, loss = self._run_compiled("forward-over-reverse", self._hvp_rows_fn, selected,
+                                          rest, V, inputs, targets)
+            self._check_finite(loss.reshape(-1)[:1], "the loss", where)
+            outs.append(self.layout.join_rows(hv, end - start))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _hvp_rows_fn(self, selected: Dict[str, Tensor], rest: Dict[str, Tensor],
+                     V: Dict[str, Tensor], inputs: Any, targets: Any) -> Tuple[List[Tensor],
+                                                                                 Tensor]:
+        """``(H v for the rows of V per parameter, the losses)``: a function of tensors only (the
+        same bound method every call, so a compiled version is reused, not recompiled)."""
+        from torch.func import grad, jvp, vmap
         safe_loss = forward_ad_safe_loss(self.loss_fn)
 
         def loss_of(p):
-            full = dict(base)
+            full = dict(rest)
             full.update(p)
-            loss = self._loss(self._call_model(full, inputs), targets, where, safe_loss)
+            loss = self._loss(self._call_model(full, inputs), targets, "", safe_loss)
             return loss, loss.detach()
 
         gradient = grad(loss_of, has_aux=True)
@@ -117,12 +133,7 @@ class HessianOperator(ModelOperator):
             _, hv, loss = jvp(gradient, (selected,), (v,), has_aux=True)
             return [hv[n] for n in self.param_names], loss
 
-        outs = []
-        for start, end in self._chunks(X.shape[0]):
-            hv, loss = vmap(one)(self.layout.split_rows(X[start:end]))
-            self._check_finite(loss.reshape(-1)[:1], "the loss", where)
-            outs.append(self.layout.join_rows(hv, end - start))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return vmap(one)(V)
 
     def _first_order_graph(self, inputs: Any, targets: Tensor,
                            where: str) -> Tuple[List[Tensor], Tuple[Any, ...], List[int]]:
@@ -151,28 +162,33 @@ class HessianOperator(ModelOperator):
             self._graph_cache = (key,) + out
         return out
 
-    def _apply_rows_double_backward(self, X: Tensor, inputs: Any, targets: Tensor,
-                                    where: str) -> Tensor:
-        """Batched vector-Jacobian products of the gradient (``is_grads_batched``), chunked."""
-        leaves, grads, live = self._first_order_graph(inputs, targets, where)
+    def _double_backward_state(self, inputs: Any, targets: Tensor, where: str) -> Any:
+        return self._first_order_graph(inputs, targets, where)
+
+    def _double_backward_rows(self, state: Any, X: Tensor, where: str, loop: bool,
+                              retain: bool, batched: bool = False) -> Tensor:
+        """Vector-Jacobian products of the gradient: batched (``is_grads_batched``, chunked;
+        one direction without the vmap unless ``batched``) or one call per direction
+        (``loop``), on the retained first-order graph."""
+        leaves, grads, live = state
         if not live:
             return X.new_zeros(X.shape)
+        outputs = [grads[i] for i in live]
+        k = X.shape[0]
+        pieces = [(i, i + 1) for i in range(k)] if loop else self._chunks(k)
         outs = []
-        chunks = self._chunks(X.shape[0])
-        for index, (start, end) in enumerate(chunks):
+        for index, (start, end) in enumerate(pieces):
             V = self.layout.split_rows(X[start:end])
             cotangents = [V[self.param_names[i]] for i in live]
-            retain = self.cache_graph or index + 1 < len(chunks)
+            keep = retain or self.cache_graph or index + 1 < len(pieces)
             with torch.enable_grad():
-                if end - start == 1:  # one direction: skip the vmap of is_grads_batched
-                    hv = torch.autograd.grad([grads[i] for i in live], leaves,
-                                             [c[0] for c in cotangents], retain_graph=retain,
-                                             allow_unused=True)
+                if end - start == 1 and not batched:  # one direction: no vmap
+                    hv = torch.autograd.grad(outputs, leaves, [c[0] for c in cotangents],
+                                             retain_graph=keep, allow_unused=True)
                     hv = [h.unsqueeze(0) if h is not None else None for h in hv]
                 else:
-                    hv = torch.autograd.grad([grads[i] for i in live], leaves, cotangents,
-                                             is_grads_batched=True, retain_graph=retain,
-                                             allow_unused=True)
+                    hv = torch.autograd.grad(outputs, leaves, cotangents, is_grads_batched=True,
+                                             retain_graph=keep, allow_unused=True)
             hv = [h if h is not None else X.new_zeros((end - start,) + tuple(leaf.shape))
                   for h, leaf in zip(hv, leaves)]
             outs.append(self.layout.join_rows(hv, end - start))

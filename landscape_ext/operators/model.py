@@ -4,8 +4,9 @@
 :class:`~landscape_ext.GGNOperator` share: validation, the parameter layout and the data (from
 :mod:`landscape_ext._model`), the pass over the batches with sample-weighted sums, the data
 check between passes, the data-parallel reduction, and the choice of how a batch's product is
-computed (:meth:`ModelOperator._choose_mode`, the one place that decides). Subclasses implement
-the per-batch product for each autograd mode.
+computed (:meth:`ModelOperator._choose_mode`, the one place that decides; ``auto`` measures, see
+:mod:`.modes`) and the optional compiled forward-over-reverse product (``compile``). Subclasses
+implement the per-batch product for each autograd mode.
 """
 from __future__ import annotations
 
@@ -20,17 +21,19 @@ from .. import distributed as _dist
 from .._model import DataFingerprint, DataSource, ParameterLayout, check_finite, evaluation_context
 from ..mlp import MLPBackend
 from .base import CurvatureOperator
+from .modes import (AUTOGRAD_MODES, DOUBLE_BACKWARD, DOUBLE_BACKWARD_LOOP, FORWARD_OVER_REVERSE,
+                    FUSED_MLP_MODE, GRAPH, HVP_MODES, PROBE, ModeChooser, bucket_of, estimates,
+                    wall_timer)
 
 __all__ = ["ModelOperator", "HVP_MODES", "FUSED_MLP_MODE", "FORWARD_OVER_REVERSE",
-           "DOUBLE_BACKWARD"]
+           "DOUBLE_BACKWARD", "DOUBLE_BACKWARD_LOOP", "COMPILE_DEFAULT"]
 
 log = logging.getLogger(__name__)
 
-FORWARD_OVER_REVERSE = "forward-over-reverse"
-DOUBLE_BACKWARD = "double-backward"
-#: The fused MLP products of :mod:`landscape_ext.mlp` as an explicit mode of the model operators.
-FUSED_MLP_MODE = "fused-mlp"
-HVP_MODES = ("auto", FORWARD_OVER_REVERSE, DOUBLE_BACKWARD)
+#: What ``compile="auto"`` means per device type. CPU: off — on the CPU the compiled
+#: forward-over-reverse product did not pay in bench/bench_hvp.py's models section (see
+#: bench/README.md); CUDA: off until that section has been measured on a GPU.
+COMPILE_DEFAULT = {"cpu": False, "cuda": False}
 
 
 class ModelOperator(CurvatureOperator):
@@ -45,7 +48,8 @@ class ModelOperator(CurvatureOperator):
                  batch_norm: str = "eval", accumulate_dtype: Optional[torch.dtype] = None,
                  chunk_size: Optional[int] = None, check_data: bool = True,
                  cache_graph: Union[bool, str] = "auto", process_group: Any = None,
-                 batch_size: Optional[Callable[[Any], int]] = None):
+                 batch_size: Optional[Callable[[Any], int]] = None,
+                 compile: Union[bool, str] = "auto"):
         name = type(self).__name__
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"{name}: loss_fn must be callable or None (the model returns its "
@@ -76,6 +80,8 @@ class ModelOperator(CurvatureOperator):
         self.batch_norm = batch_norm
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.check_data = bool(check_data)
+        if not (isinstance(compile, bool) or compile == "auto"):
+            raise ValueError(f"{name}: compile must be True, False or 'auto', got {compile!r}")
 
         self.layout = ParameterLayout.from_model(model, params, name, ddp_prefix=was_ddp)
         self.param_names: List[str] = list(self.layout.names)
@@ -92,12 +98,22 @@ class ModelOperator(CurvatureOperator):
         self._fingerprint = DataFingerprint(ordered=False)
         self.n_samples: Optional[int] = None
         self.mode_used: Optional[str] = None
+        #: auto's measurements and choices per bucket of k (modes.py); its ``timer`` may be
+        #: replaced (tests inject timings through it)
+        self.mode_chooser = ModeChooser()
+        #: whether the forward-over-reverse product runs under torch.compile, and why it stopped
+        #: doing so (``compile_error``: the compilation's error; products then run eagerly)
+        self.compile = (COMPILE_DEFAULT.get(self.device.type, False) if compile == "auto"
+                        else bool(compile))
+        self.compile_error: Optional[str] = None
+        self._compiled: Dict[str, Callable[..., Any]] = {}
         # the attention backend products run with ("math": the one with second-order
         # derivatives; None before the first product); the user's own setting is restored
         self.attention_backend: Optional[str] = None
         self.forward_ad_broken = False
-        # auto: below this many directions a cached first-order graph + double backward beats
-        # vmapped forward-over-reverse (measured by bench/bench_spectrum.py, HVP section)
+        # auto's prior, used until a bucket is measured (single products): below this many
+        # directions a cached first-order graph + double backward beats vmapped
+        # forward-over-reverse (measured by bench/bench_spectrum.py, HVP section)
         self.auto_double_backward_below = 4
         self.mlp_backend = MLPBackend(
             model, self.layout, loss_fn, self.curvature, name, forced=mode == FUSED_MLP_MODE,
@@ -151,6 +167,8 @@ class ModelOperator(CurvatureOperator):
         X = X.to(self.param_dtype)
         group = self.process_group
         owner = type(self).__name__
+        if X.shape[0] > 0:
+            self.mode_chooser.count(X.shape[0])
         if group is None:
             acc, n_total, n_batches = self._local_sum(X)
             if acc is None or n_total == 0:
@@ -164,11 +182,13 @@ class ModelOperator(CurvatureOperator):
         try:
             acc, n_local, n_batches = self._local_sum(X)
         except Exception as exc:  # every rank raises, none hangs in the all-reduce
-            _dist.exchange_status(group, exc, (0.0,), "in a product", self.device)
+            _dist.exchange_status(group, exc, (0.0, 0.0), "in a product", self.device)
             raise
-        counts = _dist.exchange_status(group, None, (float(n_local),), "in a product",
-                                       self.device)
-        n_total = int(round(float(counts.sum())))
+        # with the sample counts, each rank's auto mode for this bucket: all take rank 0's
+        table = _dist.exchange_status(group, None, (float(n_local), self._mode_code(X.shape[0])),
+                                      "in a product", self.device)
+        self._adopt_mode(X.shape[0], table[:, 1])
+        n_total = int(round(float(table[:, 0].sum())))
         if n_total == 0:
             raise ValueError(f"{owner}: no rank of the process group has data (0 samples)")
         if acc is None:  # this rank holds no samples: it contributes zeros
@@ -178,6 +198,20 @@ class ModelOperator(CurvatureOperator):
         _dist.all_reduce_sum_(acc, group)
         self.n_samples = n_total
         return acc.div_(n_total)
+
+    def _mode_code(self, k: int) -> float:
+        """This rank's choice for ``k``'s bucket as a number for the exchange (0: none)."""
+        if k < 1:
+            return 0.0
+        chosen = self.mode_chooser.chosen(k)
+        return float(AUTOGRAD_MODES.index(chosen) + 1) if chosen in AUTOGRAD_MODES else 0.0
+
+    def _adopt_mode(self, k: int, codes: Tensor) -> None:
+        """Take the choice of the lowest rank that has one (rank 0's unless it holds no data),
+        so that every rank runs the same mode from the next product on."""
+        picked = [int(c) for c in codes.tolist() if int(c) > 0]
+        if picked and k >= 1:
+            self.mode_chooser.adopt(bucket_of(k), AUTOGRAD_MODES[picked[0] - 1])
 
     def _sync_replicas(self, X: Tensor) -> Tensor:
         named = dict(self.model.named_parameters())
@@ -235,16 +269,35 @@ class ModelOperator(CurvatureOperator):
 
     def _choose_mode(self, k: int) -> str:
         """How the product of ``k`` directions on a batch is computed: the forced ``mode``, or
-        for ``auto``: the fused MLP path when it applies, double backward when forward-mode AD
-        is broken for the model or when fewer than ``auto_double_backward_below`` directions
-        run on a cached graph, else forward-over-reverse."""
+        for ``auto``: the fused MLP path when it applies; else the mode measured for ``k``'s
+        bucket (:mod:`.modes`); else :data:`~.modes.PROBE` (measure now) when the bucket is due;
+        else the prior rule (single products): double backward when forward-mode AD is broken
+        for the model or when fewer than ``auto_double_backward_below`` directions run on a
+        cached graph, forward-over-reverse otherwise."""
         if self.mode == FUSED_MLP_MODE or (self.mode == "auto" and self.mlp_backend.applicable):
             return FUSED_MLP_MODE
         if self.mode != "auto":
             return self.mode
+        chosen = self.mode_chooser.chosen(k)
+        if chosen is not None:
+            return DOUBLE_BACKWARD if (chosen == FORWARD_OVER_REVERSE
+                                       and self.forward_ad_broken) else chosen
+        if self.mode_chooser.due(k):
+            return PROBE
         if self.forward_ad_broken or (self.cache_graph and k < self.auto_double_backward_below):
             return DOUBLE_BACKWARD
         return FORWARD_OVER_REVERSE
+
+    @property
+    def mode_timings(self) -> Dict[int, Dict[str, float]]:
+        """``auto``'s measurements: ``{bucket: {mode: estimated seconds of the probed product}}``
+        (a bucket is the power of two ``>= k``; see :mod:`landscape_ext.operators.modes`)."""
+        return self.mode_chooser.timings
+
+    @property
+    def mode_choices(self) -> Dict[int, str]:
+        """``auto``'s choices: ``{bucket: mode}`` (data parallel: rank 0's)."""
+        return self.mode_chooser.choices
 
     def _batch_apply_rows(self, X: Tensor, inputs: Any, targets: Any, where: str) -> Tensor:
         """The product of one batch in the mode :meth:`_choose_mode` picks, falling back from
@@ -258,9 +311,12 @@ class ModelOperator(CurvatureOperator):
                 self.mode_used = FUSED_MLP_MODE
                 return out
             mode = self._choose_mode(X.shape[0])
-        if mode == DOUBLE_BACKWARD:
-            out = self._apply_rows_double_backward(X, inputs, targets, where)
-            self.mode_used = DOUBLE_BACKWARD
+        if mode == PROBE:
+            return self._probe(X, inputs, targets, where)
+        if mode in (DOUBLE_BACKWARD, DOUBLE_BACKWARD_LOOP):
+            out = self._apply_rows_double_backward(X, inputs, targets, where,
+                                                   loop=mode == DOUBLE_BACKWARD_LOOP)
+            self.mode_used = mode
             return out
         try:
             out = self._apply_rows_forward_over_reverse(X, inputs, targets, where)
@@ -271,18 +327,113 @@ class ModelOperator(CurvatureOperator):
                 out = self._apply_rows_double_backward(X, inputs, targets, where)
             except Exception as exc2:
                 raise exc2 from exc
-            log.warning("%s: forward-over-reverse failed (%s); using double backward",
-                        type(self).__name__, str(exc).splitlines()[0][:200])
-            self.forward_ad_broken = True
+            self._forward_ad_failed(exc)
             self.mode_used = DOUBLE_BACKWARD
             return out
         self.mode_used = FORWARD_OVER_REVERSE
         return out
 
+    def _forward_ad_failed(self, exc: BaseException) -> None:
+        log.warning("%s: forward-over-reverse failed (%s); using double backward",
+                    type(self).__name__, str(exc).splitlines()[0][:200] if str(exc) else
+                    type(exc).__name__)
+        self.forward_ad_broken = True
+
+    def _probe(self, X: Tensor, inputs: Any, targets: Any, where: str) -> Tensor:
+        """``auto``'s measurement for the bucket of ``k = X.shape[0]`` (see :mod:`.modes`): the
+        product by double backward (graph, direction 0 looped, the rest batched) and by
+        forward-over-reverse, each piece timed; records the estimates and the choice and
+        returns the product of the route that won."""
+        k = X.shape[0]
+        timer = self.mode_chooser.timer or wall_timer(self.device)
+        seconds: Dict[str, float] = {}
+        state, seconds[GRAPH] = timer(GRAPH, lambda: self._double_backward_state(
+            inputs, targets, where))
+        if k == 1:  # one direction: looped and batched double backward coincide
+            by_double, seconds[DOUBLE_BACKWARD] = timer(DOUBLE_BACKWARD, lambda: (
+                self._double_backward_rows(state, X, where, loop=True, retain=False)))
+            candidates = (FORWARD_OVER_REVERSE, DOUBLE_BACKWARD)
+        else:
+            first, seconds[DOUBLE_BACKWARD_LOOP] = timer(DOUBLE_BACKWARD_LOOP, lambda: (
+                self._double_backward_rows(state, X[:1], where, loop=True, retain=True)))
+            rest, seconds[DOUBLE_BACKWARD] = timer(DOUBLE_BACKWARD, lambda: (
+                self._double_backward_rows(state, X[1:], where, loop=False, retain=False,
+                                           batched=True)))
+            by_double = torch.cat([first, rest])
+            candidates = AUTOGRAD_MODES
+        del state
+        by_forward = None
+        if not self.forward_ad_broken:
+            try:
+                if self.compile and self.compile_error is None:
+                    # the compiling call is not a product's cost: time the compiled one
+                    self._apply_rows_forward_over_reverse(X, inputs, targets, where)
+                by_forward, seconds[FORWARD_OVER_REVERSE] = timer(FORWARD_OVER_REVERSE, lambda: (
+                    self._apply_rows_forward_over_reverse(X, inputs, targets, where)))
+            except (RuntimeError, NotImplementedError) as exc:
+                self._forward_ad_failed(exc)
+        # a cached graph (the Hessian on one batch) is paid once, not per product
+        mode = self.mode_chooser.decide(bucket_of(k), estimates(k, seconds, self.cache_graph,
+                                                                candidates))
+        log.info("%s: auto mode for k <= %d: %s (estimated seconds %s)", type(self).__name__,
+                 bucket_of(k), mode, self.mode_chooser.timings[bucket_of(k)])
+        self.mode_used = mode
+        return by_forward if mode == FORWARD_OVER_REVERSE else by_double
+
+    # -- compiled products ----------------------------------------------------------------------
+    def _row_pieces(self, k: int) -> List[Tuple[int, int]]:
+        """The row ranges one product runs as: the chunks (``chunk_size``), and under
+        ``compile`` each chunk cut into powers of two (its binary digits, largest first), so
+        that the compiled function sees at most ``log2(k) + 1`` shapes of directions — compiled
+        once each, never per call, and no padding work."""
+        chunks = self._chunks(k)
+        if not (self.compile and self.compile_error is None):
+            return chunks
+        pieces = []
+        for start, end in chunks:
+            n = end - start
+            for bit in reversed(range(n.bit_length())):
+                if n >> bit & 1:
+                    pieces.append((start, start + (1 << bit)))
+                    start += 1 << bit
+        return pieces
+
+    def _run_compiled(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, under ``torch.compile(fn, dynamic=False)`` when ``compile`` is on;
+        when compilation fails the error is kept in ``compile_error``, logged, and this and all
+        later products run ``fn`` eagerly (an error that is not the compiler's then comes from
+        the eager call itself)."""
+        if self.compile and self.compile_error is None:
+            try:
+                if key not in self._compiled:
+                    self._compiled[key] = torch.compile(fn, dynamic=False)
+                return self._compiled[key](*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
+                text = str(exc).strip().splitlines()
+                self.compile_error = f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+                self._compiled.clear()
+                log.warning("%s: torch.compile failed (%s); products run eagerly",
+                            type(self).__name__, self.compile_error)
+        return fn(*args)
+
+    # -- the per-batch products of the subclasses -----------------------------------------------
     def _apply_rows_forward_over_reverse(self, X: Tensor, inputs: Any, targets: Any,
                                          where: str) -> Tensor:
         raise NotImplementedError
 
-    def _apply_rows_double_backward(self, X: Tensor, inputs: Any, targets: Any,
-                                    where: str) -> Tensor:
+    def _double_backward_state(self, inputs: Any, targets: Any, where: str) -> Any:
+        """What the double-backward products of a batch share (a graph), built once per
+        product (or cached)."""
         raise NotImplementedError
+
+    def _double_backward_rows(self, state: Any, X: Tensor, where: str, loop: bool,
+                              retain: bool, batched: bool = False) -> Tensor:
+        """The rows of ``X`` by double backward on ``state``: one batched ``autograd.grad`` per
+        chunk, or (``loop``) one per direction; ``retain``: keep the graph for more calls;
+        ``batched``: use the batched call even for one direction (the probe times it)."""
+        raise NotImplementedError
+
+    def _apply_rows_double_backward(self, X: Tensor, inputs: Any, targets: Any, where: str,
+                                    loop: bool = False) -> Tensor:
+        state = self._double_backward_state(inputs, targets, where)
+        return self._double_backward_rows(state, X, where, loop=loop, retain=False)
