@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "attention",
     "attention_forward",
     "attention_backward",
     "attention_forward_jvp",
@@ -117,9 +118,8 @@ def attention_backward(q, k, v, out, lse, dout, mask=None, is_causal=False, scal
     """
     _check("attention_backward", q, k, v)
     scale = _scale(q, scale)
-    dq = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    # Out of place (lists, sums) so that vmap over directions can batch every step.
+    dq, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
     for i0 in range(0, q.shape[-2], block):
         i1 = min(i0 + block, q.shape[-2])
         p = _block_p(q, k, lse, mask, is_causal, scale, i0, i1)
@@ -127,10 +127,10 @@ def attention_backward(q, k, v, out, lse, dout, mask=None, is_causal=False, scal
         dp = do @ v.transpose(-1, -2)
         dd = (do * out[..., i0:i1, :]).sum(-1, keepdim=True)
         ds = p * (dp - dd)
-        dv += p.transpose(-1, -2) @ do
-        dq[..., i0:i1, :] = scale * (ds @ k)
-        dk += scale * (ds.transpose(-1, -2) @ q[..., i0:i1, :])
-    return dq, dk, dv
+        dv = dv + p.transpose(-1, -2) @ do
+        dq.append(scale * (ds @ k))
+        dk = dk + scale * (ds.transpose(-1, -2) @ q[..., i0:i1, :])
+    return (torch.cat(dq, -2) if dq else torch.zeros_like(q)), dk, dv
 
 
 def _block_tangents(q, k, v, out, p, tq, tk, tv, scale, i0, i1):
@@ -156,12 +156,12 @@ def attention_forward_jvp(q, k, v, out, lse, tq, tk, tv, mask=None, is_causal=Fa
     """
     _check("attention_forward_jvp", q, k, v)
     scale = _scale(q, scale)
-    tout = q.new_empty(tq.shape[0], *out.shape)
+    tout = []
     for i0 in range(0, q.shape[-2], block):
         i1 = min(i0 + block, q.shape[-2])
         p = _block_p(q, k, lse, mask, is_causal, scale, i0, i1)
-        tout[..., i0:i1, :] = _block_tangents(q, k, v, out, p, tq, tk, tv, scale, i0, i1)[2]
-    return tout
+        tout.append(_block_tangents(q, k, v, out, p, tq, tk, tv, scale, i0, i1)[2])
+    return torch.cat(tout, -2) if tout else q.new_zeros(tq.shape[0], *out.shape)
 
 
 def attention_backward_jvp(q, k, v, out, lse, dout, tq, tk, tv, tdout, mask=None,
@@ -181,9 +181,7 @@ def attention_backward_jvp(q, k, v, out, lse, dout, tq, tk, tv, tdout, mask=None
     _check("attention_backward_jvp", q, k, v)
     scale = _scale(q, scale)
     n = tq.shape[0]
-    tdq = q.new_empty(n, *q.shape)
-    tdk = q.new_zeros(n, *k.shape)
-    tdv = q.new_zeros(n, *v.shape)
+    tdq, tdk, tdv = [], 0, 0
     for i0 in range(0, q.shape[-2], block):
         i1 = min(i0 + block, q.shape[-2])
         p = _block_p(q, k, lse, mask, is_causal, scale, i0, i1)
@@ -195,7 +193,112 @@ def attention_backward_jvp(q, k, v, out, lse, dout, tq, tk, tv, tdout, mask=None
         tdp = tdo @ v.transpose(-1, -2) + do @ tv.transpose(-1, -2)
         td = (tdo * o + do * tout).sum(-1, keepdim=True)
         tds = tp * dpd + p * (tdp - td)
-        tdv += tp.transpose(-1, -2) @ do + p.transpose(-1, -2) @ tdo
-        tdq[..., i0:i1, :] = scale * (tds @ k + ds @ tk)
-        tdk += scale * (tds.transpose(-1, -2) @ q[..., i0:i1, :] + ds.transpose(-1, -2) @ tq[..., i0:i1, :])
-    return tdq, tdk, tdv
+        tdv = tdv + tp.transpose(-1, -2) @ do + p.transpose(-1, -2) @ tdo
+        tdq.append(scale * (tds @ k + ds @ tk))
+        tdk = tdk + scale * (tds.transpose(-1, -2) @ q[..., i0:i1, :]
+                             + ds.transpose(-1, -2) @ tq[..., i0:i1, :])
+    if not tdq:
+        return q.new_zeros(n, *q.shape), q.new_zeros(n, *k.shape), q.new_zeros(n, *v.shape)
+    return torch.cat(tdq, -2), tdk, tdv
+
+
+# --- autograd / functorch ---------------------------------------------------------------------
+# Forward-over-reverse (vmap(jvp(grad(f)))) reaches _Attention.backward -> _AttentionBackward, whose
+# jvp is attention_backward_jvp: no K x S x S_k tensor. Double backward reaches
+# _AttentionBackward.backward, which differentiates the math formula (materialises S x S_k once).
+# generate_vmap_rule: every staticmethod is plain torch ops, so vmap over directions batches them
+# and the bound becomes vmap_size x B x H x block x S_k.
+
+
+def _zeros_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if t is None else t
+
+
+class _AttentionBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, out, lse, dout, mask, is_causal, scale):
+        return attention_backward(q, k, v, out, lse, dout, mask, is_causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, out, lse, dout, mask, is_causal, scale = inputs
+        ctx.save_for_backward(q, k, v, dout)
+        ctx.save_for_forward(q, k, v, out, lse, dout)
+        ctx.mask, ctx.is_causal, ctx.scale = mask, is_causal, scale
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _tout, _tlse, tdout, *_):
+        # tout and tlse follow from tq, tk, tv: attention_backward_jvp recomputes tout blockwise.
+        q, k, v, out, lse, dout = ctx.saved_tensors
+        tq, tk, tv, tdout = (_zeros_if_none(t, x).unsqueeze(0)
+                             for t, x in ((tq, q), (tk, k), (tv, v), (tdout, dout)))
+        r = attention_backward_jvp(q, k, v, out, lse, dout, tq, tk, tv, tdout,
+                                   ctx.mask, ctx.is_causal, ctx.scale)
+        return tuple(x.squeeze(0) for x in r)
+
+    @staticmethod
+    def backward(ctx, gdq, gdk, gdv):
+        # Total derivatives through q, k, v, dout (out and lse are functions of q, k, v, so their
+        # slots get zero): differentiate the math backward once, S x S_k materialised.
+        from . import reference
+
+        q, k, v, dout = ctx.saved_tensors
+        fn = lambda a, b, c, d: reference.attention_backward(a, b, c, d, ctx.mask, ctx.is_causal,  # noqa: E731
+                                                             ctx.scale)
+        gq, gk, gv, gd = torch.func.vjp(fn, q, k, v, dout)[1]((gdq, gdk, gdv))
+        return gq, gk, gv, None, None, gd, None, None, None
+
+
+class _Attention(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, is_causal, scale):
+        return attention_forward(q, k, v, mask, is_causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, is_causal, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_forward(q, k, v, out, lse)
+        ctx.mask, ctx.is_causal, ctx.scale = mask, is_causal, scale
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, *_):
+        q, k, v, out, lse = ctx.saved_tensors
+        tq, tk, tv = (_zeros_if_none(t, x).unsqueeze(0) for t, x in ((tq, q), (tk, k), (tv, v)))
+        tout = attention_forward_jvp(q, k, v, out, lse, tq, tk, tv, ctx.mask, ctx.is_causal,
+                                     ctx.scale).squeeze(0)
+        return tout, None
+
+    @staticmethod
+    def backward(ctx, gout, _glse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _AttentionBackward.apply(q, k, v, out, lse, gout, ctx.mask, ctx.is_causal,
+                                              ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+              is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """Differentiable softmax attention (first and second order) built on the blockwise products.
+
+    Same conventions as ``F.scaled_dot_product_attention`` without dropout (boolean mask keeps
+    True, causal top-left). Supports autograd, double backward, ``torch.func.jvp``/``vmap``.
+
+    Shapes
+    ------
+    q (..., H, S, D), k (..., H, S_k, D), v (..., H, S_k, D_v) -> (..., H, S, D_v); leading dims
+    are folded into B.
+    """
+    lead = q.shape[:-3]
+    if q.dim() != 4:
+        q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (q, k, v))
+        if mask is not None and mask.dim() > 4:
+            mask = mask.reshape(-1, *mask.shape[-3:])
+    out = _Attention.apply(q, k, v, mask, is_causal, scale)[0]
+    return out.reshape(*lead, *out.shape[-3:]) if len(lead) != 1 else out

@@ -90,3 +90,46 @@ def test_errors_name_op_and_sizes():
         A.attention_forward(q, torch.zeros(2, 3, 5, 7), torch.zeros(2, 3, 5, 4))
     with pytest.raises(TypeError, match="attention_forward: .*torch.int64"):
         A.attention_forward(q.long(), q.long(), q.long())
+
+
+def _loss_fn(attn):
+    """A small scalar loss of (q, k, v) weights through attention, for second-order tests."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+
+    def f(w):
+        wq, wk, wv = w[:, :6], w[:, 6:12], w[:, 12:]
+        q, k, v = ((x @ m).reshape(2, 9, 2, 3).transpose(1, 2) for m in (wq, wk, wv))
+        return (attn(q, k, v).tanh() ** 2).sum()
+
+    return f
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_vmap_jvp_grad_matches_math_sdpa(causal):
+    ours = _loss_fn(lambda q, k, v: A.attention(q, k, v, is_causal=causal))
+    math_ = _loss_fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 18, generator=g, dtype=torch.float64)
+    dirs = torch.randn(4, 6, 18, generator=g, dtype=torch.float64)
+
+    def hvp(f):
+        return torch.func.vmap(lambda t: torch.func.jvp(torch.func.grad(f), (w,), (t,))[1])(dirs)
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        ref = hvp(math_)
+    torch.testing.assert_close(hvp(ours), ref, rtol=1e-10, atol=1e-10)
+    assert ref.abs().max() > 1e-3  # a zero Hessian would make the comparison vacuous
+
+
+def test_double_backward_matches_math_sdpa():
+    g = torch.Generator().manual_seed(2)
+    w0 = torch.randn(6, 18, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 18, generator=g, dtype=torch.float64)
+    res = []
+    for attn in (A.attention, F.scaled_dot_product_attention):
+        w = w0.clone().requires_grad_()
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            (gr,) = torch.autograd.grad(_loss_fn(attn)(w), w, create_graph=True)
+            res.append(torch.autograd.grad(gr, w, t)[0])
+    torch.testing.assert_close(res[0], res[1], rtol=1e-10, atol=1e-10)
