@@ -51,7 +51,7 @@ def _bias_rows(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, i0
         m = mask
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        m = m.expand(*m.shape[:2], s, sk)[..., i0:i1, :]
+        m = m.expand(*m.shape[:2], s, sk).narrow(-2, i0, i1 - i0)
         if m.dtype == torch.bool:
             m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, -math.inf)
         bias = m.to(q.dtype)
@@ -84,7 +84,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
     outs, lses = [], []
     for i0 in range(0, q.shape[-2], block):
         i1 = min(i0 + block, q.shape[-2])
-        s = scale * (q[..., i0:i1, :] @ k.transpose(-1, -2))
+        s = scale * (q.narrow(-2, i0, i1 - i0) @ k.transpose(-1, -2))
         bias = _bias_rows(q, k, mask, is_causal, i0, i1)
         if bias is not None:
             s = s + bias
@@ -97,11 +97,11 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
 
 
 def _block_p(q, k, lse, mask, is_causal, scale, i0, i1):
-    s = scale * (q[..., i0:i1, :] @ k.transpose(-1, -2))
+    s = scale * (q.narrow(-2, i0, i1 - i0) @ k.transpose(-1, -2))
     bias = _bias_rows(q, k, mask, is_causal, i0, i1)
     if bias is not None:
         s = s + bias
-    return torch.exp(s - lse[..., i0:i1].unsqueeze(-1))
+    return torch.exp(s - lse.narrow(-1, i0, i1 - i0).unsqueeze(-1))
 
 
 def attention_backward(q, k, v, out, lse, dout, mask=None, is_causal=False, scale=None,
@@ -118,27 +118,28 @@ def attention_backward(q, k, v, out, lse, dout, mask=None, is_causal=False, scal
     """
     _check("attention_backward", q, k, v)
     scale = _scale(q, scale)
-    # Out of place (lists, sums) so that vmap over directions can batch every step.
+    # Out of place (lists, sums) and narrow() for slices so that vmap (also the legacy one behind
+    # autograd.grad(is_grads_batched=True)) can batch every step.
     dq, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
     for i0 in range(0, q.shape[-2], block):
         i1 = min(i0 + block, q.shape[-2])
         p = _block_p(q, k, lse, mask, is_causal, scale, i0, i1)
-        do = dout[..., i0:i1, :]
+        do = dout.narrow(-2, i0, i1 - i0)
         dp = do @ v.transpose(-1, -2)
-        dd = (do * out[..., i0:i1, :]).sum(-1, keepdim=True)
+        dd = (do * out.narrow(-2, i0, i1 - i0)).sum(-1, keepdim=True)
         ds = p * (dp - dd)
         dv = dv + p.transpose(-1, -2) @ do
         dq.append(scale * (ds @ k))
-        dk = dk + scale * (ds.transpose(-1, -2) @ q[..., i0:i1, :])
+        dk = dk + scale * (ds.transpose(-1, -2) @ q.narrow(-2, i0, i1 - i0))
     return (torch.cat(dq, -2) if dq else torch.zeros_like(q)), dk, dv
 
 
 def _block_tangents(q, k, v, out, p, tq, tk, tv, scale, i0, i1):
     """ts, m, tout for one query block; tangents carry a leading K dim."""
-    ts = scale * (tq[..., i0:i1, :] @ k.transpose(-1, -2) + q[..., i0:i1, :] @ tk.transpose(-1, -2))
+    ts = scale * (tq.narrow(-2, i0, i1 - i0) @ k.transpose(-1, -2) + q.narrow(-2, i0, i1 - i0) @ tk.transpose(-1, -2))
     pts = p * ts
     m = pts.sum(-1, keepdim=True)
-    tout = pts @ v - m * out[..., i0:i1, :] + p @ tv
+    tout = pts @ v - m * out.narrow(-2, i0, i1 - i0) + p @ tv
     return ts, m, tout
 
 
@@ -186,7 +187,7 @@ def attention_backward_jvp(q, k, v, out, lse, dout, tq, tk, tv, tdout, mask=None
         i1 = min(i0 + block, q.shape[-2])
         p = _block_p(q, k, lse, mask, is_causal, scale, i0, i1)
         ts, m, tout = _block_tangents(q, k, v, out, p, tq, tk, tv, scale, i0, i1)
-        do, tdo, o = dout[..., i0:i1, :], tdout[..., i0:i1, :], out[..., i0:i1, :]
+        do, tdo, o = dout.narrow(-2, i0, i1 - i0), tdout.narrow(-2, i0, i1 - i0), out.narrow(-2, i0, i1 - i0)
         dpd = do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True)
         ds = p * dpd
         tp = p * (ts - m)
@@ -195,8 +196,8 @@ def attention_backward_jvp(q, k, v, out, lse, dout, tq, tk, tv, tdout, mask=None
         tds = tp * dpd + p * (tdp - td)
         tdv = tdv + tp.transpose(-1, -2) @ do + p.transpose(-1, -2) @ tdo
         tdq.append(scale * (tds @ k + ds @ tk))
-        tdk = tdk + scale * (tds.transpose(-1, -2) @ q[..., i0:i1, :]
-                             + ds.transpose(-1, -2) @ tq[..., i0:i1, :])
+        tdk = tdk + scale * (tds.transpose(-1, -2) @ q.narrow(-2, i0, i1 - i0)
+                             + ds.transpose(-1, -2) @ tq.narrow(-2, i0, i1 - i0))
     if not tdq:
         return q.new_zeros(n, *q.shape), q.new_zeros(n, *k.shape), q.new_zeros(n, *v.shape)
     return torch.cat(tdq, -2), tdk, tdv

@@ -133,3 +133,53 @@ def test_double_backward_matches_math_sdpa():
             (gr,) = torch.autograd.grad(_loss_fn(attn)(w), w, create_graph=True)
             res.append(torch.autograd.grad(gr, w, t)[0])
     torch.testing.assert_close(res[0], res[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["forward-over-reverse", "double-backward"])
+def test_operators_route_sdpa_to_blockwise(monkeypatch, mode):
+    import landscape_ext as le
+    from landscape_ext import _model
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0,
+                                             batch_first=True).double().eval()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    names = list(params)
+
+    def loss(*flat):
+        return torch.func.functional_call(layer, dict(zip(names, flat)), (x,)).sin().sum()
+
+    flat = tuple(params[n].detach() for n in names)
+    dirs = tuple(torch.randn(2, *p.shape, dtype=torch.float64) for p in flat)
+
+    def hvp():
+        if mode == "forward-over-reverse":
+            g = torch.func.grad(loss, argnums=tuple(range(len(flat))))
+            return torch.func.vmap(lambda *t: torch.func.jvp(g, flat, t)[1])(*dirs)
+        w = tuple(p.clone().requires_grad_() for p in flat)
+        gr = torch.autograd.grad(loss(*w), w, create_graph=True)
+        return torch.autograd.grad(gr, w, dirs, is_grads_batched=True)
+
+    calls = []
+    real = A._Attention.apply
+    monkeypatch.setattr(A._Attention, "apply", lambda *a: calls.append(1) or real(*a))
+    with le.differentiable_attention("math") as name:
+        assert name == "math"
+        ref = hvp()
+    assert not calls
+    with le.differentiable_attention("blockwise") as name:
+        assert name == _model.BLOCKWISE_ATTENTION
+        got = hvp()
+    assert calls, "scaled_dot_product_attention was not routed"
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert max(b.abs().max() for b in ref) > 1e-3
+
+
+def test_attention_mode_errors():
+    import landscape_ext as le
+
+    with pytest.raises(ValueError, match="'fast'"):
+        with le.differentiable_attention("fast"):
+            pass
