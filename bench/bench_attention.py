@@ -55,9 +55,14 @@ def _call(args, model, loss_fn, tokens, targets, impl, k):
         return lambda: torch.autograd.grad(loss_fn(model(tokens), targets), params)
     d = sum(p.numel() for p in params)
     V = torch.randn(d, k, generator=torch.Generator().manual_seed(k)).to(args.device)
-    if impl == "ours":
+    if impl.startswith("ours"):
+        # ours-math / ours-blockwise: the attention route differentiable_attention() takes
         op = le.HessianOperator(model, loss_fn, (tokens, targets))
-        return lambda: op @ V
+
+        def ours():
+            os.environ["LANDSCAPE_EXT_ATTENTION"] = impl.split("-")[1]
+            return op @ V
+        return ours
     from curvlinops import HessianLinearOperator
     H = HessianLinearOperator(model, loss_fn, params, [(tokens, targets)],
                               check_deterministic=False)
@@ -98,6 +103,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
+    p.add_argument("--no-peers", action="store_true", help="only ours (math and blockwise)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -114,8 +120,10 @@ def main(argv=None):
     g_mb = _peak_mb_in_child(child_argv, "gradient", 0)
     rows = [{"k": "-", "impl": "gradient (unit)", "seconds": g_s, "grad/dir": 1.0,
              "peak MB": g_mb, "x grad MB": 1.0}]
-    impls = ["ours"]
+    impls = ["ours-math", "ours-blockwise"]
     try:
+        if args.no_peers:
+            raise ImportError
         import curvlinops  # noqa: F401  (installed?)
         impls.append("curvlinops")
     except ImportError:
@@ -128,7 +136,7 @@ def main(argv=None):
             ref = op64 @ V.double().to(dev)
             out = torch.as_tensor(fn())[:, :1].double()
             err = float((out - ref).norm() / ref.norm())
-            if impl == "ours":
+            if impl.startswith("ours"):
                 assert err < 1e-4, f"k={k}: ours is {err:.2e} off the float64 product"
             seconds = _timed(fn, dev, args.repeats)
             mb = _peak_mb_in_child(child_argv, impl, k)

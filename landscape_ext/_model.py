@@ -14,6 +14,7 @@ optimizers all need to know about a model and its data:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -34,6 +35,8 @@ __all__ = [
     "explain_forward_failure",
     "evaluation_context",
     "ATTENTION_BACKEND",
+    "BLOCKWISE_ATTENTION",
+    "attention_backend_name",
     "unwrap_ddp",
     "check_finite",
     "state_key",
@@ -256,8 +259,66 @@ def model_state_guard(model: nn.Module, batch_norm: Optional[str] = None) -> Ite
 ATTENTION_BACKEND = "math"
 
 
+#: Name recorded when ``F.scaled_dot_product_attention`` is routed to :mod:`landscape_ext.attention`.
+BLOCKWISE_ATTENTION = "landscape_ext-blockwise"
+_ATTENTION_MODES = {"math": ATTENTION_BACKEND, "blockwise": BLOCKWISE_ATTENTION}
+
+
+def attention_backend_name(mode: Optional[str] = None) -> str:
+    """The backend :func:`differentiable_attention` uses: ``mode`` or the environment variable
+    ``LANDSCAPE_EXT_ATTENTION`` (``math`` | ``blockwise``, default ``math``: the benchmark on a
+    loaded 2-core CPU has not yet shown blockwise faster, see bench/bench_attention.py)."""
+    mode = mode if mode is not None else os.environ.get("LANDSCAPE_EXT_ATTENTION", "math")
+    if mode not in _ATTENTION_MODES:
+        raise ValueError(f"differentiable_attention: mode must be one of {sorted(_ATTENTION_MODES)}, "
+                         f"got {mode!r} (argument or LANDSCAPE_EXT_ATTENTION)")
+    return _ATTENTION_MODES[mode]
+
+
+def _blockwise_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                         scale=None, enable_gqa=False):
+    """(q, k, v, mask, is_causal, scale) when the blockwise Function covers the call, else None."""
+    qkv = (query, key, value)
+    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in qkv):
+        return None
+    if dropout_p != 0.0 or enable_gqa or query.shape[1] != key.shape[1]:
+        return None
+    if query.dtype not in (torch.float32, torch.float64) or any(t.dtype != query.dtype for t in qkv):
+        return None
+    if attn_mask is not None and (is_causal or attn_mask.dim() > 4
+                                  or attn_mask.dtype not in (torch.bool, query.dtype)):
+        return None
+    return query, key, value, attn_mask, bool(is_causal), scale
+
+
 @contextlib.contextmanager
-def differentiable_attention() -> Iterator[str]:
+def _blockwise_sdpa() -> Iterator[None]:
+    """Routes supported ``F.scaled_dot_product_attention`` calls to the blockwise Function.
+
+    Rebinds the name in ``torch.nn.functional`` for the block (restored on exit): a
+    TorchFunctionMode would not see the call nn.MultiheadAttention makes, because the mode is
+    disabled while it handles the enclosing ``multi_head_attention_forward``. Code that imported
+    the function object before the block keeps the math backend.
+    """
+    import torch.nn.functional as F
+
+    from .attention import attention
+
+    math_sdpa = F.scaled_dot_product_attention
+
+    def routed(*args, **kwargs):
+        call = _blockwise_sdpa_args(*args, **kwargs)
+        return attention(*call) if call is not None else math_sdpa(*args, **kwargs)
+
+    F.scaled_dot_product_attention = routed
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = math_sdpa
+
+
+@contextlib.contextmanager
+def differentiable_attention(mode: Optional[str] = None) -> Iterator[str]:
     """Inside the block, attention runs the way second-order autograd needs it.
 
     ``F.scaled_dot_product_attention`` runs its math backend: the fused flash, memory-efficient
@@ -266,15 +327,26 @@ def differentiable_attention() -> Iterator[str]:
     ``nn.MultiheadAttention`` and ``nn.Transformer*Layer`` skip their fused inference fast path
     (``torch.backends.mha``), which has no derivatives either. The user's selection (an enclosing
     ``sdpa_kernel`` context, the ``torch.backends.cuda.enable_*_sdp`` flags, the fast-path flag)
-    is restored on exit, also after an exception. Yields :data:`ATTENTION_BACKEND`.
+    is restored on exit, also after an exception.
+
+    With ``mode="blockwise"`` (or ``LANDSCAPE_EXT_ATTENTION=blockwise``) the supported calls (4-d
+    float32/float64 q, k, v, no dropout, no GQA, boolean or additive mask or causal) go to
+    :func:`landscape_ext.attention.attention`, whose Hessian-vector products never hold a
+    per-direction S x S_k tensor; anything else keeps the math backend. Yields the backend's name
+    (:func:`attention_backend_name`).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    name = attention_backend_name(mode)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with sdpa_kernel([SDPBackend.MATH]):
-            yield ATTENTION_BACKEND
+            if name == BLOCKWISE_ATTENTION:
+                with _blockwise_sdpa():
+                    yield name
+            else:
+                yield name
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 

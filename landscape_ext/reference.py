@@ -238,3 +238,55 @@ def act_derivs(z: Tensor, act, *, order: int = 2) -> Tuple[Tensor, Tensor, Optio
         d2 = None
     cast = (lambda t: t.to(dt)) if x.dtype != dt else (lambda t: t)
     return cast(a), cast(d1), (None if d2 is None else cast(d2))
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+                    scale: Optional[float]) -> Tensor:
+    """Math softmax attention, materialising the S x S_k probabilities (SDPA conventions)."""
+    import math
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = scale * (q @ k.transpose(-1, -2))
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, -math.inf)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def attention_forward(q, k, v, mask=None, is_causal=False, scale=None) -> Tuple[Tensor, Tensor]:
+    """Reference for ``attention.attention_forward``: (out, lse), all S x S_k at once."""
+    import math
+
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = sc * (q @ k.transpose(-1, -2))
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, -math.inf)
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+def attention_backward(q, k, v, dout, mask=None, is_causal=False, scale=None):
+    """Reference for ``attention.attention_backward``: torch.func.vjp of math attention."""
+    f = lambda q_, k_, v_: _attention_math(q_, k_, v_, mask, is_causal, scale)  # noqa: E731
+    return torch.func.vjp(f, q, k, v)[1](dout)
+
+
+def attention_forward_jvp(q, k, v, tq, tk, tv, mask=None, is_causal=False, scale=None) -> Tensor:
+    """Reference for ``attention.attention_forward_jvp``: torch.func.jvp per direction (dim 0)."""
+    f = lambda q_, k_, v_: _attention_math(q_, k_, v_, mask, is_causal, scale)  # noqa: E731
+    return torch.stack([torch.func.jvp(f, (q, k, v), (a, b, c))[1] for a, b, c in zip(tq, tk, tv)]
+                       ) if tq.shape[0] else q.new_empty(0, *q.shape[:-1], v.shape[-1])
+
+
+def attention_backward_jvp(q, k, v, dout, tq, tk, tv, tdout, mask=None, is_causal=False,
+                           scale=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference for ``attention.attention_backward_jvp``: jvp of the vjp, per direction."""
+    def back(q_, k_, v_, d_):
+        return attention_backward(q_, k_, v_, d_, mask, is_causal, scale)
+
+    outs = [torch.func.jvp(back, (q, k, v, dout), t)[1] for t in zip(tq, tk, tv, tdout)]
+    return tuple(torch.stack(x) for x in zip(*outs))
