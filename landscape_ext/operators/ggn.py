@@ -3,7 +3,7 @@ fused MLP path is :class:`landscape_ext.mlp.MLPBackend`, the loss Hessian
 :mod:`landscape_ext._losses`)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -227,7 +227,7 @@ class ModelOperator(CurvatureOperator):
         acc = None
         n_total = n_batches = first_n = 0
         with evaluation_context(self.model, self.batch_norm):
-            self.attention_backend = _model.ATTENTION_BACKEND
+            self.attention_backend = _model.attention_backend_name()
             self._fingerprint.start()
             for i, inputs, targets in self.data:
                 where = f"on batch {i}"
