@@ -139,3 +139,24 @@ def hessian_of():
 @pytest.fixture
 def exact_hessian():
     return problem_hessian
+
+
+def dense_ggn(model, loss_fn, data):
+    """``J^T H_out J`` of the mean loss, float64, by autograd.functional (independent of the
+    operators)."""
+    X, y = data
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def out(t):
+        pd = {n: c.reshape(s) for n, c, s in zip(names, torch.split(t, sizes), shapes)}
+        return functional_call(model, pd, (X,))
+
+    z = out(theta).detach()
+    J = torch.autograd.functional.jacobian(out, theta).reshape(z.numel(), -1)
+    Hz = torch.autograd.functional.hessian(lambda v: loss_fn(v.reshape(z.shape), y),
+                                           z.reshape(-1))
+    return J.T @ Hz @ J

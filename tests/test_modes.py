@@ -11,38 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.func import functional_call
 
 import landscape_ext as le
 from landscape_ext import GGNOperator, HessianOperator
 from landscape_ext.operators import modes
 
-from conftest import make_problem
+from conftest import dense_ggn, make_problem
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FOR, DB, LOOP = modes.FORWARD_OVER_REVERSE, modes.DOUBLE_BACKWARD, modes.DOUBLE_BACKWARD_LOOP
-
-
-def dense_ggn(model, loss_fn, data):
-    """``J^T H_out J`` of the mean loss, float64, by autograd.functional (independent of the
-    operators)."""
-    X, y = data
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def out(t):
-        pd = {n: c.reshape(s) for n, c, s in zip(names, torch.split(t, sizes), shapes)}
-        return functional_call(model, pd, (X,))
-
-    z = out(theta).detach()
-    J = torch.autograd.functional.jacobian(out, theta).reshape(z.numel(), -1)
-    Hz = torch.autograd.functional.hessian(lambda v: loss_fn(v.reshape(z.shape), y),
-                                           z.reshape(-1))
-    return J.T @ Hz @ J
 
 
 class ScriptedTimer:

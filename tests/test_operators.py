@@ -10,27 +10,11 @@ from torch.func import functional_call
 import landscape_ext as le
 from landscape_ext import GGNOperator, HessianOperator, as_operator
 
+from conftest import dense_ggn
+
 MODES = ["forward-over-reverse", "double-backward", "auto"]
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _dense_ggn(model, loss_fn, data):
-    X, y = data
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def out(t):
-        pd = {n: c.reshape(s) for n, c, s in zip(names, torch.split(t, sizes), shapes)}
-        return functional_call(model, pd, (X,))
-
-    z = out(theta).detach()
-    J = torch.autograd.functional.jacobian(out, theta).reshape(z.numel(), -1)
-    Hz = torch.autograd.functional.hessian(lambda v: loss_fn(v.reshape(z.shape), y), z.reshape(-1))
-    return J.T @ Hz @ J
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "negcurv"])
@@ -180,13 +164,13 @@ def test_ggn_fused_mlp_matches_dense(problem, loss_kind):
         y = torch.randn(X.shape[0], 3, dtype=torch.float64)
     else:
         loss = nn.CrossEntropyLoss(label_smoothing=0.1 if loss_kind == "ce_smooth" else 0.0)
-    G = _dense_ggn(model, loss, (X, y))
+    G = dense_ggn(model, loss, (X, y))
     op = GGNOperator(model, loss, (X, y))
     V = torch.randn(op.d, 4, dtype=torch.float64)
     torch.testing.assert_close(op @ V, G @ V, rtol=1e-10, atol=1e-12)
     assert op.mode_used == "fused-mlp"
     op = GGNOperator(model, loss, (X, y), mode="fused-mlp", params=["2.weight"])
-    Gb = _dense_ggn(model, loss, (X, y))
+    Gb = dense_ggn(model, loss, (X, y))
     offs = np.cumsum([0] + [p.numel() for p in model.parameters()])
     idx = torch.arange(offs[2], offs[3])
     torch.testing.assert_close(op @ V[:op.d], Gb[idx][:, idx] @ V[:op.d], rtol=1e-10,
@@ -292,7 +276,7 @@ def test_ggn_matches_dense(problem, mode, loss_kind):
         loss = lambda z, t: (torch.log1p(z.pow(2)).mean() + 0.1 * z.pow(4).mean())  # noqa: E731
     else:
         loss = nn.CrossEntropyLoss()
-    G = _dense_ggn(model, loss, (X, y))
+    G = dense_ggn(model, loss, (X, y))
     op = GGNOperator(model, "cross_entropy" if loss_kind == "ce_str" else loss, (X, y), mode=mode)
     V = torch.randn(op.d, 4, dtype=torch.float64)
     torch.testing.assert_close(op @ V, G @ V, rtol=1e-10, atol=1e-12)
@@ -302,7 +286,7 @@ def test_ggn_matches_dense(problem, mode, loss_kind):
 @pytest.mark.parametrize("fused", [True, False])
 def test_ggn_fused_and_plain_loss_hessian_agree(problem, fused):
     model, loss, (X, y) = problem("mlp")
-    G = _dense_ggn(model, nn.CrossEntropyLoss(ignore_index=2), (X, y))
+    G = dense_ggn(model, nn.CrossEntropyLoss(ignore_index=2), (X, y))
     op = GGNOperator(model, nn.CrossEntropyLoss(ignore_index=2), (X, y),
                      fused_loss_hessian=fused)
     V = torch.randn(op.d, 3, dtype=torch.float64)
@@ -311,7 +295,7 @@ def test_ggn_fused_and_plain_loss_hessian_agree(problem, fused):
 
 def test_ggn_of_cnn_with_batchnorm(problem):
     model, loss, data = problem("cnn")
-    G = _dense_ggn(model, loss, data)
+    G = dense_ggn(model, loss, data)
     op = GGNOperator(model, loss, data)
     V = torch.randn(op.d, 3, dtype=torch.float64)
     torch.testing.assert_close(op @ V, G @ V, rtol=1e-10, atol=1e-12)

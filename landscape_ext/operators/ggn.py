@@ -158,13 +158,7 @@ class GGNOperator(ModelOperator):
     def _gauss_newton_outputs(self, raw: Any, where: str) -> Tensor:
         """The outputs the Jacobian is taken of: the model's output tensor, or with
         ``loss_fn=None`` its logits as ``(positions, classes)`` rows."""
-        if self.loss_fn is not None:
-            if not isinstance(raw, Tensor):
-                raise ValueError(f"GGNOperator: the model must return one tensor, got "
-                                 f"{type(raw).__name__} (loss_fn=None takes an output with "
-                                 f".loss and .logits)")
-            return raw
-        return self.own_loss.logit_rows(raw, where)
+        return self.own_loss.gauss_newton_outputs(raw, self.loss_fn is not None, where)
 
     def _own_loss_targets(self, raw: Any, rows: Tensor, inputs: Any, where: str) -> Tensor:
         return self.own_loss.targets(raw, rows, inputs, where)

@@ -65,6 +65,17 @@ class OwnLoss:
         self.owner = owner
         self.inferred: Optional[str] = None
 
+    def gauss_newton_outputs(self, raw: Any, has_loss_fn: bool, where: str = "") -> Tensor:
+        """The outputs a GGN takes the Jacobian of: the model's one output tensor when the
+        operator has a ``loss_fn``, else the logits as rows (:meth:`logit_rows`)."""
+        if not has_loss_fn:
+            return self.logit_rows(raw, where)
+        if not isinstance(raw, Tensor):
+            raise ValueError(f"{self.owner}: the model must return one tensor, got "
+                             f"{type(raw).__name__} (loss_fn=None takes an output with .loss "
+                             f"and .logits)")
+        return raw
+
     def logit_rows(self, raw: Any, where: str = "") -> Tensor:
         """The model output's logits ``(batch, ..., classes)`` as ``(positions, classes)`` rows."""
         logits = field(raw, "logits")

@@ -374,13 +374,7 @@ class ShardedGGNOperator(ShardedModelOperator):
 
     def _gauss_newton_outputs(self, raw: Any) -> Tensor:
         """The model's output tensor, or with ``loss_fn=None`` its logits as rows."""
-        if self.loss_fn is not None:
-            if not isinstance(raw, Tensor):
-                raise ValueError(f"ShardedGGNOperator: the model must return one tensor, got "
-                                 f"{type(raw).__name__} (loss_fn=None takes an output with "
-                                 f".loss and .logits)")
-            return raw
-        return self.own_loss.logit_rows(raw)
+        return self.own_loss.gauss_newton_outputs(raw, self.loss_fn is not None)
 
     def _outputs_at(self, saved: List[Tensor], x: Tensor, t: float, inputs: Any) -> Tensor:
         self._set_parameters(saved, x, t)
