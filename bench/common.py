@@ -11,7 +11,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -58,6 +58,72 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: str = "cpu",
         for name, fn in fns.items():
             times[name].append(time_fn(fn, device, warmup=0, repeats=1)["median_s"])
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def paired_rounds(fns: Dict[str, Callable[[], object]], rounds: int, device: str = "cpu",
+                  warmup: bool = True) -> Dict[str, List[float]]:
+    """Seconds per call of each of ``fns``, measured in interleaved rounds.
+
+    Each fn is called once to warm up (unless ``warmup`` is False: the caller has already
+    called each one), then every round calls every fn once. The order rotates by one each
+    round (round ``r`` starts with the ``r``-th fn), so that no fn always runs first, right
+    after another's allocations or at the start of a slow spell. On a shared machine load hits
+    all fns of a round alike: compare them by per-round ratios (:func:`ratio_summary`), not by
+    ratios of medians taken at different times.
+
+    Parameters
+    ----------
+    fns : dict
+        ``{name: fn}``; ``fn()`` is one call (its result is dropped).
+    rounds : int
+        Number of rounds (>= 1).
+    device : str
+        A CUDA device is synchronized before and after each call (launches are asynchronous).
+    warmup : bool
+        Call each fn once before the rounds.
+
+    Returns
+    -------
+    dict
+        ``{name: [seconds of the call in round 0, round 1, ...]}`` (``rounds`` entries each).
+    """
+    if int(rounds) < 1:
+        raise ValueError(f"paired_rounds: rounds must be >= 1, got {rounds}")
+    names = list(fns)
+    if warmup:
+        for name in names:
+            fns[name]()
+    sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(int(rounds)):
+        shift = r % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_summary(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]:
+    """Median, min and max of the per-round ratios ``num[i] / den[i]`` (``n``: the rounds).
+
+    Paired by round (both measured in the same round of :func:`paired_rounds`), so a slow
+    spell of a shared machine that slows both cancels out of each ratio; the range shows how
+    much it did not.
+    """
+    if len(num) != len(den) or not num:
+        raise ValueError(f"ratio_summary: num and den must be non-empty and of equal length, "
+                         f"got {len(num)} and {len(den)}")
+    ratios = [a / b for a, b in zip(num, den)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "n": len(ratios)}
+
+
+def fmt_range(summary: Dict[str, float]) -> str:
+    """``"2.31 (2.20-2.52)"``: the median and range of a :func:`ratio_summary`."""
+    return f"{summary['median']:.3g} ({summary['min']:.3g}-{summary['max']:.3g})"
 
 
 def copy_bandwidth_gbs(device: str = "cpu", n_bytes: int = 1 << 29) -> float:
