@@ -57,10 +57,14 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, markdown_table, sync, time_fn, write_results  # noqa: E402
+from common import (fmt_range, machine_info, markdown_table, paired_rounds, peak_call,  # noqa: E402
+                    ratio_summary, time_fn, write_results)
 
 import landscape_ext  # noqa: E402
+from bench_models import MODEL_COLUMNS, MODEL_MODES, MODEL_NAMES, models_section  # noqa: E402
 from landscape_ext import mlp, ops, reference  # noqa: E402
+
+SECTIONS = ("act", "xent", "mlp", "models")
 
 # (width, depth, k)
 CPU_CASES = [(256, 4, 1), (256, 4, 16), (256, 4, 64), (256, 8, 16), (1024, 4, 1), (1024, 8, 1),
@@ -80,37 +84,7 @@ BATCH = 512
 N_CLASSES = 10
 
 
-# ---- memory ---------------------------------------------------------------------------------------
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def peak_call(fn, device):
-    """Run fn() once; return (result, seconds, peak MB above the memory in use before)."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        base = _status_mb("VmRSS")
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    dt = time.perf_counter() - t0
-    if device.startswith("cuda"):
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = _status_mb("VmHWM") - base
-    return out, dt, peak
-
+# ---- memory and timing --------------------------------------------------------------------
 
 def measure(fn, device, repeats, budget_s):
     """Peak memory of the first call, then up to `repeats` timed calls within about budget_s
@@ -254,7 +228,7 @@ def mlp_impls(model, x, y, X, curvature):
             (f"{tag} mlp_hvp composite", ours(False)), (f"{tag} mlp_hvp fused", ours(True))]
 
 
-def bench_mlp(width, depth, k, act, device, repeats, budget):
+def bench_mlp(width, depth, k, act, device, rounds, memory=True):
     model = make_mlp(width, depth, act, device)
     g = torch.Generator().manual_seed(k)
     x = torch.randn(BATCH, width, generator=g).to(device)
@@ -282,33 +256,37 @@ def bench_mlp(width, depth, k, act, device, repeats, budget):
             out = torch.func.functional_call(model, dict(zip(names, leaves)), (x,))
             return torch.autograd.grad(F.cross_entropy(out, y), leaves)
 
-    # the gradient is timed before each group of rows; its fastest time is the unit (the machine
-    # may be shared: min times are the least disturbed estimate of each cost)
-    grads = [measure(gradient, device, repeats, budget)]
+    # each impl's first call measures its peak memory (and warms it up); then interleaved
+    # rounds: every round calls the gradient and every impl once (order rotated), and the
+    # ratios are taken within a round, so a slow spell of a shared machine cancels out
     case = f"mlp {act} w={width} L={depth} k={k}"
-    out_rows = []
+    fns = {"gradient": gradient}
+    floors = {}
     for curvature, floor in (("hessian", 2.0), ("ggn", 1.4)):
-        crows = []
         for name, fn in mlp_impls(model, x, y, X, curvature):
-            t, tmin, peak, n = measure(fn, device, repeats, budget)
-            crows.append({"case": case, "impl": name, "ms": t * 1e3, "cost ms": tmin * 1e3,
-                          "ms/dir": tmin * 1e3 / k, "floor": floor, "peak MB": peak,
-                          "timed calls": n})
-            print(f"  {case:32s} {name:28s} {t * 1e3:10.1f} ms  {peak:8.1f} MB", flush=True)
-        base = crows[0]
-        for r in crows:
-            r["speedup"] = base["cost ms"] / r["cost ms"]
-            r["mem ratio"] = base["peak MB"] / max(r["peak MB"], 1e-3)
-        out_rows += crows
-        grads.append(measure(gradient, device, repeats, budget))
-    t_grad = min(g[1] for g in grads)
-    rows = [{"case": case, "impl": "gradient (unit)", "ms": statistics.median(g[0] for g in grads)
-             * 1e3, "cost ms": t_grad * 1e3, "x grad/dir": 1.0, "peak MB": grads[0][2],
-             "timed calls": sum(g[3] for g in grads)}]
-    for r in out_rows:
-        r["x grad/dir"] = r["ms/dir"] / 1e3 / t_grad
-        r["x floor"] = r["x grad/dir"] / r.pop("floor")
-    return rows + out_rows
+            fns[name] = fn
+            floors[name] = floor
+    peaks = {}
+    for name, fn in fns.items():
+        peaks[name] = peak_call(fn, device)[2] if memory else None
+    times = paired_rounds(fns, rounds, device, warmup=False)
+    unit = [k * t for t in times["gradient"]]
+    rows = [{"case": case, "impl": "gradient (unit)", "ms": statistics.median(times["gradient"])
+             * 1e3, "x grad/dir": 1.0, "peak MB": peaks["gradient"], "timed calls": rounds}]
+    bases = {}
+    for name in floors:
+        s = ratio_summary(times[name], unit)
+        base = bases.setdefault(floors[name], name)   # (a), the first impl of each curvature
+        t = statistics.median(times[name])
+        rows.append({"case": case, "impl": name, "ms": t * 1e3, "ms/dir": t * 1e3 / k,
+                     "x grad/dir": s["median"], "range": f"{s['min']:.3g}-{s['max']:.3g}",
+                     "x floor": s["median"] / floors[name], "peak MB": peaks[name],
+                     "speedup": ratio_summary(times[base], times[name])["median"],
+                     "mem ratio": (peaks[base] / max(peaks[name], 1e-3) if memory else None),
+                     "timed calls": rounds})
+        print(f"  {case:32s} {name:28s} {t * 1e3:10.1f} ms  {fmt_range(s)} gradients/direction",
+              flush=True)
+    return rows
 
 
 def bench_act(width, act, device, repeats):
@@ -320,24 +298,96 @@ def bench_act(width, act, device, repeats):
             for impl, t in (("torch composition", t_ref), ("act_derivs (op)", t_op))]
 
 
-def main(argv=None):
+def parse_mlp_cases(text):
+    """``"1024x8x16,256x4x1"`` -> ``[(1024, 8, 16), (256, 4, 1)]`` (width x depth x k)."""
+    cases = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"--mlp-cases: {item!r} is not WIDTHxDEPTHxK with positive integers "
+                             f"(e.g. 1024x8x16)")
+        cases.append(tuple(int(p) for p in parts))
+    return cases
+
+
+def _csv(text, choices, flag):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in choices]
+    if bad or not items:
+        raise SystemExit(f"{flag}: {bad or text!r} not in {list(choices)}")
+    return items
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="a few small cases")
     p.add_argument("--tiny", action="store_true",
                    help="one tiny case per op (the CPU dry run of scripts/gpu_check.sh)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma list of act,xent,mlp,models (default: all)")
     p.add_argument("--act", default="gelu", choices=["relu", "gelu", "tanh", "silu"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per act/xent row")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of the mlp and models sections (default 5; tiny 2)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per row (default 3, 1.5 with --quick)")
+                   help="seconds of timed calls per act/xent row (default 3, 1.5 with --quick)")
+    p.add_argument("--mlp-cases", default=None,
+                   help="WIDTHxDEPTHxK comma list replacing the MLP grid, e.g. 1024x8x16,256x4x1")
+    p.add_argument("--models", default=None,
+                   help="comma list of small_resnet,tiny_lm (default both; --tiny: tiny_lm)")
+    p.add_argument("--model-ks", default=None,
+                   help="directions per product (default 1,8,32; --quick 1,8; --tiny 1,2)")
+    p.add_argument("--model-modes", default=",".join(MODEL_MODES),
+                   help="comma list of the operator modes timed (default: all four)")
+    p.add_argument("--model-batch", type=int, default=None,
+                   help="batch of every model (default: small_resnet 64 (16 with --quick), "
+                        "tiny_lm 32 sequences (4 with --tiny))")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurement (mlp and models sections)")
     p.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
     p.add_argument("--name", default=None, help="JSON file name (default hvp_<device>)")
     args = p.parse_args(argv)
+    args.sections = _csv(args.sections, SECTIONS, "--sections")
+    args.rounds = args.rounds or (2 if args.tiny else 5)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: must be >= 1, got {args.rounds}")
+    args.models = _csv(args.models or ("tiny_lm" if args.tiny else ",".join(MODEL_NAMES)),
+                       MODEL_NAMES, "--models")
+    args.model_modes = _csv(args.model_modes, MODEL_MODES, "--model-modes")
+    ks = args.model_ks or ("1,2" if args.tiny else "1,8" if args.quick else "1,8,32")
+    try:
+        args.model_ks = [int(k) for k in ks.split(",")]
+    except ValueError:
+        raise SystemExit(f"--model-ks: {ks!r} is not a comma list of integers") from None
+    if min(args.model_ks) < 1:
+        raise SystemExit(f"--model-ks: every k must be >= 1, got {args.model_ks}")
+    return args
+
+
+def run_models(args, device):
+    """The models section: rows and JSON detail (see bench_models.py)."""
+    batch = {}
+    if args.model_batch:
+        batch = {name: args.model_batch for name in args.models}
+    elif args.tiny:
+        batch = {"tiny_lm": 4, "small_resnet": 8}
+    elif args.quick:
+        batch = {"small_resnet": 16}
+    return models_section(args.models, args.model_ks, args.model_modes, args.rounds, device,
+                          memory=not args.no_memory, batch=batch,
+                          train_steps=2 if args.tiny else None)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = args.device
     cuda = device.startswith("cuda")
     budget = args.budget or (0.2 if args.tiny else 1.5 if args.quick else 3.0)
     info = machine_info(device)
     info["build"] = landscape_ext.build_info()
+    info["sections"] = args.sections
+    info["rounds"] = args.rounds
     if not cuda:
         info["load_average_at_start"] = os.getloadavg()
     print(f"# hvp family on {info['device_name']} ({device}), torch {info['torch']}, "
@@ -345,31 +395,46 @@ def main(argv=None):
                                              f", load average {os.getloadavg()[0]:.1f}"))
 
     rows = []
-    acts = [args.act] if (args.quick or args.tiny) else ["relu", "gelu", "tanh", "silu"]
-    for width in ((64,) if args.tiny else (1024,) if args.quick else (256, 1024)):
-        for act in acts:
-            rows += bench_act(width, act, device, args.repeats)
+    if "act" in args.sections:
+        acts = [args.act] if (args.quick or args.tiny) else ["relu", "gelu", "tanh", "silu"]
+        for width in ((64,) if args.tiny else (1024,) if args.quick else (256, 1024)):
+            for act in acts:
+                rows += bench_act(width, act, device, args.repeats)
     if args.tiny:
         xcases, mcases = XENT_TINY, TINY_CASES
     elif cuda:
         xcases, mcases = (XENT_GPU_QUICK, GPU_QUICK_CASES) if args.quick else (XENT_GPU, GPU_CASES)
     else:
         xcases, mcases = (XENT_QUICK, QUICK_CASES) if args.quick else (XENT_CPU, CPU_CASES)
-    for N, C, k in xcases:
-        rows += bench_xent(N, C, k, device, args.repeats, budget)
-        print(f"  xent N={N} C={C} k={k} done", flush=True)
-    for width, depth, k in mcases:
-        rows += bench_mlp(width, depth, k, args.act, device, args.repeats, budget)
+    if args.mlp_cases:
+        mcases = parse_mlp_cases(args.mlp_cases)
+    if "xent" in args.sections:
+        for N, C, k in xcases:
+            rows += bench_xent(N, C, k, device, args.repeats, budget)
+            print(f"  xent N={N} C={C} k={k} done", flush=True)
+    if "mlp" in args.sections:
+        for width, depth, k in mcases:
+            rows += bench_mlp(width, depth, k, args.act, device, args.rounds,
+                              memory=not args.no_memory)
+    model_rows, models = [], {}
+    if "models" in args.sections:
+        model_rows, models = run_models(args, device)
     if not cuda:
         info["load_average_at_end"] = os.getloadavg()
 
-    columns = ["case", "impl", "ms", "cost ms", "ms/dir", "x grad/dir", "x floor", "peak MB",
-               "speedup", "mem ratio", "timed calls"]
-    print()
-    print(markdown_table(rows, columns))
+    columns = ["case", "impl", "ms", "cost ms", "ms/dir", "x grad/dir", "range", "x floor",
+               "peak MB", "speedup", "mem ratio", "timed calls"]
+    if rows:
+        print()
+        print(markdown_table(rows, columns))
+    if model_rows:
+        print()
+        print(markdown_table(model_rows, MODEL_COLUMNS))
     name = args.name or f"hvp_{device.split(':')[0]}" + (
         "_tiny" if args.tiny else "_quick" if args.quick else "")
-    path = write_results(name, {"machine": info, "columns": columns, "rows": rows}, args.out)
+    payload = {"machine": info, "columns": columns, "rows": rows,
+               "model_columns": MODEL_COLUMNS, "model_rows": model_rows, "models": models}
+    path = write_results(name, payload, args.out)
     print(f"\nwrote {path}")
 
 

@@ -5,6 +5,7 @@ repeats, never time allocation of the inputs, synchronize CUDA around each measu
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -124,6 +125,42 @@ def ratio_summary(num: Sequence[float], den: Sequence[float]) -> Dict[str, float
 def fmt_range(summary: Dict[str, float]) -> str:
     """``"2.31 (2.20-2.52)"``: the median and range of a :func:`ratio_summary`."""
     return f"{summary['median']:.3g} ({summary['min']:.3g}-{summary['max']:.3g})"
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def peak_call(fn: Callable[[], object], device: str):
+    """Run ``fn()`` once; return ``(result, seconds, peak MB above the memory in use before)``.
+
+    GPU: from ``torch.cuda.max_memory_allocated``. CPU: from the process's peak RSS, reset
+    before the call through ``/proc/self/clear_refs``; freed buffers leave the RSS only with
+    glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``, set by bench_hvp.py before it
+    starts), else memory reused from the heap is not counted.
+    """
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    dt = time.perf_counter() - t0
+    if str(device).startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _status_mb("VmHWM") - base
+    return out, dt, peak
 
 
 def copy_bandwidth_gbs(device: str = "cpu", n_bytes: int = 1 << 29) -> float:
