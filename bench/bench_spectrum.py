@@ -19,8 +19,14 @@ the cheapest setting that meets the target is timed (median of --repeats):
 * GPU only: ``cupy``: ``cupyx.scipy.sparse.linalg.eigsh`` (thick-restart Lanczos) over our
   operator through DLPack.
 
-Also: the HVP modes against each other (per direction, k = 1..64, vs one gradient) and the trace
-estimators at equal products. Run ``python bench/bench_spectrum.py --quick`` for a short run.
+Also: the HVP modes against each other (``--sections hvp``: forward-over-reverse, double backward
+batched / looped per direction on the retained graph / with the graph rebuilt, ``auto``, and at
+k = 1 a plain loop of ``autograd.grad`` on a retained graph; k = 1, 4, 16, 64), interleaved with
+one gradient in ``--hvp-rounds`` rounds (``common.paired_rounds``, order rotated each round):
+gradients per direction are the median and range of the per-round ratios ``product / (k x the
+same round's gradient)`` (JSON: ``hvp.gradients_per_direction``; ``hvp.modes`` keeps the median
+seconds per direction, ``hvp.mode_choices`` / ``hvp.mode_timings`` record ``auto``'s
+measurements), and the trace estimators at equal products. Run ``python bench/bench_spectrum.py --quick`` for a short run.
 Results: a markdown table on stdout and JSON in ``bench/results/``.
 """
 from __future__ import annotations
@@ -44,8 +50,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import landscape_ext as le  # noqa: E402
+from landscape_ext.operators.modes import AUTOGRAD_MODES, bucket_of  # noqa: E402
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import (fmt_range, machine_info, markdown_table, paired_rounds,  # noqa: E402
+                    ratio_summary, write_results)
 
 log = logging.getLogger("bench_spectrum")
 
@@ -534,50 +542,99 @@ def trace_section(case, model, loss_fn, data, device, args, rows, detail):
     detail["trace"] = out
 
 
+#: the operator settings the HVP section compares (name: HessianOperator keywords)
+HVP_SECTION_MODES = {
+    "forward-over-reverse": dict(mode="forward-over-reverse"),
+    "double-backward (retained graph, batched)": dict(mode="double-backward"),
+    "double-backward-loop (retained graph, one call per direction)":
+        dict(mode="double-backward-loop"),
+    "double-backward (graph rebuilt per product)": dict(mode="double-backward",
+                                                        cache_graph=False),
+    # plain MLPs: the fused Pearlmutter products (landscape_ext.mlp), forward kept between
+    # products; other models: auto's autograd choice, measured per bucket of k (mode_used,
+    # mode_choices and mode_timings in the JSON)
+    "auto (fused-mlp for MLPs)": dict(mode="auto"),
+}
+RETAINED_LOOP = "loop: autograd.grad on retained graph"
+
+
+def _hvp_fns(ops, V, k, device):
+    """The timed callables of one k (a mode whose warm-up fails is left out, with a warning).
+    The warm-up is each operator's first product of k directions: ``auto`` measures its
+    candidates there (one direction: on its second product, so it gets one more)."""
+    fns = {}
+    for name, op in ops.items():
+        try:
+            op.apply_rows(V)
+            if (op.mode == "auto" and op.mode_used in AUTOGRAD_MODES
+                    and bucket_of(k) not in op.mode_choices):
+                op.apply_rows(V)
+        except Exception as exc:
+            log.warning("hvp %s k=%d failed: %s", name, k, exc)
+            continue
+        fns[name] = lambda op=op: op.apply_rows(V)
+    return fns
+
+
 def hvp_section(case, model, loss_fn, data, device, args, rows, detail):
-    """Per-direction cost of batched products, per mode, against one gradient."""
-    g = grad_time(model, loss_fn, data, device, repeats=args.hvp_repeats)
-    out = {"gradient_s": g, "modes": {}}
-    rows.append({"case": case, "task": "gradient", "impl": "torch.autograd.grad", "seconds": g})
-    modes = {
-        "forward-over-reverse": dict(mode="forward-over-reverse"),
-        "double-backward (retained graph, batched)": dict(mode="double-backward"),
-        "double-backward (graph rebuilt per product)": dict(mode="double-backward",
-                                                            cache_graph=False),
-        # plain MLPs: the fused Pearlmutter products (landscape_ext.mlp), forward kept between
-        # products; other models: auto's autograd choice (mode_used in the JSON)
-        "auto (fused-mlp for MLPs)": dict(mode="auto"),
-    }
-    d = n_params(model)
-    gen = torch.Generator().manual_seed(0)
-    for name, kw in modes.items():
-        op = le.HessianOperator(model, loss_fn, data, **kw)
-        res = {}
-        for k in args.hvp_ks:
-            V = torch.randn(k, d, generator=gen).to(device)
-            try:
-                op.apply_rows(V)  # warm-up (and graph build for the cached mode)
-                t = timed(lambda: op.apply_rows(V), device, args.hvp_repeats)["median_s"]
-            except Exception as exc:
-                log.warning("hvp %s k=%d failed: %s", name, k, exc)
-                continue
-            res[k] = t / k
-            rows.append({"case": case, "task": f"HVP k={k}", "impl": name,
-                         "seconds": t / k, "setting": f"{t / k / g:.2f} gradients/direction"})
-        out["modes"][name] = res
-        out.setdefault("mode_used", {})[name] = op.mode_used
-    # the loop of single products on a retained graph (what PyHessian does)
+    """Per-direction cost of batched products, per mode, against one gradient: for each k, one
+    :func:`common.paired_rounds` over the gradient and every mode (``--hvp-rounds`` rounds, the
+    order rotated), gradients per direction as the median and range of per-round ratios
+    ``product / (k x the same round's gradient)``. At k = 1 also the loop of single products on
+    a retained graph (PyHessian's way)."""
     X, y = data
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = loss_fn(model(X), y)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    vs = [torch.randn_like(p) for p in params]
-    t = timed(lambda: torch.autograd.grad(grads, params, vs, retain_graph=True), device,
-              args.hvp_repeats)["median_s"]
-    out["single_retained_graph_s"] = t
-    rows.append({"case": case, "task": "HVP k=1", "impl": "loop: autograd.grad on retained graph",
-                 "seconds": t, "setting": f"{t / g:.2f} gradients/direction"})
-    del grads, loss
+
+    def gradient():
+        return torch.autograd.grad(loss_fn(model(X), y), params)
+
+    out = {"gradient_s": None, "gradient_s_by_k": {}, "modes": {}, "gradients_per_direction": {},
+           "rounds": args.hvp_rounds, "mode_choices": {}, "mode_timings": {}}
+    d = n_params(model)
+    gen = torch.Generator().manual_seed(0)
+    ops = {name: le.HessianOperator(model, loss_fn, data, **kw)
+           for name, kw in HVP_SECTION_MODES.items()}
+    all_grads: List[float] = []
+    grad_rows, first_row = [], len(rows)
+    for k in args.hvp_ks:
+        V = torch.randn(k, d, generator=gen).to(device)
+        fns = {"gradient": gradient, **_hvp_fns(ops, V, k, device)}
+        retained = None
+        if k == 1:
+            # attention on SDPA's math backend: the fused kernels have no double backward
+            with le.differentiable_attention():
+                retained = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
+            vs = [torch.randn_like(p) for p in params]
+            fns[RETAINED_LOOP] = lambda: torch.autograd.grad(retained, params, vs,
+                                                             retain_graph=True)
+        times = paired_rounds(fns, args.hvp_rounds, device)
+        del retained
+        g = statistics.median(times["gradient"])
+        all_grads += times["gradient"]
+        out["gradient_s_by_k"][k] = g
+        grad_rows.append({"case": case, "task": "gradient", "impl": "torch.autograd.grad",
+                          "seconds": g, "setting": f"in the k={k} rounds"})
+        unit = [k * t for t in times["gradient"]]
+        for name in fns:
+            if name == "gradient":
+                continue
+            s = ratio_summary(times[name], unit)
+            t = statistics.median(times[name])
+            out["gradients_per_direction"].setdefault(name, {})[k] = s
+            if name == RETAINED_LOOP:
+                out["single_retained_graph_s"] = t
+            else:
+                out["modes"].setdefault(name, {})[k] = t / k
+            rows.append({"case": case, "task": f"HVP k={k}", "impl": name, "seconds": t / k,
+                         "setting": f"{fmt_range(s)} gradients/direction",
+                         "grad_per_dir": s["median"], "grad_per_dir_min": s["min"],
+                         "grad_per_dir_max": s["max"], "rounds": s["n"]})
+    out["gradient_s"] = statistics.median(all_grads)
+    rows[first_row:first_row] = grad_rows   # the units first, as before
+    for name, op in ops.items():
+        out.setdefault("mode_used", {})[name] = op.mode_used
+        out["mode_choices"][name] = dict(op.mode_choices)
+        out["mode_timings"][name] = copy.deepcopy(op.mode_timings)
     detail["hvp"] = out
     args.checkpoint()
 
@@ -612,6 +669,8 @@ def main(argv: Optional[List[str]] = None):
                    help="largest k for the cases other than digits_mlp (their references are slow)")
     p.add_argument("--ladder-max", type=int, default=None,
                    help="try at most this many settings per tool (default: the whole ladder)")
+    p.add_argument("--hvp-rounds", type=int, default=None,
+                   help="interleaved rounds of the hvp section (default 5; --quick 3)")
     p.add_argument("--results-dir", default=None, help="folder for the JSON (default bench/results)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -632,7 +691,7 @@ def main(argv: Optional[List[str]] = None):
     args.eigenthings_max_k = 100
     args.trace_matvecs = args.trace_matvecs or (30 if args.quick else 60)
     args.hvp_ks = [1, 4, 16] if args.quick else [1, 4, 16, 64]
-    args.hvp_repeats = 2
+    args.hvp_rounds = args.hvp_rounds or (3 if args.quick else 5)
     if args.quick:
         args.repeats = min(args.repeats, 1)
     sections = args.sections.split(",")

@@ -93,3 +93,36 @@ def test_bad_flags_name_the_flag_and_value(tmp_path):
     assert proc.returncode != 0 and "--mlp-cases: '16x2' is not WIDTHxDEPTHxK" in proc.stderr
     proc = _run(["--tiny", "--sections", "models", "--models", "resnet50"], tmp_path)
     assert proc.returncode != 0 and "--models: ['resnet50'] not in" in proc.stderr
+
+
+def test_spectrum_hvp_section_interleaves_modes_with_the_gradient():
+    import argparse
+
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_spectrum
+
+    torch.manual_seed(0)
+    # a conv net (not a plain MLP: auto measures the autograd modes)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = (torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+    args = argparse.Namespace(hvp_ks=[1, 2], hvp_rounds=2, checkpoint=lambda: None)
+    rows, detail = [], {}
+    bench_spectrum.hvp_section("conv", model, nn.CrossEntropyLoss(), data, "cpu", args, rows,
+                               detail)
+    out = detail["hvp"]
+    names = set(bench_spectrum.HVP_SECTION_MODES)
+    # the keys of before (gradient_s, modes: seconds per direction, mode_used, the loop) kept
+    assert out["gradient_s"] > 0 and out["single_retained_graph_s"] > 0
+    assert set(out["modes"]) == names and all(set(v) == {1, 2} for v in out["modes"].values())
+    assert out["mode_used"]["double-backward-loop (retained graph, one call per direction)"] \
+        == "double-backward-loop"
+    assert set(out["mode_choices"]["auto (fused-mlp for MLPs)"]) == {1, 2}
+    s = out["gradients_per_direction"]["forward-over-reverse"][2]
+    assert s["n"] == 2 and s["min"] <= s["median"] <= s["max"]
+    assert [r["task"] for r in rows[:2]] == ["gradient", "gradient"]
+    hvp_rows = [r for r in rows if r["task"].startswith("HVP")]
+    assert len(hvp_rows) == 2 * len(names) + 1   # + the retained-graph loop at k = 1
+    assert all(r["rounds"] == 2 and "gradients/direction" in r["setting"] for r in hvp_rows)
