@@ -1,10 +1,11 @@
 """Benchmark the hvp family against autograd, side by side in one run.
 
     python bench/bench_hvp.py                  # CPU grid (a subset of the issue's grid, see below)
-    python bench/bench_hvp.py --quick          # a few small cases (< 2 minutes on a free CPU)
+    python bench/bench_hvp.py --quick          # a few small cases (a few minutes on a free CPU)
     python bench/bench_hvp.py --device cuda    # the issue's full grid
+    python bench/bench_hvp.py --sections mlp,models --mlp-cases 1024x8x16   # issue 18's targets
 
-Implementations, per case:
+Sections (``--sections``, comma list, default all four): ``act``, ``xent``, ``mlp``, ``models``.
 
 * ``xent_hvp`` (op) against (a) ``torch.func``: ``vmap`` over the k directions of
   ``jvp(grad(cross_entropy))`` w.r.t. the logits, (b) double backward (``autograd.grad`` with
@@ -14,25 +15,41 @@ Implementations, per case:
   and (b) double backward / the double-vjp trick; and one gradient (forward + backward), the
   unit of the floor: an exact HVP costs 6 matrix products per layer and direction against 3 for
   the gradient (2 gradients per direction), the GGN 4 (1.4 with the issue's allowance).
+  ``--mlp-cases WxLxK,...`` replaces the grid (e.g. ``1024x8x16``: width 1024, depth 8, k = 16;
+  batch 512).
 * ``act_derivs`` (op) against the torch composition, on (batch, width) pre-activations.
+* ``models`` (``bench_models.py``): whole models through ``HessianOperator`` per product mode
+  against one gradient, interleaved; ``--models small_resnet,tiny_lm``, ``--model-ks`` (default
+  1,8,32), ``--model-modes`` (default auto and the three autograd modes), ``--model-batch``.
+  Its columns are described in ``bench_models.py``; it adds the row ``previous auto`` (the rule
+  before issue 18: double backward for k < 4, else forward-over-reverse) and, on the ``auto``
+  row, the mode auto picked and the per-round ratio of auto's time to the previous rule's.
 
-Columns: ``ms`` median wall time of one call (all k directions); ``cost ms``: on the CPU the
-smallest CPU time of the process per call (all threads; on a machine shared with other jobs the
-wall time mostly measures the others, the CPU time what the call costs), on a GPU the smallest
-wall time; ``ms/dir`` (cost over k), ``x grad/dir`` (ms/dir over the gradient's cost, the
-gradient being timed before, between and after the groups), ``x floor`` (that over the floor:
-2 for H, 1.4 for G); all ratios are of costs;
-``peak MB`` (peak memory of one call above what was allocated before it: CPU from the process's
-peak RSS, reset before each call through /proc/self/clear_refs, with glibc's mmap threshold
-fixed so freed buffers leave the RSS; GPU from torch.cuda.max_memory_allocated),
-``speedup`` (cost of baseline (a) over this row's; act_derivs: of the torch composition)
-and ``mem ratio`` ((a)'s peak over this row's).
+Timing: ``act`` and ``xent`` rows time each implementation on its own (``--repeats`` calls within
+``--budget`` seconds); ``mlp`` and ``models`` rows run in ``--rounds`` interleaved rounds
+(``common.paired_rounds``): each round calls the gradient and every implementation once, in an
+order rotated each round, and every ratio is taken within a round, so that a slow spell of a
+shared machine slows numerator and denominator alike. Ratios are reported as the median and the
+range (min-max) of the per-round ratios.
+
+Columns (act, xent, mlp): ``ms`` median wall time of one call (all k directions); ``cost ms``
+(act, xent): on the CPU the smallest CPU time of the process per call (all threads), on a GPU
+the smallest wall time; ``ms/dir`` (ms over k); ``x grad/dir`` (mlp: median over the rounds of
+``call / (k x the same round's gradient)``); ``range`` (its min-max); ``x floor`` (that over
+the floor: 2 for H, 1.4 for G); ``peak MB`` (peak memory of the first call above what was
+allocated before it: CPU from the process's peak RSS, reset before each call through
+/proc/self/clear_refs, with glibc's mmap threshold fixed so freed buffers leave the RSS; GPU
+from torch.cuda.max_memory_allocated; ``--no-memory`` skips it in the mlp and models sections),
+``speedup`` (act, xent: cost of baseline (a) over this row's, act_derivs: of the torch
+composition; mlp: median of the per-round ratio (a) / this row) and ``mem ratio`` ((a)'s peak
+over this row's); ``timed calls`` (mlp: the rounds).
 
 CPU grid: the issue's grid (width {256, 1024, 2048} x depth {4, 8} x k {1, 16, 64}, batch 512)
 needs hours on a 2-core CPU (one call at width 2048, depth 8, k = 64 is ~13 TFLOP) and its
 directions alone would not fit in memory (8.6 GB); the CPU run measures the subset in
 ``CPU_CASES`` (which includes the target case width 1024, depth 8, k = 16), the CUDA run the full
-grid. Large calls are timed once (the call that measured the memory doubles as the timing).
+grid. ``--quick``: two small MLP cases, small_resnet (batch 16) and tiny_lm at k = 1, 8;
+``--tiny`` (CI's dry run, seconds): one tiny case per op, tiny_lm with 4 sequences at k = 1, 2.
 """
 from __future__ import annotations
 
