@@ -266,7 +266,8 @@ def benchmarks(cuda: bool, results_dir: str) -> List[Dict]:
             # then top-10 and top-100 against the peers (each peer's tolerance ladder cut short:
             # curvlinops' single products cost ~7x ours there, its full ladder does not fit)
             dict(name="spectrum_hvp", budget=60, cmd=spectrum + [
-                "--sections", "hvp", "--ks", "10", "--out", "spectrum_gpu_hvp"]),
+                "--sections", "hvp", "--ks", "10", "--hvp-rounds", "3", "--out",
+                "spectrum_gpu_hvp"]),
             dict(name="spectrum_top100", budget=120, cmd=spectrum + [
                 "--ks", "100", "--sections", "eig", "--out", "spectrum_gpu_top100",
                 "--ladder-max", "1", "--impls", "ours,cupy,curvlinops+scipy"]),
