@@ -83,6 +83,24 @@ def test_choice_is_deterministic_given_timings(exact_hessian, case, winner, expe
         assert op.mode_used == winner and len(timer.calls) == 4
 
 
+@pytest.mark.parametrize("margin,winner", [(modes.PRIOR_MARGIN, FOR), (0.0, DB)])
+def test_near_tie_keeps_the_prior_rule(margin, winner):
+    # k = 4 on a cached graph: the prior rule runs forward-over-reverse. Batched double backward
+    # is estimated 0.3 * 4/3 = 0.4 s against 0.41 s: 2.5% faster, inside the 5% margin, so the
+    # prior mode stays; with no margin the measured minimum wins.
+    model, loss, data = make_problem("cnn")
+    op = HessianOperator(model, loss, data)
+    op.mode_chooser = modes.ModeChooser(ScriptedTimer({"graph": 1.0, LOOP: 0.2, DB: 0.3,
+                                                       FOR: 0.41}), prior_margin=margin)
+    op @ _directions(op.d, 4)
+    assert op.mode_choices == {4: winner}
+    # outside the margin the measurement wins whatever the margin
+    chooser = modes.ModeChooser(prior_margin=margin)
+    assert chooser.decide(8, {FOR: 1.0, DB: 0.5, LOOP: 0.9}, prior=FOR) == DB
+    with pytest.raises(ValueError, match="prior_margin must be >= 0, got -0.1"):
+        modes.ModeChooser(prior_margin=-0.1)
+
+
 def test_single_products_are_not_probed(exact_hessian):
     model, loss, data = make_problem("cnn")
     H = exact_hessian("cnn")

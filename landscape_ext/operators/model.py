@@ -271,9 +271,7 @@ class ModelOperator(CurvatureOperator):
         """How the product of ``k`` directions on a batch is computed: the forced ``mode``, or
         for ``auto``: the fused MLP path when it applies; else the mode measured for ``k``'s
         bucket (:mod:`.modes`); else :data:`~.modes.PROBE` (measure now) when the bucket is due;
-        else the prior rule (single products): double backward when forward-mode AD is broken
-        for the model or when fewer than ``auto_double_backward_below`` directions run on a
-        cached graph, forward-over-reverse otherwise."""
+        else the prior rule (single products, :meth:`_prior_mode`)."""
         if self.mode == FUSED_MLP_MODE or (self.mode == "auto" and self.mlp_backend.applicable):
             return FUSED_MLP_MODE
         if self.mode != "auto":
@@ -284,6 +282,12 @@ class ModelOperator(CurvatureOperator):
                                        and self.forward_ad_broken) else chosen
         if self.mode_chooser.due(k):
             return PROBE
+        return self._prior_mode(k)
+
+    def _prior_mode(self, k: int) -> str:
+        """The rule before measurement (issue 18): double backward when forward-mode AD is broken
+        for the model or when fewer than ``auto_double_backward_below`` directions run on a
+        cached graph, forward-over-reverse otherwise."""
         if self.forward_ad_broken or (self.cache_graph and k < self.auto_double_backward_below):
             return DOUBLE_BACKWARD
         return FORWARD_OVER_REVERSE
@@ -374,7 +378,8 @@ class ModelOperator(CurvatureOperator):
                 self._forward_ad_failed(exc)
         # a cached graph (the Hessian on one batch) is paid once, not per product
         mode = self.mode_chooser.decide(bucket_of(k), estimates(k, seconds, self.cache_graph,
-                                                                candidates))
+                                                                candidates),
+                                        prior=self._prior_mode(k))
         log.info("%s: auto mode for k <= %d: %s (estimated seconds %s)", type(self).__name__,
                  bucket_of(k), mode, self.mode_chooser.timings[bucket_of(k)])
         self.mode_used = mode

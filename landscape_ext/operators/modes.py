@@ -26,7 +26,10 @@ estimated seconds of a product of ``k`` directions (``op.mode_timings[bucket][mo
 ``forward-over-reverse``: its time; ``double-backward``: the batched time scaled to ``k``
 directions; ``double-backward-loop``: ``k`` times the one-direction time; both double-backward
 estimates add the graph's time unless the graph is cached (then it is paid once, not per product).
-The fastest estimate wins (ties: the order of :data:`AUTOGRAD_MODES`), and the product of the
+The fastest estimate wins (ties: the order of :data:`AUTOGRAD_MODES`), except that the prior
+rule's mode (below) is kept when its estimate is within :data:`PRIOR_MARGIN` (5%) of the fastest:
+each route is timed once, cold, and a near tie is noise (a causal LM at k = 8 measured 704 ms vs
+702 ms in its probe, and forward-over-reverse's later products ran at 630 ms). The product of the
 route that won is returned — the probe wastes no product. For one direction the two double
 backward modes coincide; bucket 1 compares forward-over-reverse with double backward.
 
@@ -47,7 +50,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 __all__ = ["FORWARD_OVER_REVERSE", "DOUBLE_BACKWARD", "DOUBLE_BACKWARD_LOOP", "FUSED_MLP_MODE",
-           "AUTOGRAD_MODES", "HVP_MODES", "PROBE", "bucket_of", "ModeChooser", "wall_timer"]
+           "AUTOGRAD_MODES", "HVP_MODES", "PRIOR_MARGIN", "PROBE", "bucket_of", "ModeChooser", "wall_timer"]
 
 FORWARD_OVER_REVERSE = "forward-over-reverse"
 DOUBLE_BACKWARD = "double-backward"
@@ -57,6 +60,8 @@ FUSED_MLP_MODE = "fused-mlp"
 #: The autograd modes, in the order that breaks ties between equal timings.
 AUTOGRAD_MODES = (FORWARD_OVER_REVERSE, DOUBLE_BACKWARD, DOUBLE_BACKWARD_LOOP)
 HVP_MODES = ("auto",) + AUTOGRAD_MODES
+#: A measured mode replaces the prior rule's only when it is faster by more than this fraction.
+PRIOR_MARGIN = 0.05
 #: What :meth:`ModelOperator._choose_mode` returns when the product is to be measured.
 PROBE = "probe"
 #: The piece of the probe that builds the first-order graph (a key of the injected timer).
@@ -98,6 +103,9 @@ class ModeChooser:
     timer : callable, optional
         ``timer(what, fn) -> (fn(), seconds)`` (default :func:`wall_timer`); tests inject
         timings through it.
+    prior_margin : float
+        The prior rule's mode is kept while its estimate is within this fraction of the fastest
+        (default :data:`PRIOR_MARGIN`).
 
     Attributes
     ----------
@@ -109,8 +117,11 @@ class ModeChooser:
         ``{bucket: products seen}`` (bucket 1 is probed on its second product).
     """
 
-    def __init__(self, timer: Optional[Timer] = None):
+    def __init__(self, timer: Optional[Timer] = None, prior_margin: float = PRIOR_MARGIN):
+        if not prior_margin >= 0:
+            raise ValueError(f"ModeChooser: prior_margin must be >= 0, got {prior_margin}")
         self.timer = timer
+        self.prior_margin = float(prior_margin)
         self.timings: Dict[int, Dict[str, float]] = {}
         self.choices: Dict[int, str] = {}
         self.calls: Dict[int, int] = {}
@@ -130,13 +141,16 @@ class ModeChooser:
         b = bucket_of(k)
         return b not in self.choices and (b > 1 or self.calls.get(b, 0) >= 2)
 
-    def decide(self, b: int, timings: Dict[str, float]) -> str:
+    def decide(self, b: int, timings: Dict[str, float], prior: Optional[str] = None) -> str:
         """Record ``timings`` for bucket ``b`` and choose: the smallest time, ties in the order
-        of :data:`AUTOGRAD_MODES` (deterministic given the timings)."""
+        of :data:`AUTOGRAD_MODES`, but ``prior`` (the mode the prior rule would run) when its
+        time is within ``prior_margin`` of the smallest (deterministic given the timings)."""
         if not timings:
             raise ValueError("ModeChooser.decide: no timings (every candidate failed)")
         order = {m: i for i, m in enumerate(AUTOGRAD_MODES)}
         mode = min(timings, key=lambda m: (timings[m], order.get(m, len(order))))
+        if prior in timings and timings[prior] <= (1.0 + self.prior_margin) * timings[mode]:
+            mode = prior
         self.timings[b] = dict(timings)
         self.choices[b] = mode
         return mode
