@@ -6,7 +6,8 @@ gradient, on a GPT-2-shaped causal LM written with torch.nn's layers, side by si
     python bench/bench_attention.py --device cuda --layers 12 --width 768 --heads 12 --seq 1024
 
 Rows per k in {1, 8, 32}: ours (``HessianOperator`` in ``auto``: attention on SDPA's math backend,
-forward-over-reverse or double backward as chosen), and curvlinops' ``HessianLinearOperator``
+forward-over-reverse or double backward as measured; ``--ours-modes`` adds forced modes as rows
+``ours-<route>@<mode>``, e.g. ``double-backward-loop``, the least memory), and curvlinops' ``HessianLinearOperator``
 (math backend forced for it) where installed. Columns: median seconds, gradients per direction
 (product time / (k x gradient time), the exact product's floor is about 2), peak MB above the
 memory in use before the call (CPU: peak RSS, see bench_hvp.py) and its ratio to a gradient's.
@@ -56,11 +57,13 @@ def _call(args, model, loss_fn, tokens, targets, impl, k):
     d = sum(p.numel() for p in params)
     V = torch.randn(d, k, generator=torch.Generator().manual_seed(k)).to(args.device)
     if impl.startswith("ours"):
-        # ours-math / ours-blockwise: the attention route differentiable_attention() takes
-        op = le.HessianOperator(model, loss_fn, (tokens, targets))
+        # ours-<route>[@<mode>]: the attention route differentiable_attention() takes (math,
+        # blockwise) and the operator's mode (default auto)
+        route, _, mode = impl[len("ours-"):].partition("@")
+        op = le.HessianOperator(model, loss_fn, (tokens, targets), mode=mode or "auto")
 
         def ours():
-            os.environ["LANDSCAPE_EXT_ATTENTION"] = impl.split("-")[1]
+            os.environ["LANDSCAPE_EXT_ATTENTION"] = route
             return op @ V
         return ours
     from curvlinops import HessianLinearOperator
@@ -104,6 +107,11 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
     p.add_argument("--no-peers", action="store_true", help="only ours (math and blockwise)")
+    p.add_argument("--routes", default="math,blockwise",
+                   help="attention routes of ours (LANDSCAPE_EXT_ATTENTION): math, blockwise")
+    p.add_argument("--ours-modes", default="auto",
+                   help="operator modes of ours, e.g. auto,double-backward-loop (rows "
+                        "ours-<route>@<mode>)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -120,7 +128,8 @@ def main(argv=None):
     g_mb = _peak_mb_in_child(child_argv, "gradient", 0)
     rows = [{"k": "-", "impl": "gradient (unit)", "seconds": g_s, "grad/dir": 1.0,
              "peak MB": g_mb, "x grad MB": 1.0}]
-    impls = ["ours-math", "ours-blockwise"]
+    impls = [f"ours-{route}" + ("" if mode == "auto" else f"@{mode}")
+             for mode in args.ours_modes.split(",") for route in args.routes.split(",")]
     try:
         if args.no_peers:
             raise ImportError

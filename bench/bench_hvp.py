@@ -78,7 +78,8 @@ from common import (fmt_range, machine_info, markdown_table, paired_rounds, peak
                     ratio_summary, time_fn, write_results)
 
 import landscape_ext  # noqa: E402
-from bench_models import MODEL_COLUMNS, MODEL_MODES, MODEL_NAMES, models_section  # noqa: E402
+from bench_models import (COMPILED_MODES, MODEL_COLUMNS, MODEL_MODES, MODEL_NAMES,  # noqa: E402
+                          models_section)
 from landscape_ext import mlp, ops, reference  # noqa: E402
 
 SECTIONS = ("act", "xent", "mlp", "models")
@@ -356,7 +357,8 @@ def parse_args(argv=None):
     p.add_argument("--model-ks", default=None,
                    help="directions per product (default 1,8,32; --quick 1,8; --tiny 1,2)")
     p.add_argument("--model-modes", default=",".join(MODEL_MODES),
-                   help="comma list of the operator modes timed (default: all four)")
+                   help="comma list of the operator modes timed (default: all four; also "
+                        "forward-over-reverse+compile, auto+compile: compile=True)")
     p.add_argument("--model-batch", type=int, default=None,
                    help="batch of every model (default: small_resnet 64 (16 with --quick), "
                         "tiny_lm 32 sequences (4 with --tiny))")
@@ -371,7 +373,7 @@ def parse_args(argv=None):
         raise SystemExit(f"--rounds: must be >= 1, got {args.rounds}")
     args.models = _csv(args.models or ("tiny_lm" if args.tiny else ",".join(MODEL_NAMES)),
                        MODEL_NAMES, "--models")
-    args.model_modes = _csv(args.model_modes, MODEL_MODES, "--model-modes")
+    args.model_modes = _csv(args.model_modes, MODEL_MODES + COMPILED_MODES, "--model-modes")
     ks = args.model_ks or ("1,2" if args.tiny else "1,8" if args.quick else "1,8,32")
     try:
         args.model_ks = [int(k) for k in ks.split(",")]

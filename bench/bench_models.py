@@ -45,6 +45,10 @@ from landscape_ext.operators.modes import bucket_of
 
 MODEL_NAMES = ("small_resnet", "tiny_lm")
 MODEL_MODES = ("auto", "forward-over-reverse", "double-backward", "double-backward-loop")
+#: modes measured on request (``--model-modes``): ``<mode>+compile`` is that mode with
+#: ``compile=True`` (forward-over-reverse under torch.compile), the evidence for
+#: ``operators.model.COMPILE_DEFAULT``
+COMPILED_MODES = ("forward-over-reverse+compile", "auto+compile")
 MODEL_COLUMNS = ["model", "d", "k", "mode", "grad/dir", "range", "ms", "peak MB", "auto picked",
                  "vs previous", "rel err"]
 #: the largest relative error of a mode's product against the float64 product
@@ -93,11 +97,17 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref).norm() / ref.norm())
 
 
+def make_operator(model, loss_fn, data, mode: str):
+    """The operator of a mode name (``<mode>+compile``: that mode with ``compile=True``)."""
+    base, _, compiled = mode.partition("+")
+    return le.HessianOperator(model, loss_fn, data, mode=base, compile=compiled == "compile")
+
+
 def _peaks(model, loss_fn, data, V, modes: Sequence[str], device: str) -> Dict[str, float]:
     """Peak MB of the first product of a fresh operator per mode (graph build included)."""
     out: Dict[str, float] = {}
     for mode in modes:
-        op = le.HessianOperator(model, loss_fn, data, mode=mode)
+        op = make_operator(model, loss_fn, data, mode)
         out[mode] = peak_call(lambda: op.apply_rows(V), device)[2]
         del op
     return out
@@ -166,14 +176,14 @@ def bench_model(name: str, ks: Sequence[int], modes: Sequence[str], rounds: int,
                 train_steps: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """All rows of one model: operators built once per mode, then each k in turn."""
     for mode in modes:
-        if mode not in MODEL_MODES:
+        if mode not in MODEL_MODES + COMPILED_MODES:
             raise ValueError(f"--model-modes: unknown mode {mode!r}; choose from "
-                             f"{list(MODEL_MODES)}")
+                             f"{list(MODEL_MODES + COMPILED_MODES)}")
     model, loss_fn, data = build_model(name, device, batch, train_steps)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     V_all = torch.randn(max(ks), d, generator=torch.Generator().manual_seed(0)).to(device)
     ref = reference_row(model, loss_fn, data, V_all[0])   # direction 0 is the same for every k
-    ops = {mode: le.HessianOperator(model, loss_fn, data, mode=mode) for mode in modes}
+    ops = {mode: make_operator(model, loss_fn, data, mode) for mode in modes}
     rows: List[Dict[str, Any]] = []
     detail: Dict[str, Any] = {"d": d, "batch": int(data[0].shape[0]), "ks": {}}
     for k in ks:

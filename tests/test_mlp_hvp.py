@@ -190,6 +190,35 @@ def test_frozen_parameters_and_engine_interface():
     torch.testing.assert_close(chunked, got, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_strided_inputs_and_uneven_chunks(curvature, fused):
+    # the fused path writes weight gradients into output rows (bmm out=) and makes the
+    # directions contiguous once: non-contiguous inputs, rows taken from a wider buffer, a
+    # transposed batch and chunks that do not divide k must give the dense answer
+    model = make_mlp("gelu", sizes=(6, 7, 5, 4), seed=12)
+    names = trainable(model)
+    g = torch.Generator().manual_seed(13)
+    x_t = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    x = x_t.T                                   # (9, 6), not contiguous
+    y = torch.randint(0, 4, (18,), generator=g)[::2]   # strided targets
+    assert not x.is_contiguous() and not y.is_contiguous()
+    dense = dense_hessian if curvature == "hessian" else dense_ggn
+    A = dense(model, names, x.contiguous(), y.contiguous(), loss_fn("cross_entropy"))
+    d = A.shape[0]
+    wide = torch.randn(7, 2 * d, generator=g, dtype=torch.float64)
+    X = wide[:, ::2]                            # (7, d) rows with stride 2
+    structure = mlp_structure(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    for chunk in (None, 3, 5):
+        got = mlp.mlp_apply_rows(structure, params, x, y, X, "cross_entropy", curvature,
+                                 chunk_size=chunk, fused=fused)
+        assert got.shape == (7, d) and got.is_contiguous()
+        torch.testing.assert_close(got, X @ A, rtol=1e-10, atol=1e-12)
+    # the inputs are left as they were
+    assert torch.equal(x, x_t.T) and X.data_ptr() == wide.data_ptr()
+
+
 def test_float32_model_agrees_with_float64():
     model = make_mlp("gelu", sizes=(20, 32, 32, 10), seed=8)
     x, y = batch(20, 10, "cross_entropy", B=64)

@@ -48,10 +48,13 @@ class GGNOperator(ModelOperator):
 
     ``mode``: ``forward-over-reverse`` computes ``J V`` by ``vmap(jvp)`` and ``J^T U`` by batched
     vector-Jacobian products; ``double-backward`` obtains ``J V`` by the double-vjp trick (no
-    forward AD needed); ``fused-mlp`` runs the fused MLP products (:mod:`landscape_ext.mlp`,
+    forward AD needed) with batched cotangents, ``double-backward-loop`` the same one direction
+    at a time; ``fused-mlp`` runs the fused MLP products (:mod:`landscape_ext.mlp`,
     GGN variant: R-forward + R-backward without the second-order terms) for plain MLPs with
     cross-entropy (class-index targets) or MSE; ``auto`` uses ``fused-mlp`` when it applies,
-    otherwise the first and falls back to the second. Other parameters as
+    otherwise measures the three autograd modes per power-of-two bucket of ``k`` and keeps the
+    fastest, like :class:`HessianOperator` (``mode_choices``, ``mode_timings``). ``compile``
+    runs ``J V`` by ``vmap(jvp)`` under ``torch.compile``. Other parameters as
     :class:`HessianOperator`.
     """
 

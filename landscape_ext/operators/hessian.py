@@ -32,20 +32,33 @@ class HessianOperator(ModelOperator):
         alone (``model(**batch)``, labels inside it, for ``loss_fn=None``).
     params : iterable of str or Parameter, optional
         Subset of parameters (default: all with ``requires_grad``).
-    mode : {"auto", "forward-over-reverse", "double-backward", "fused-mlp"}
+    mode : {"auto", "forward-over-reverse", "double-backward", "double-backward-loop", "fused-mlp"}
         ``forward-over-reverse``: ``vmap(jvp(grad))`` over the directions (chunked by
         ``chunk_size``). ``double-backward``: one forward and first backward per batch with
         ``create_graph``, then ``autograd.grad(..., is_grads_batched=True)`` for the directions
-        (chunked). ``fused-mlp``: for plain MLPs (``nn.Sequential`` of ``nn.Linear`` and
-        ReLU / GELU / Tanh / SiLU) with cross-entropy or MSE, the fused Pearlmutter products of
-        :mod:`landscape_ext.mlp` (all directions in single GEMMs, no autograd; cost measured
-        in bench/bench_spectrum.py, see bench/README.md); a ``ValueError`` says why when the model, loss or data are outside it. ``auto``
-        (default) uses ``fused-mlp`` whenever it applies; otherwise double backward on the
-        cached graph for products of fewer than 4 directions on a single batch (faster there)
-        and forward-over-reverse otherwise, falling back to double backward when an op has no
-        forward-mode derivative (SDPA attention, custom Functions without ``jvp``);
-        ``mode_used`` says which ran last and ``fused_mlp_reason`` why the fused path does not
-        apply.
+        (chunked). ``double-backward-loop``: the same graph, one ``autograd.grad`` per direction
+        (the least memory: one direction's second-order temporaries at a time).
+        ``fused-mlp``: for plain MLPs (``nn.Sequential`` of ``nn.Linear`` and ReLU / GELU /
+        Tanh / SiLU) with cross-entropy or MSE, the fused Pearlmutter products of
+        :mod:`landscape_ext.mlp` (all directions in single GEMMs, no autograd); a ``ValueError``
+        says why when the model, loss or data are outside it.
+        ``auto`` (default) uses ``fused-mlp`` whenever it applies. Otherwise it measures: the
+        first product of each power-of-two bucket of ``k`` (k = 5..8 share bucket 8) times the
+        three autograd modes at the cost of one extra product and keeps the fastest for that
+        bucket, or the prior rule's mode when it is within 5% of the fastest (see
+        :mod:`landscape_ext.operators.modes`). A single one-direction product is not measured:
+        it runs double backward on a cached graph, else forward-over-reverse. Models with an op
+        without a forward-mode derivative (custom Functions without ``jvp``) fall back to double
+        backward for good. ``mode_used`` says which mode ran last, ``mode_choices`` /
+        ``mode_timings`` what ``auto`` measured and chose per bucket, ``fused_mlp_reason`` why the
+        fused path does not apply. Data-parallel ranks run rank 0's choice.
+    compile : bool or "auto"
+        Run the forward-over-reverse product under ``torch.compile(dynamic=False)``, the
+        directions cut into power-of-two pieces so a new ``k`` compiles at most ``log2(k) + 1``
+        shapes once (no recompilation per call). When compilation fails the products run
+        eagerly and ``compile_error`` says why. ``"auto"`` (default): off on CPU and CUDA
+        (``operators.model.COMPILE_DEFAULT``; on the CPU compiling did not pay in
+        ``bench/bench_hvp.py``'s models section, on a GPU it is unmeasured).
     batch_norm : {"eval", "train"}
         BatchNorm with running statistics (default) or with batch statistics (running statistics
         not updated either way).
