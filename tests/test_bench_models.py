@@ -13,6 +13,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 AUTOGRAD_MODES = {"forward-over-reverse", "double-backward", "double-backward-loop"}
+PRIOR_MARGIN = 0.05  # landscape_ext.operators.modes.PRIOR_MARGIN
 
 
 def _run(args, tmp_path):
@@ -65,11 +66,13 @@ def test_auto_choice_and_probe_timings_recorded(tiny_run):
         picked = detail["auto_picked"]
         assert picked in AUTOGRAD_MODES
         assert detail["auto_mode_choices"][bucket] == picked
-        # the probe's estimates: bucket 1 compares two modes, bucket 2 all three
+        # the probe's estimates: bucket 1 compares forward-over-reverse with double backward,
+        # bucket 2 with the loop (no direction is left for a batched call)
         timings = detail["auto_mode_timings"][bucket]
-        assert set(timings) == ({"forward-over-reverse", "double-backward"} if k == "1"
-                                else AUTOGRAD_MODES)
-        assert picked == min(timings, key=timings.get)
+        assert set(timings) == {"forward-over-reverse",
+                                "double-backward" if k == "1" else "double-backward-loop"}
+        # the fastest, or the prior rule's mode within the margin
+        assert timings[picked] <= (1 + PRIOR_MARGIN) * min(timings.values())
         auto = next(r for r in rows if r["k"] == int(k) and r["mode"] == "auto")
         assert auto["auto picked"] == picked and auto["vs previous median"] > 0
         assert set(detail["times_s"]) == {"gradient", "auto", "forward-over-reverse",

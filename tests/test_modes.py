@@ -27,11 +27,13 @@ class ScriptedTimer:
     """An injected timer: runs each piece, reports the scripted seconds, counts its calls."""
 
     def __init__(self, seconds):
+        # a value may be a list: the seconds of successive calls of that piece
         self.seconds, self.calls = dict(seconds), []
 
     def __call__(self, what, fn):
         self.calls.append(what)
-        return fn(), self.seconds[what]
+        t = self.seconds[what]
+        return fn(), (t.pop(0) if isinstance(t, list) else t)
 
 
 def _directions(d, k, seed=1):
@@ -46,16 +48,17 @@ def test_bucket_of():
 
 # (graph, loop per direction, batched on k - 1, forward-over-reverse), expected winner, k = 4
 CASES = [
-    # cached graph: loop 4 x 0.1 = 0.4 beats batched 0.5 * 4/3 and forward-over-reverse 2.0
+    # cached graph: loop 4 x 0.1 = 0.4 beats batched (2 directions) 0.5 * 4/2 and
+    # forward-over-reverse 2.0
     (dict(cache=True, graph=1.0, loop=0.1, batched=0.5, fwd=2.0), LOOP,
-     {FOR: 2.0, DB: 0.5 * 4 / 3, LOOP: 0.4}),
+     {FOR: 2.0, DB: 1.0, LOOP: 0.4}),
     # the graph rebuilt per product counts: forward-over-reverse wins
     (dict(cache=False, graph=1.0, loop=0.1, batched=0.5, fwd=1.2), FOR,
-     {FOR: 1.2, DB: 1.0 + 0.5 * 4 / 3, LOOP: 1.4}),
+     {FOR: 1.2, DB: 2.0, LOOP: 1.4}),
     (dict(cache=True, graph=1.0, loop=0.3, batched=0.3, fwd=2.0), DB,
-     {FOR: 2.0, DB: 0.4, LOOP: 1.2}),
+     {FOR: 2.0, DB: 0.6, LOOP: 1.2}),
     # ties go to the order of AUTOGRAD_MODES
-    (dict(cache=True, graph=0.0, loop=0.25, batched=0.75, fwd=1.0), FOR,
+    (dict(cache=True, graph=0.0, loop=0.25, batched=0.5, fwd=1.0), FOR,
      {FOR: 1.0, DB: 1.0, LOOP: 1.0}),
 ]
 
@@ -76,21 +79,21 @@ def test_choice_is_deterministic_given_timings(exact_hessian, case, winner, expe
         assert set(op.mode_timings) == {4}
         for mode, seconds in expected.items():
             assert op.mode_timings[4][mode] == pytest.approx(seconds, rel=1e-12)
-        assert sorted(timer.calls) == sorted(["graph", LOOP, DB, FOR])
+        assert sorted(timer.calls) == sorted(["graph", LOOP, LOOP, DB, FOR])
         # later products of the bucket (k = 3, 4) run the choice without measuring again
         out = op @ V[:, :3]
         torch.testing.assert_close(out, H @ V[:, :3], rtol=1e-10, atol=1e-12)
-        assert op.mode_used == winner and len(timer.calls) == 4
+        assert op.mode_used == winner and len(timer.calls) == 5
 
 
 @pytest.mark.parametrize("margin,winner", [(modes.PRIOR_MARGIN, FOR), (0.0, DB)])
 def test_near_tie_keeps_the_prior_rule(margin, winner):
     # k = 4 on a cached graph: the prior rule runs forward-over-reverse. Batched double backward
-    # is estimated 0.3 * 4/3 = 0.4 s against 0.41 s: 2.5% faster, inside the 5% margin, so the
+    # is estimated 0.2 * 4/2 = 0.4 s against 0.41 s: 2.5% faster, inside the 5% margin, so the
     # prior mode stays; with no margin the measured minimum wins.
     model, loss, data = make_problem("cnn")
     op = HessianOperator(model, loss, data)
-    op.mode_chooser = modes.ModeChooser(ScriptedTimer({"graph": 1.0, LOOP: 0.2, DB: 0.3,
+    op.mode_chooser = modes.ModeChooser(ScriptedTimer({"graph": 1.0, LOOP: 0.2, DB: 0.2,
                                                        FOR: 0.41}), prior_margin=margin)
     op @ _directions(op.d, 4)
     assert op.mode_choices == {4: winner}
@@ -99,6 +102,24 @@ def test_near_tie_keeps_the_prior_rule(margin, winner):
     assert chooser.decide(8, {FOR: 1.0, DB: 0.5, LOOP: 0.9}, prior=FOR) == DB
     with pytest.raises(ValueError, match="prior_margin must be >= 0, got -0.1"):
         modes.ModeChooser(prior_margin=-0.1)
+
+
+def test_loop_estimate_uses_the_warm_call_and_k2_has_no_batched_candidate(exact_hessian):
+    # the first looped direction runs through a fresh graph (cold, 1.0 s), the second warm
+    # (0.1 s): the loop's estimate is 2 x 0.1, so it beats forward-over-reverse's 0.5; at
+    # k = 2 no direction is left for the batched call, which is not a candidate
+    model, loss, data = make_problem("cnn")
+    H = exact_hessian("cnn")
+    op = HessianOperator(model, loss, data)
+    timer = ScriptedTimer({"graph": 0.3, LOOP: [1.0, 0.1], FOR: 0.5})
+    op.mode_chooser.timer = timer
+    V = _directions(op.d, 2)
+    torch.testing.assert_close(op @ V, H @ V, rtol=1e-10, atol=1e-12)
+    assert timer.calls == ["graph", LOOP, LOOP, FOR]
+    assert op.mode_timings == {2: {FOR: 0.5, LOOP: pytest.approx(0.2)}}
+    assert op.mode_choices == {2: LOOP}
+    torch.testing.assert_close(op @ V, H @ V, rtol=1e-10, atol=1e-12)  # the loop, unprobed
+    assert op.mode_used == LOOP and len(timer.calls) == 4
 
 
 def test_single_products_are_not_probed(exact_hessian):

@@ -16,15 +16,17 @@ double backward). ``auto`` therefore measures. Products are grouped by *bucket*,
 The probe (:meth:`ModelOperator._probe`) runs on the first batch of the first product of a bucket
 and computes that product by two routes, timing each piece:
 
-1. double backward: the first-order graph (``graph``), direction 0 by one ``autograd.grad``
-   (``double-backward-loop``, per direction) and directions ``1..k-1`` by one batched call
-   (``double-backward``); together these rows are the product;
+1. double backward: the first-order graph (``graph``), directions 0 and 1 by one
+   ``autograd.grad`` each (``double-backward-loop``; the faster of the two counts, since the
+   first call through a fresh graph is cold and the estimate multiplies it by ``k``) and
+   directions ``2..k-1`` by one batched call (``double-backward``; for ``k = 2`` there are none
+   and batched double backward is not a candidate); together these rows are the product;
 2. forward-over-reverse on all ``k`` directions.
 
 So the probe costs one extra product (plus, with ``compile=True``, the compiling call). The
 estimated seconds of a product of ``k`` directions (``op.mode_timings[bucket][mode]``) are
-``forward-over-reverse``: its time; ``double-backward``: the batched time scaled to ``k``
-directions; ``double-backward-loop``: ``k`` times the one-direction time; both double-backward
+``forward-over-reverse``: its time; ``double-backward``: the batched time of ``k - 2``
+directions scaled to ``k``; ``double-backward-loop``: ``k`` times the one-direction time; both double-backward
 estimates add the graph's time unless the graph is cached (then it is paid once, not per product).
 The fastest estimate wins (ties: the order of :data:`AUTOGRAD_MODES`), except that the prior
 rule's mode (below) is kept when its estimate is within :data:`PRIOR_MARGIN` (5%) of the fastest:
@@ -164,7 +166,8 @@ def estimates(k: int, seconds: Dict[str, float], graph_cached: bool,
               modes: Iterable[str]) -> Dict[str, float]:
     """Estimated seconds of a product of ``k`` directions per mode, from the probe's pieces:
     ``seconds`` holds :data:`GRAPH` (the first-order graph), ``double-backward-loop`` (one
-    direction), ``double-backward`` (``k - 1`` directions batched) and ``forward-over-reverse``
+    direction), ``double-backward`` (``k - 2`` directions batched; all ``k`` when ``k == 1``)
+    and ``forward-over-reverse``
     (``k`` directions); the graph counts unless it is cached. Only ``modes`` are estimated."""
     graph = 0.0 if graph_cached else seconds.get(GRAPH, 0.0)
     out: Dict[str, float] = {}
@@ -175,6 +178,6 @@ def estimates(k: int, seconds: Dict[str, float], graph_cached: bool,
             out[mode] = seconds[mode]
         elif mode == DOUBLE_BACKWARD_LOOP:
             out[mode] = graph + k * seconds[mode]
-        else:  # batched on k - 1 directions (all k when k == 1)
-            out[mode] = graph + seconds[mode] * k / max(k - 1, 1)
+        else:  # batched on k - 2 directions (all k when k == 1)
+            out[mode] = graph + (seconds[mode] if k == 1 else seconds[mode] * k / (k - 2))
     return out
