@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _losses, _model
-from .model import ModelOperator
+from .model import ModelOperator, RowAssembler
 from .own_loss import OwnLoss, gauss_newton_loss_spec
 from .sharded import ShardedGGNOperator, is_fsdp_model
 
@@ -131,7 +131,7 @@ class GGNOperator(ModelOperator):
         k = X.shape[0]
         pieces = ([(i, i + 1) for i in range(k)] if how == "loop" else
                   self._row_pieces(k) if how == "forward" else self._chunks(k))
-        rows = []
+        result = RowAssembler(k, len(pieces))
         for index, (start, end) in enumerate(pieces):
             chunk = X[start:end]
             if how == "forward":
@@ -150,8 +150,9 @@ class GGNOperator(ModelOperator):
                                              retain_graph=keep, allow_unused=True)
             gv = [g if g is not None else X.new_zeros((end - start,) + tuple(leaf.shape))
                   for g, leaf in zip(gv, leaves)]
-            rows.append(self.layout.join_rows(gv, end - start))
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+            result.put(start, self.layout.join_rows(gv, end - start))
+            del gv, JV, U
+        return result.result()
 
     @property
     def _loss_of_outputs(self) -> Any:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import _model
 from .._losses import forward_ad_safe_loss
-from .model import ModelOperator
+from .model import ModelOperator, RowAssembler
 from .sharded import ShardedHessianOperator, is_fsdp_model
 
 __all__ = ["HessianOperator"]
@@ -117,14 +117,16 @@ class HessianOperator(ModelOperator):
         base = _model.detached_parameters(self.model)
         selected = {n: base[n] for n in self.param_names}
         rest = {n: t for n, t in base.items() if n not in selected}
-        outs = []
-        for start, end in self._row_pieces(X.shape[0]):
+        pieces = self._row_pieces(X.shape[0])
+        result = RowAssembler(X.shape[0], len(pieces))
+        for start, end in pieces:
             V = self.layout.split_rows(X[start:end])
             hv, loss = self._run_compiled("forward-over-reverse", self._hvp_rows_fn, selected,
                                           rest, V, inputs, targets)
             self._check_finite(loss.reshape(-1)[:1], "the loss", where)
-            outs.append(self.layout.join_rows(hv, end - start))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            result.put(start, self.layout.join_rows(hv, end - start))
+            del hv
+        return result.result()
 
     def _hvp_rows_fn(self, selected: Dict[str, Tensor], rest: Dict[str, Tensor],
                      V: Dict[str, Tensor], inputs: Any, targets: Any) -> Tuple[List[Tensor],
@@ -189,7 +191,7 @@ class HessianOperator(ModelOperator):
         outputs = [grads[i] for i in live]
         k = X.shape[0]
         pieces = [(i, i + 1) for i in range(k)] if loop else self._chunks(k)
-        outs = []
+        result = RowAssembler(k, len(pieces))
         for index, (start, end) in enumerate(pieces):
             V = self.layout.split_rows(X[start:end])
             cotangents = [V[self.param_names[i]] for i in live]
@@ -204,8 +206,9 @@ class HessianOperator(ModelOperator):
                                              retain_graph=keep, allow_unused=True)
             hv = [h if h is not None else X.new_zeros((end - start,) + tuple(leaf.shape))
                   for h, leaf in zip(hv, leaves)]
-            outs.append(self.layout.join_rows(hv, end - start))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            result.put(start, self.layout.join_rows(hv, end - start))
+            del hv
+        return result.result()
 
 
 # the FSDP2 operator is a Hessian operator to its users (isinstance), though its machinery is

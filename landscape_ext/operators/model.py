@@ -26,7 +26,7 @@ from .modes import (AUTOGRAD_MODES, DOUBLE_BACKWARD, DOUBLE_BACKWARD_LOOP, FORWA
                     wall_timer)
 
 __all__ = ["ModelOperator", "HVP_MODES", "FUSED_MLP_MODE", "FORWARD_OVER_REVERSE",
-           "DOUBLE_BACKWARD", "DOUBLE_BACKWARD_LOOP", "COMPILE_DEFAULT"]
+           "DOUBLE_BACKWARD", "DOUBLE_BACKWARD_LOOP", "COMPILE_DEFAULT", "RowAssembler"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,26 @@ log = logging.getLogger(__name__)
 #: forward-over-reverse product did not pay in bench/bench_hvp.py's models section (see
 #: bench/README.md); CUDA: off until that section has been measured on a GPU.
 COMPILE_DEFAULT = {"cpu": False, "cuda": False}
+
+
+class RowAssembler:
+    """The rows of a ``(k, d)`` product written into one result as the pieces come (a list of
+    pieces concatenated at the end would hold the product twice at its peak, e.g. 8 extra
+    parameter-sized vectors for the looped double backward at k = 8)."""
+
+    def __init__(self, k: int, n_pieces: int):
+        self.k, self.single, self.out = k, n_pieces == 1, None
+
+    def put(self, start: int, rows: Tensor) -> None:
+        if self.single:
+            self.out = rows
+            return
+        if self.out is None:
+            self.out = rows.new_empty((self.k, rows.shape[1]))
+        self.out[start:start + rows.shape[0]] = rows
+
+    def result(self) -> Tensor:
+        return self.out
 
 
 class ModelOperator(CurvatureOperator):
@@ -361,12 +381,13 @@ class ModelOperator(CurvatureOperator):
             # directions 0 and 1 one at a time (the estimate is k times the faster: the first
             # call through a fresh graph is cold, and k times a cold call would be a bias
             # against the loop), the rest batched
-            pieces, loop_s = [], []
+            rows, loop_s = RowAssembler(k, 3), []
             for i in (0, 1):
                 row, t = timer(DOUBLE_BACKWARD_LOOP, lambda: self._double_backward_rows(
                     state, X[i:i + 1], where, loop=True, retain=k > 2 or i == 0))
-                pieces.append(row)
+                rows.put(i, row)
                 loop_s.append(t)
+                del row
             seconds[DOUBLE_BACKWARD_LOOP] = min(loop_s)
             candidates = AUTOGRAD_MODES if k > 2 else (FORWARD_OVER_REVERSE,
                                                          DOUBLE_BACKWARD_LOOP)
@@ -374,8 +395,9 @@ class ModelOperator(CurvatureOperator):
                 rest, seconds[DOUBLE_BACKWARD] = timer(DOUBLE_BACKWARD, lambda: (
                     self._double_backward_rows(state, X[2:], where, loop=False, retain=False,
                                                batched=True)))
-                pieces.append(rest)
-            by_double = torch.cat(pieces)
+                rows.put(2, rest)
+                del rest
+            by_double = rows.result()
         del state
         by_forward = None
         if not self.forward_ad_broken:
