@@ -6,7 +6,7 @@ products.py`` (``--ref``, default ``main``) loaded from git into this process, s
 round by round under the same load.
 
     OMP_NUM_THREADS=<cores> python bench/profile_mlp.py --width 1024 --depth 8 --batch 512 \
-        --k 16 --rounds 9
+        --k 16 --rounds 9 [--rows]
 """
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--ref", default="main")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--rows", action="store_true",
+                    help="time mlp_apply_rows on contiguous (k, d) rows, the layout the operators "
+                         "and solvers pass (default: mlp_hvp on a (d, k) block, which adds a "
+                         "transpose copy of the directions)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dt = getattr(torch, args.dtype)
@@ -76,13 +80,22 @@ def main() -> None:
         torch.autograd.grad(loss, params)
 
     fns = {"gradient": grad}
+    if args.rows:   # the operators' layout: directions as contiguous rows (k, d)
+        structure = landscape_ext.mlp.mlp_structure(model)
+        named = {n: p.detach() for n, p in model.named_parameters()}
+        X = V.T.contiguous()
+
+        def product(mod, curv):
+            return mod.mlp_apply_rows(structure, named, x, y, X, "cross_entropy", curv)
+    else:           # mlp_hvp on a (d, k) column block: includes the transpose to rows
+        def product(mod, curv):
+            return mod.mlp_hvp(model, x, y, V, curvature=curv)
     for curv in ("hessian", "ggn"):
         for tag, mod in (("old", old), ("new", new)):
-            fns[f"{curv}-{tag}"] = (lambda m=mod, c=curv:
-                                    m.mlp_hvp(model, x, y, V, curvature=c))
+            fns[f"{curv}-{tag}"] = (lambda m=mod, c=curv: product(m, c))
         # correctness before timing
-        a = old.mlp_hvp(model, x, y, V, curvature=curv)
-        b = new.mlp_hvp(model, x, y, V, curvature=curv)
+        a = product(old, curv)
+        b = product(new, curv)
         err = float((a - b).norm() / a.norm())
         if err > (1e-4 if dt == torch.float32 else 1e-10):
             raise SystemExit(f"{curv}: new differs from old by {err:.2e} (relative)")
@@ -110,7 +123,7 @@ def main() -> None:
     rows.insert(0, {"case": rows[0]["case"], "impl": "gradient",
                     "median_s": statistics.median(times["gradient"])})
     print(markdown_table(rows, ["case", "impl", "median_s", "grads_per_dir", "min", "max"]))
-    write_results("profile_mlp", {"machine": machine_info("cpu"), "args": vars(args),
+    write_results("profile_mlp" + ("_rows" if args.rows else ""), {"machine": machine_info("cpu"), "args": vars(args),
                                   "rows": rows, "times": times})
 
 

@@ -240,9 +240,10 @@ def act_derivs(z: Tensor, act, *, order: int = 2) -> Tuple[Tensor, Tensor, Optio
     return cast(a), cast(d1), (None if d2 is None else cast(d2))
 
 
-def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
-                    scale: Optional[float]) -> Tensor:
-    """Math softmax attention, materialising the S x S_k probabilities (SDPA conventions)."""
+def _attention_scores(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool,
+                      scale: Optional[float]) -> Tensor:
+    """``scale * q k^T`` with the mask applied, all S x S_k at once (SDPA conventions: a boolean
+    mask keeps True, causal is top-left aligned)."""
     import math
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -252,20 +253,18 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_
     if is_causal:
         causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~causal, -math.inf)
-    return torch.softmax(s, dim=-1) @ v
+    return s
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+                    scale: Optional[float]) -> Tensor:
+    """Math softmax attention, materialising the S x S_k probabilities (SDPA conventions)."""
+    return torch.softmax(_attention_scores(q, k, mask, is_causal, scale), dim=-1) @ v
 
 
 def attention_forward(q, k, v, mask=None, is_causal=False, scale=None) -> Tuple[Tensor, Tensor]:
     """Reference for ``attention.attention_forward``: (out, lse), all S x S_k at once."""
-    import math
-
-    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = sc * (q @ k.transpose(-1, -2))
-    if mask is not None:
-        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
-    if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~causal, -math.inf)
+    s = _attention_scores(q, k, mask, is_causal, scale)
     return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
 

@@ -158,6 +158,7 @@ def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
     Rga = _losses.output_hessian(cfg, f, y, Ra, impl=impl)
     del Ra
     buf: Optional[Tensor] = None    # R a_{l-1} of the Hessian's cross term
+    dexp: Optional[Tensor] = None   # delta_l broadcast over the k directions (reused buffer)
     for l in range(L - 1, plan.first - 1, -1):
         W, (n_out, n_in) = plan.W[l], dims[l]
         # Rga is always a fresh tensor (the loss Hessian's output or a GEMM's): scale in place
@@ -179,13 +180,15 @@ def _products(plan: _Plan, A: List[Tensor], S1: List[Optional[Tensor]],
         if slot is not None:
             # R g_W_j = R delta_j^T a_{l-1} (+ delta^T R a_{l-1, j}): bmm (+ baddbmm), written
             # straight into the output rows (no (k, n_out, n_in) temporary and copy)
-            if Ra_in is None:
-                torch.bmm(Rd.transpose(1, 2), A[l].expand(k, B, n_in), out=slot)
-            else:                    # both terms as one bmm: [Rd_j; delta]^T [a; R a_j]
-                P = torch.cat((Rd, D[l].expand(k, B, n_out)), 1)
-                Q = torch.cat((A[l].expand(k, B, n_in), Ra_in), 1)
-                torch.bmm(P.transpose(1, 2), Q, out=slot)
-                del P, Q
+            torch.bmm(Rd.transpose(1, 2), A[l].expand(k, B, n_in), out=slot)
+            if Ra_in is not None:    # + delta^T R a_j, accumulated in place
+                # delta materialised once per layer: baddbmm_ with a broadcast (stride-0)
+                # batch falls back to k addmm_ with copies; stacking [Rd_j; delta] and
+                # [a; R a_j] for one bmm copied four such blocks (4% of the product)
+                if dexp is None or dexp.shape != (k, B, n_out):
+                    dexp = torch.empty((k, B, n_out), dtype=Rd.dtype, device=Rd.device)
+                dexp.copy_(D[l].expand(k, B, n_out))
+                slot.baddbmm_(dexp.transpose(1, 2), Ra_in)
         del Ra_in
         bslot = _view(out, plan, plan.layers[l].bias, (n_out,))
         if bslot is not None:
