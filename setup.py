@@ -1,63 +1,118 @@
-"""Build landscape-ext: a pybind11 module ``landscape_ext._C`` holding the torch ops.
+"""Build landscape-ext: the module ``landscape_ext._C`` holding the torch ops.
 
-CUDA kernels are compiled when the torch in use is a CUDA build *and* nvcc is found
-(never because a GPU happens to be visible). Override with ``LANDSCAPE_EXT_CUDA=0`` or ``=1``.
-When ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible, it defaults to Ampere + Hopper
-(``8.0;8.6;9.0+PTX``) so a wheel built on a GPU-less machine runs on the common cards.
+One binary for every torch from 2.10 on and every CPython from 3.9 on: the kernels are written
+against torch's stable C ABI (csrc/stable_api.h, ``TORCH_TARGET_VERSION`` = 2.10) and the module
+against CPython's limited API, so the wheel is tagged ``cp39-abi3`` and holds no libtorch, no
+CUDA runtime and no pybind11.
 
-Always build against the installed torch: ``pip install --no-build-isolation .``
+CUDA kernels are compiled when the torch in use is a CUDA build *and* a working CUDA toolkit is
+found (never because a GPU happens to be visible). Override with ``LANDSCAPE_EXT_CUDA=0`` or
+``=1``. The toolkit is ``CUDA_HOME`` when it holds ``bin/nvcc``, else the folder of the *real*
+nvcc behind the one on PATH (a wrapper script or a symlink is followed); it must hold the CUDA
+runtime (``lib64/libcudart.so``). When ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible it
+defaults to Ampere + Hopper (``8.0;8.6;9.0+PTX``).
+
+Always build against the installed torch: ``pip install --no-build-isolation .`` (an isolated
+build would first download a torch of its own; this script stops at once and says so).
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
-from setuptools import setup
-
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;8.6;9.0+PTX"
+TORCH_TARGET = (2, 10)  # the oldest torch whose stable ABI the binary may use
+TORCH_TARGET_VERSION = f"0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
+
+try:
+    import torch
+except ImportError:
+    # pip's build isolation gives setup.py a fresh environment without the user's torch.
+    raise SystemExit(
+        "landscape-ext: torch is not importable in this build environment. landscape-ext builds "
+        "against the torch you already have: install torch first (pip install torch), then run\n"
+        "    pip install --no-build-isolation .\n"
+        "(pip's default build isolation hides the installed torch; with it pip would download "
+        "another several-GB torch only to build against it).")
 
 
-def _nvcc_path():
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return os.path.join(CUDA_HOME, "bin", "nvcc")
-    return shutil.which("nvcc")
+def _toolkit_of(nvcc):
+    """The CUDA toolkit folder of an nvcc executable: nvcc itself says where it lives
+    (``--dryrun`` prints ``_HERE_=<toolkit>/bin``), which also sees through wrapper scripts."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        text = out.stdout + out.stderr
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    match = re.search(r"^#\$ _HERE_=(.+)$", text, re.MULTILINE)
+    if match:
+        return os.path.dirname(os.path.realpath(match.group(1).strip()))
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
-def _decide_cuda():
-    """Return (build_cuda, reason)."""
+def _has_cudart(home):
+    return any(os.path.exists(os.path.join(home, sub, "libcudart.so"))
+               for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")))
+
+
+def resolve_cuda_home():
+    """(toolkit folder or None, what was looked at): CUDA_HOME if it has bin/nvcc, else the
+    folder of the real nvcc on PATH. Sets CUDA_HOME for torch's cpp_extension, which reads it
+    when imported."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env and os.path.exists(os.path.join(env, "bin", "nvcc")):
+        home = os.path.realpath(env)
+    else:
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            return None, "no nvcc on PATH and CUDA_HOME is not set"
+        home = _toolkit_of(nvcc)
+    if not _has_cudart(home):
+        return None, (f"the CUDA toolkit at {home} has no lib64/libcudart.so: set CUDA_HOME to "
+                      f"the toolkit folder (the one holding bin/nvcc and lib64/)")
+    os.environ["CUDA_HOME"] = home
+    return home, f"toolkit {home}"
+
+
+def decide_cuda():
+    """Return (build_cuda, reason, cuda_home)."""
     override = os.environ.get("LANDSCAPE_EXT_CUDA", "").strip()
-    torch_cuda = torch.version.cuda
-    nvcc = _nvcc_path()
     if override not in ("", "0", "1"):
         raise SystemExit(f"LANDSCAPE_EXT_CUDA must be 0 or 1, got {override!r}")
     if override == "0":
-        return False, "LANDSCAPE_EXT_CUDA=0"
-    if override == "1":
-        if torch_cuda is None:
+        return False, "LANDSCAPE_EXT_CUDA=0", None
+    torch_cuda = torch.version.cuda
+    if torch_cuda is None:
+        if override == "1":
             raise SystemExit("LANDSCAPE_EXT_CUDA=1 but the installed torch "
                              f"{torch.__version__} is a CPU build: install a CUDA build of torch")
-        if nvcc is None:
-            raise SystemExit("LANDSCAPE_EXT_CUDA=1 but nvcc was not found (set CUDA_HOME)")
-        return True, "LANDSCAPE_EXT_CUDA=1"
-    if torch_cuda is None:
-        return False, f"torch {torch.__version__} is a CPU build"
-    if nvcc is None:
-        return False, f"torch has CUDA {torch_cuda} but nvcc was not found (set CUDA_HOME)"
-    return True, f"torch has CUDA {torch_cuda} and nvcc is at {nvcc}"
+        return False, f"torch {torch.__version__} is a CPU build", None
+    home, why = resolve_cuda_home()
+    if home is None:
+        if override == "1":
+            raise SystemExit(f"landscape-ext: LANDSCAPE_EXT_CUDA=1 but {why}")
+        print(f"landscape-ext build: WARNING: torch has CUDA {torch_cuda} but {why}; building "
+              "the CPU kernels only (LANDSCAPE_EXT_CUDA=0 silences this)", flush=True)
+        return False, f"torch has CUDA {torch_cuda} but {why}", None
+    tag = "LANDSCAPE_EXT_CUDA=1" if override == "1" else f"torch has CUDA {torch_cuda}"
+    return True, f"{tag}, {why}", home
 
 
-def _arch_list(build_cuda):
+def arch_list(build_cuda):
     if not build_cuda:
         return ""
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if not arch:
         if torch.cuda.is_available():
             # cpp_extension detects the visible card's arch itself; record what it will use
-            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            caps = sorted({torch.cuda.get_device_capability(i)
+                           for i in range(torch.cuda.device_count())})
             arch = ";".join(f"{a}.{b}" for a, b in caps)
         else:
             arch = DEFAULT_ARCH_LIST
@@ -66,44 +121,56 @@ def _arch_list(build_cuda):
 
 
 def make_extension():
-    build_cuda, reason = _decide_cuda()
-    arch = _arch_list(build_cuda)
-    print(f"landscape-ext build: CUDA={build_cuda} ({reason}) TORCH_CUDA_ARCH_LIST={arch or '-'}",
+    build_cuda, reason, _ = decide_cuda()
+    # imported only now: cpp_extension reads CUDA_HOME when it is imported
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    arch = arch_list(build_cuda)
+    print(f"landscape-ext build: CUDA={build_cuda} ({reason}) TORCH_CUDA_ARCH_LIST={arch or '-'} "
+          f"torch {torch.__version__} (stable ABI target {TORCH_TARGET[0]}.{TORCH_TARGET[1]})",
           flush=True)
 
     sources = ["csrc/module.cpp", "csrc/registration.cpp"]
     sources += sorted(glob.glob("csrc/*_common.cpp"))
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     macros = [
+        ("TORCH_TARGET_VERSION", TORCH_TARGET_VERSION),
         ("LANDSCAPE_EXT_BUILT_TORCH_VERSION", f'"{torch.__version__}"'),
+        ("LANDSCAPE_EXT_TORCH_TARGET", f'"{TORCH_TARGET[0]}.{TORCH_TARGET[1]}"'),
         ("LANDSCAPE_EXT_CUDA_ARCH_LIST", f'"{arch}"'),
     ]
     cxx_flags = ["-O3", "-Wno-psabi"]
-    link_flags = []
-    # at::parallel_for is a header template: without -fopenmp in *this* build its OpenMP pragma
-    # is ignored and every CPU kernel runs on one thread. Linking with -fopenmp records the
-    # soname libgomp.so.1, which resolves to the libgomp torch already loaded (one runtime, so
-    # torch.set_num_threads applies to our kernels too).
-    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
+    common = dict(include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        macros.append(("LANDSCAPE_EXT_WITH_CUDA", "1"))
-        nvcc_flags = ["-O3", "-lineinfo",
-                      "--expt-relaxed-constexpr"]
-        return CUDAExtension(
-            "landscape_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=macros, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=link_flags)
-    return CppExtension(
-        "landscape_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        macros += [("LANDSCAPE_EXT_WITH_CUDA", "1"), ("USE_CUDA", None),
+                   ("LANDSCAPE_EXT_BUILT_CUDA", f'"{torch.version.cuda}"')]
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        return CUDAExtension("landscape_ext._C", sources, define_macros=macros,
+                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **common)
+    return CppExtension("landscape_ext._C", sources, define_macros=macros,
+                        extra_compile_args={"cxx": cxx_flags}, **common)
+
+
+def packages():
+    """Every package and subpackage of both trees (a wheel with only the two roots could not
+    import landscape_ext.operators, landscape_lab.sweep, ...)."""
+    engine = find_packages(include=["landscape_ext", "landscape_ext.*"])
+    lab = find_packages(where="python", include=["landscape_lab", "landscape_lab.*"])
+    return engine + lab
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
 
 
 setup(
-    packages=["landscape_ext", "landscape_lab"],
+    packages=packages(),
     package_dir={"landscape_ext": "landscape_ext", "landscape_lab": "python/landscape_lab"},
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": build_ext_class()},
+    # abi3: the module uses CPython's limited API only (csrc/module.cpp)
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -19,7 +19,7 @@
 // the memory access, vectorization and reductions.
 #pragma once
 
-#include <ATen/core/Tensor.h>  // not ATen.h: these headers reach nvcc, where ATen.h costs ~40% of a compile
+#include "stable_api.h"  // torch's stable C ABI only (see there for why)
 
 #include <cmath>
 #include <cstdint>
@@ -28,6 +28,14 @@
 #define LANDSCAPE_HD __host__ __device__ __forceinline__
 #else
 #define LANDSCAPE_HD inline
+#endif
+
+// torch::stable::Tensor has hidden visibility (torch's HIDDEN_NAMESPACE); a struct holding one
+// must be hidden too, or GCC warns (-Wattributes). These structs never leave the library.
+#if defined(__GNUC__) && !defined(_WIN32)
+#define LANDSCAPE_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define LANDSCAPE_HIDDEN
 #endif
 
 namespace landscape_ext {
@@ -48,9 +56,9 @@ constexpr int64_t kNumActs = sizeof(kActNames) / sizeof(kActNames[0]);
 static_assert(kNumActs == kSiLU + 1, "kActNames must name every Act code, in code order");
 
 // ---- argument checks (messages name the op, the argument and the sizes) ------------------------
-void check_xent_hvp_args(const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& directions, double label_smoothing);
-void check_act_derivs_args(const at::Tensor& z, int64_t act);
+void check_xent_hvp_args(const Tensor& logits, const Tensor& target, const Tensor& directions,
+                         double label_smoothing);
+void check_act_derivs_args(const Tensor& z, int64_t act);
 
 // ---- call setup shared by the backends ----------------------------------------------------------
 // One xent_hvp call as both backends' kernels address it (pointers; strides in elements).
@@ -66,23 +74,22 @@ struct XentLayout {
 
 // The checked inputs of xent_hvp in the layout the kernels read (logits and directions with unit
 // stride along C are read in place, others copied; target contiguous) and its new output.
-struct XentCall {
-  at::Tensor logits, target, dirs, out;
+struct LANDSCAPE_HIDDEN XentCall {
+  Tensor logits, target, dirs, out;
   XentLayout layout;
 };
-XentCall prepare_xent_hvp(const at::Tensor& logits, const at::Tensor& target,
-                          const at::Tensor& directions, double label_smoothing,
-                          int64_t ignore_index);
+XentCall prepare_xent_hvp(const Tensor& logits, const Tensor& target, const Tensor& directions,
+                          double label_smoothing, int64_t ignore_index);
 
 // The checked input of act_derivs made contiguous and its three new outputs (shape and dtype of z).
-struct ActCall {
-  at::Tensor z, a, d1, d2;
+struct LANDSCAPE_HIDDEN ActCall {
+  Tensor z, a, d1, d2;
 };
-ActCall prepare_act_derivs(const at::Tensor& z, int64_t act);
+ActCall prepare_act_derivs(const Tensor& z, int64_t act);
 
 // Count of rows with target != ignore_index on the CPU; raises for a target outside [0, C)
 // that is not ignore_index (naming the first such row and its value). target: CPU int64 (N,).
-int64_t xent_count_rows_cpu(const at::Tensor& target, int64_t C, int64_t ignore_index);
+int64_t xent_count_rows_cpu(const Tensor& target, int64_t C, int64_t ignore_index);
 
 // The error texts shared by both backends (CUDA finds the rows on the device).
 [[noreturn]] void xent_bad_target(int64_t row, int64_t value, int64_t C, int64_t ignore_index);

@@ -22,51 +22,49 @@
 //            route. Composite of ATen ops, shared by the backends.
 // linear_grad_project is a GEMM in either layout; it is a composite of ATen ops on every
 // backend (no custom kernel beats the vendor GEMM), registered per backend for one op name.
+// The composites reach ATen through torch's stable C ABI (the dispatcher by name, or a C shim)
+// and run the same kernels as at::bmm / at::mm_out / Tensor::addmm_ did.
 #pragma once
 
-#include <ATen/core/Tensor.h>  // not ATen.h: these headers reach nvcc, where ATen.h costs ~40% of a compile
-#include <torch/library.h>
+#include "stable_api.h"  // torch's stable C ABI (see there why not ATen / torch/library.h)
+
+#include <cstdint>
 
 namespace landscape_ext {
 namespace sketch {
 
 // ---- argument checks (messages name the op, the argument and the sizes) ------------------------
-void check_linear_grad_sketch_args(const at::Tensor& acts, const at::Tensor& out_grads,
-                                   const at::Tensor& directions);
-void check_linear_grad_project_args(const at::Tensor& acts, const at::Tensor& out_grads,
-                                    const at::Tensor& weights);
+// Also registered as the ops _check_linear_grad_sketch_args / _check_linear_grad_project_args
+// (CompositeExplicitAutograd, sketch_common.cpp) for the composite paths of ops.py.
+void check_linear_grad_sketch_args(const Tensor& acts, const Tensor& out_grads,
+                                   const Tensor& directions);
+void check_linear_grad_project_args(const Tensor& acts, const Tensor& out_grads,
+                                    const Tensor& weights);
 
 // True when the sketch should form per-sample gradients (see "Strategies" above).
 inline bool sketch_forms_gradients(int64_t T, int64_t l) { return T > 1 && T * l > T + l + 8; }
 
-// ---- backend kernel -----------------------------------------------------------------------------
+// ---- backend pieces -----------------------------------------------------------------------------
 // y_row (R, l) = rows_e^T V_j rows_a for every row r and direction j:
 //   A (R, n_in) and E (R, n_out) contiguous; V (l, n_out, n_in) with stride(2) == 1 and
 //   stride(1) == n_in (any stride(0)); all one dtype (float32 or float64), R, l, n_in, n_out > 0.
 // Returns a new contiguous (R, l) tensor of that dtype.
-using DirectSketchFn = at::Tensor (*)(const at::Tensor& A, const at::Tensor& E,
-                                      const at::Tensor& V);
+using DirectSketchFn = Tensor (*)(const Tensor& A, const Tensor& E, const Tensor& V);
 
-// Device-agnostic drivers (sketch_common.cpp), called by each backend's registered kernel; they
-// make the inputs' device current.
-at::Tensor linear_grad_sketch_impl(DirectSketchFn direct, const at::Tensor& acts,
-                                   const at::Tensor& out_grads, const at::Tensor& directions);
-at::Tensor linear_grad_project_impl(const at::Tensor& acts, const at::Tensor& out_grads,
-                                    const at::Tensor& weights);
+// out += m1 @ m2 in place (Tensor.addmm_ with beta = alpha = 1; out, m1, m2 2-D on one device).
+// A backend piece only because the stable ABI reaches addmm through the per-device C shims
+// (aoti_torch_<device>_addmm_out): the dispatcher route (call_op) cannot pass its Scalar
+// arguments, and mm + add would round differently from the GEMM's beta = 1 accumulation.
+using AddmmAccFn = void (*)(const Tensor& out, const Tensor& m1, const Tensor& m2);
 
-// The registered kernels of a backend whose direct sketch kernel is kDirect: its
-// TORCH_LIBRARY_IMPL block calls register_kernels<&its_direct_sketch>(m).
-template <DirectSketchFn kDirect>
-at::Tensor linear_grad_sketch_kernel(const at::Tensor& acts, const at::Tensor& out_grads,
-                                     const at::Tensor& directions) {
-  return linear_grad_sketch_impl(kDirect, acts, out_grads, directions);
-}
-
-template <DirectSketchFn kDirect>
-void register_kernels(torch::Library& m) {
-  m.impl("linear_grad_sketch", &linear_grad_sketch_kernel<kDirect>);
-  m.impl("linear_grad_project", &linear_grad_project_impl);
-}
+// Device-agnostic drivers (sketch_common.cpp), called by each backend's registered kernels
+// (linear_grad_sketch_<backend> / linear_grad_project_<backend> in cpu/sketch.cpp and
+// cuda/sketch.cu, registered with TORCH_BOX, which needs plain non-template functions); they make
+// the inputs' device current.
+Tensor linear_grad_sketch_impl(DirectSketchFn direct, const Tensor& acts,
+                               const Tensor& out_grads, const Tensor& directions);
+Tensor linear_grad_project_impl(AddmmAccFn addmm_acc, const Tensor& acts,
+                                const Tensor& out_grads, const Tensor& weights);
 
 // CPU backend (cpu/sketch.cpp): the x86-64 level whose variant of the direct sketch kernel runs
 // ("x86-64-v4", "x86-64-v3" or "default"): this CPU's level, or a lower one named by the

@@ -36,11 +36,13 @@ def load_extension():
     return ext
 
 
-def op_names() -> Tuple[str, ...]:
+def op_names(internal: bool = False) -> Tuple[str, ...]:
     """Names of the ops of the ``landscape_ext`` namespace, sorted: the schemas that
-    ``csrc/registration.cpp`` defined, read from torch's dispatcher."""
-    return tuple(sorted(name[len(_NAMESPACE):] for name in torch._C._dispatch_get_all_op_names()
-                        if name.startswith(_NAMESPACE)))
+    ``csrc/registration.cpp`` defined, read from torch's dispatcher. The internal ops (names
+    starting with ``_``: the krylov passes, the argument checks) only with ``internal=True``."""
+    names = (name[len(_NAMESPACE):] for name in torch._C._dispatch_get_all_op_names()
+             if name.startswith(_NAMESPACE))
+    return tuple(sorted(n for n in names if internal or not n.startswith("_")))
 
 
 def registered_kernels() -> Dict[str, List[str]]:

@@ -14,11 +14,34 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _C, reference
+from . import _C, _krylov_driver, reference  # noqa: F401 (_C: loading it registers the ops)
 from ._extension import activation_codes, registered_kernels
 from .reference import _einsum_positions
 
 _lib = torch.ops.landscape_ext
+
+# The kernels of block_orthonormalize and orthogonalize_batched are Python drivers
+# (_krylov_driver.py: CholeskyQR2, rank decisions) over compiled passes (the internal ops
+# _krylov_*, csrc/krylov.h): registered here for every backend whose passes this build has.
+_KRYLOV_PASSES = _krylov_driver.Passes(_lib._krylov_coeffs, _lib._krylov_project_coeffs,
+                                       _lib._krylov_project_gram)
+_krylov_kernels = torch.library.Library("landscape_ext", "IMPL")
+
+
+def _block_orthonormalize_kernel(basis, block, n_basis, rank_tol=-1.0, rounds=2, local_rows=0):
+    return _krylov_driver.block_orthonormalize(_KRYLOV_PASSES, basis, block, n_basis, rank_tol,
+                                               rounds, local_rows)
+
+
+def _orthogonalize_batched_kernel(bases, vectors, n_basis, rank_tol=-1.0):
+    return _krylov_driver.orthogonalize_batched(_KRYLOV_PASSES, bases, vectors, n_basis, rank_tol)
+
+
+for _key in ("CPU", "CUDA"):
+    if torch._C._dispatch_has_kernel_for_dispatch_key("landscape_ext::_krylov_coeffs", _key):
+        _krylov_kernels.impl("block_orthonormalize", _block_orthonormalize_kernel, _key)
+        _krylov_kernels.impl("orthogonalize_batched", _orthogonalize_batched_kernel, _key)
+del _key
 
 # ------------------------------------------------------------------------------------------------
 # fused or composite
@@ -274,8 +297,8 @@ def linear_grad_sketch(acts: Tensor, out_grads: Tensor, directions: Tensor, *,
     """
     if resolve_impl("linear_grad_sketch", acts.device, impl) == "fused":
         return _lib.linear_grad_sketch(acts, out_grads, directions)
-    if not torch.compiler.is_compiling():  # the kernels' messages (a pybind call: not traceable)
-        _C.check_linear_grad_sketch_args(acts, out_grads, directions)
+    if not torch.compiler.is_compiling():  # the kernels' messages (an op with no fake kernel)
+        _lib._check_linear_grad_sketch_args(acts, out_grads, directions)
     return reference.linear_grad_sketch(acts, out_grads, directions)
 
 
@@ -308,7 +331,7 @@ def linear_grad_project(acts: Tensor, out_grads: Tensor, weights: Tensor, *,
     if resolve_impl("linear_grad_project", acts.device, impl) == "fused":
         return _lib.linear_grad_project(acts, out_grads, weights)
     if not torch.compiler.is_compiling():
-        _C.check_linear_grad_project_args(acts, out_grads, weights)
+        _lib._check_linear_grad_project_args(acts, out_grads, weights)
     return reference.linear_grad_project(acts, out_grads, weights)
 
 

@@ -54,13 +54,13 @@ echo "check_cuda_compile: $("$NVCC" --version | tail -n 1), torch $TORCH_VERSION
 status=0
 for src in "${SOURCES[@]}"; do
   obj="$TMP/$(basename "${src%.cu}").o"
-  # Same macros and flags as setup.py's CUDA build (-O3 -std=c++17 --expt-relaxed-constexpr),
-  # plus the torch extension defines, so what compiles here compiles there.
+  # Same macros and flags as setup.py's CUDA build (-O3 -std=c++17 --expt-relaxed-constexpr, the
+  # stable-ABI target TORCH_TARGET_VERSION = 2.10), so what compiles here compiles there.
   # shellcheck disable=SC2086
   if "$NVCC" -c "$src" -o "$obj" \
       -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC \
       "${GENCODE[@]}" \
-      -DLANDSCAPE_EXT_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
+      -DLANDSCAPE_EXT_WITH_CUDA=1 -DUSE_CUDA -DTORCH_TARGET_VERSION=0x020a000000000000 \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
       $TORCH_INCLUDES "${SHIM[@]}" -I"$CUDA_HOME/include" -Icsrc; then

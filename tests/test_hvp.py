@@ -2,6 +2,7 @@
 against its reference over dtypes and shapes, strided inputs, the M = 0 convention, opcheck,
 torch.compile and error paths; act_derivs against float64 autograd, opcheck, compile; both ops'
 composite path (impl="composite") against the kernel. (mlp_hvp: tests/test_mlp_hvp.py.)"""
+import math
 import warnings
 
 import pytest
@@ -86,7 +87,12 @@ def test_matches_reference(device, logit_dtype, dir_dtype, shape):
     acc64 = torch.float64 in (logit_dtype, dir_dtype)  # accumulation: float64 or float32
     eps = max(torch.finfo(dir_dtype).eps,
               torch.finfo(torch.float64 if acc64 else torch.float32).eps)
-    assert err <= 2 * torch_err + 8 * eps * scale + 1e-300, (err, torch_err, scale)
+    # The kernel's sums over C (softmax normaliser, p . r) run in another order than torch's:
+    # their rounding grows like log2(C) ulps. Where the reference at this precision is exact
+    # (float64 data: torch_err = 0) that is all the kernel errs; at C = 50304 it measured 3 ulps
+    # of the scale on an AVX2 (x86-64-v3) machine, above a flat 8 eps * scale bound.
+    sums = max(1.0, math.log2(C))
+    assert err <= 2 * torch_err + 8 * eps * scale * sums + 1e-300, (err, torch_err, scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)

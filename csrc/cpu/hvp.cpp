@@ -1,12 +1,12 @@
 // hvp op family, CPU backend: xent_hvp and act_derivs (see hvp.h) and their registration for the
 // CPU dispatch key.
 //
-// xent_hvp: rows are split over threads (at::parallel_for). Per row: one pass for the max (and the
-// finiteness check), one pass writing e = exp(z - max) into a per-thread row buffer of C
-// accumulation elements (L1/L2-resident; 200 KB at C = 50304 in float) and summing it, then per
-// direction one dot product p . r and one write of p * (r - p . r) / M. Nothing of size k x C is
-// materialized besides the output; the logits row is read twice and each direction row twice
-// (the second read from cache).
+// xent_hvp: rows are split over threads (torch::stable::parallel_for: torch's at::parallel_for
+// behind the C shim). Per row: one pass for the max (and the finiteness check), one pass writing
+// e = exp(z - max) into a per-thread row buffer of C accumulation elements (L1/L2-resident;
+// 200 KB at C = 50304 in float) and summing it, then per direction one dot product p . r and one
+// write of p * (r - p . r) / M. Nothing of size k x C is materialized besides the output; the
+// logits row is read twice and each direction row twice (the second read from cache).
 //
 // act_derivs: one pass over z writing sigma, sigma', sigma''. Float, half and bfloat16 run on
 // float vectors with polynomial exp / erf / tanh (errors measured against float64: exp 1 ulp,
@@ -15,24 +15,19 @@
 //
 // Inner loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per
 // instruction-set level (target_clones, see LANDSCAPE_MULTIVERSION in cpu/simd.h).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/simd.h"
 #include "hvp.h"
+#include "stable_api.h"
 
 namespace landscape_ext {
 namespace hvp {
@@ -249,17 +244,16 @@ LANDSCAPE_MULTIVERSION void act_range_h(const ActArgs& g) { act_range_impl<c10::
 LANDSCAPE_MULTIVERSION void act_range_bf(const ActArgs& g) { act_range_impl<c10::BFloat16>(g); }
 void act_range_d(const ActArgs& g) { act_range_impl<double>(g); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cpu(const at::Tensor& z_in,
-                                                              int64_t act) {
+std::tuple<Tensor, Tensor, Tensor> act_derivs_cpu(const Tensor& z_in, int64_t act) {
   const ActCall call = prepare_act_derivs(z_in, act);
-  const at::Tensor& z = call.z;
+  const Tensor& z = call.z;
   const int64_t n = z.numel();
   if (n == 0) return {call.a, call.d1, call.d2};
   void (*fn)(const ActArgs&) = nullptr;
   switch (z.scalar_type()) {
-    case at::kDouble: fn = &act_range_d; break;
-    case at::kFloat: fn = &act_range_f; break;
-    case at::kHalf: fn = &act_range_h; break;
+    case kDouble: fn = &act_range_d; break;
+    case kFloat: fn = &act_range_f; break;
+    case kHalf: fn = &act_range_h; break;
     default: fn = &act_range_bf; break;
   }
   const int64_t elem = z.element_size();
@@ -268,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cpu(const at::Tensor& 
   char* d1p = static_cast<char*>(call.d1.data_ptr());
   char* d2p = static_cast<char*>(call.d2.data_ptr());
   // grain: 16K elements (whole vectors) per task
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
     ActArgs g{act, zp + begin * elem, ap + begin * elem, d1p + begin * elem, d2p + begin * elem,
               end - begin};
     fn(g);
@@ -404,16 +398,16 @@ LANDSCAPE_DEFINE_XENT(xent_bf_bf, c10::BFloat16, c10::BFloat16)
 
 using XentFn = void (*)(XentArgs&);
 
-int dtype_index(at::ScalarType t) {
+int dtype_index(ScalarType t) {
   switch (t) {
-    case at::kDouble: return 0;
-    case at::kFloat: return 1;
-    case at::kHalf: return 2;
+    case kDouble: return 0;
+    case kFloat: return 1;
+    case kHalf: return 2;
     default: return 3;  // bfloat16 (checked)
   }
 }
 
-XentFn pick_xent(at::ScalarType logits, at::ScalarType dirs) {
+XentFn pick_xent(ScalarType logits, ScalarType dirs) {
   static const XentFn table[4][4] = {
       {&xent_d_d, &xent_d_f, &xent_d_h, &xent_d_bf},
       {&xent_f_d, &xent_f_f, &xent_f_h, &xent_f_bf},
@@ -423,23 +417,21 @@ XentFn pick_xent(at::ScalarType logits, at::ScalarType dirs) {
   return table[dtype_index(logits)][dtype_index(dirs)];
 }
 
-at::Tensor xent_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
-                        const at::Tensor& directions_in, double label_smoothing,
-                        int64_t ignore_index) {
+Tensor xent_hvp_cpu(const Tensor& logits_in, const Tensor& target_in,
+                    const Tensor& directions_in, double label_smoothing, int64_t ignore_index) {
   const XentCall call =
       prepare_xent_hvp(logits_in, target_in, directions_in, label_smoothing, ignore_index);
   const int64_t N = call.layout.N, C = call.layout.C, k = call.layout.k;
   const int64_t M = xent_count_rows_cpu(call.target, C, ignore_index);
   if (N == 0) return call.out;
   const XentFn fn = pick_xent(call.logits.scalar_type(), call.dirs.scalar_type());
-  const bool dbl =
-      call.logits.scalar_type() == at::kDouble || call.dirs.scalar_type() == at::kDouble;
+  const bool dbl = call.logits.scalar_type() == kDouble || call.dirs.scalar_type() == kDouble;
   const int64_t acc_elem = dbl ? 8 : 4;
   const double scale = M > 0 ? 1.0 / static_cast<double>(M) : 0.0;
   std::atomic<int64_t> bad{N};
   // grain: about 64K elements of work (logits + directions) per task
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, C * (k + 2)));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<char> raw(static_cast<size_t>((C + 16) * acc_elem + 64));
     void* buf = reinterpret_cast<void*>(
         (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
@@ -459,7 +451,7 @@ at::Tensor xent_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& target_in
 }  // namespace hvp
 }  // namespace landscape_ext
 
-TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
-  m.impl("xent_hvp", &landscape_ext::hvp::xent_hvp_cpu);
-  m.impl("act_derivs", &landscape_ext::hvp::act_derivs_cpu);
+STABLE_TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
+  m.impl("xent_hvp", TORCH_BOX(&landscape_ext::hvp::xent_hvp_cpu));
+  m.impl("act_derivs", TORCH_BOX(&landscape_ext::hvp::act_derivs_cpu));
 }

@@ -1,21 +1,15 @@
-// krylov op family, CPU backend: the three fused passes over the basis (see krylov.h) and the
-// registration of block_orthonormalize / orthogonalize_batched for the CPU dispatch key.
+// krylov op family, CPU backend: the three fused passes over the basis (see krylov.h), registered
+// as _krylov_coeffs / _krylov_project_coeffs / _krylov_project_gram for the CPU dispatch key (the
+// public ops block_orthonormalize / orthogonalize_batched are drivers over them, in Python).
 //
 // Work split: d is cut into chunks whose number depends only on d (krylov::num_chunks); each
-// (run, chunk) is one task of at::parallel_for with its own partial sums, added in chunk order
+// (run, chunk) is one task of torch::stable::parallel_for with its own partial sums, added in chunk order
 // afterwards, so results are bitwise independent of the thread count. Inside a chunk, columns
 // go in tiles sized so that the basis tile stays in L2 between the two sweeps of a fused pass:
 // the basis is read from memory once per pass. The inner loops are written with GCC/Clang
 // vector extensions (64-byte vectors) and compiled once per x86-64 ISA level (multiversioning:
 // LANDSCAPE_MULTIVERSION in cpu/simd.h), with the per-block-row accumulators in registers (block
 // rows go in groups of <= 8).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -24,6 +18,7 @@
 
 #include "cpu/simd.h"
 #include "krylov.h"
+#include "stable_api.h"
 
 namespace landscape_ext {
 namespace krylov {
@@ -194,16 +189,17 @@ LANDSCAPE_DEFINE_TASK(task_bf_f, c10::BFloat16, float)
 
 using TaskFn = void (*)(const TaskArgs&);
 
-TaskFn pick_task(at::ScalarType basis, at::ScalarType acc) {
-  const bool dbl = acc == at::kDouble;
+TaskFn pick_task(ScalarType basis, ScalarType acc) {
+  LE_CHECK(acc == kDouble || acc == kFloat, "krylov: block must be float32 or float64, got ", acc);
+  const bool dbl = acc == kDouble;
   switch (basis) {
-    case at::kDouble:
-      TORCH_CHECK(dbl, "krylov: a float64 basis needs a float64 block");
+    case kDouble:
+      LE_CHECK(dbl, "krylov: a float64 basis needs a float64 block");
       return &task_d_d;
-    case at::kFloat: return dbl ? &task_f_d : &task_f_f;
-    case at::kHalf: return dbl ? &task_h_d : &task_h_f;
-    case at::kBFloat16: return dbl ? &task_bf_d : &task_bf_f;
-    default: TORCH_CHECK(false, "krylov: unsupported basis dtype ", basis);
+    case kFloat: return dbl ? &task_f_d : &task_f_f;
+    case kHalf: return dbl ? &task_h_d : &task_h_f;
+    case kBFloat16: return dbl ? &task_bf_d : &task_bf_f;
+    default: LE_FAIL("krylov: unsupported basis dtype ", basis);
   }
 }
 
@@ -225,17 +221,26 @@ void sum_lanes(const acc_t* src, int64_t count, int64_t L, acc_t* dst) {
   }
 }
 
+// sums[r] = sum over chunks c in order of partial[r, c] (deterministic: fixed chunk order).
+template <typename acc_t>
+void reduce_partials(const acc_t* P, acc_t* S, int64_t R, int64_t chunks, int64_t e_per) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t e = 0; e < e_per; ++e) S[r * e_per + e] += P[(r * chunks + c) * e_per + e];
+}
+
 // One pass over basis[:, :n] (see krylov.h). basis (R, m, d) rows stride-1; W (R, b, d) and
-// C (R, n, b) contiguous in the accumulation dtype. Returns (out or undefined, sums).
-std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
-                                            const at::Tensor& W, const at::Tensor& C, int64_t n) {
+// C (R, n, b) contiguous in the accumulation dtype (unused by kCoeffs). Returns (out, sums); out
+// is empty for kCoeffs.
+std::tuple<Tensor, Tensor> run_pass(Pass kind, const Tensor& basis, const Tensor& W,
+                                    const Tensor* C, int64_t n) {
   const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
-  const at::ScalarType acc = W.scalar_type();
-  const int64_t acc_elem = acc == at::kDouble ? 8 : 4;
+  const ScalarType acc = W.scalar_type();
+  const int64_t acc_elem = acc == kDouble ? 8 : 4;
   const int64_t basis_elem = static_cast<int64_t>(basis.element_size());
   const int64_t L = 64 / acc_elem;
   const int64_t part_rows = kind == Pass::kProjectGram ? b : n;
-  at::Tensor out = kind == Pass::kCoeffs ? at::Tensor() : at::empty({R, b, d}, W.options());
+  const Tensor out = kind == Pass::kCoeffs ? empty_as(W, {0}) : empty_as(W, {R, b, d});
 
   // Chunks are a multiple of 64 columns (whole vectors) except the last one.
   const int64_t nchunks = num_chunks(d);
@@ -248,13 +253,13 @@ std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
   const char* Qp = static_cast<const char*>(basis.data_ptr());
   const char* Wp = static_cast<const char*>(W.data_ptr());
   char* Op = kind == Pass::kCoeffs ? nullptr : static_cast<char*>(out.data_ptr());
-  const void* Cp = kind == Pass::kCoeffs ? nullptr : C.data_ptr();
+  const void* Cp = kind == Pass::kCoeffs ? nullptr : C->data_ptr();
   const int64_t sR = basis.stride(0), sM = basis.stride(1);
   // per-task reduced partial sums, added in task order afterwards (deterministic)
-  at::Tensor partial = at::empty({R * used_chunks, part_rows, b}, W.options());
+  const Tensor partial = empty_as(W, {R * used_chunks, part_rows, b});
   char* Pp = static_cast<char*>(partial.data_ptr());
 
-  at::parallel_for(0, R * used_chunks, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, R * used_chunks, 1, [&](int64_t begin, int64_t end) {
     // lane partial sums: (part_rows, b) vectors of 64 bytes
     std::vector<char> lanes_buf(static_cast<size_t>(part_rows * b * 64 + 64));
     void* lanes = reinterpret_cast<void*>(
@@ -280,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
       task(a);
       // horizontal sums of the lanes, into this task's partial
       char* dst = Pp + t * part_rows * b * acc_elem;
-      if (acc == at::kDouble) {
+      if (acc == kDouble) {
         sum_lanes(static_cast<const double*>(lanes), part_rows * b, L,
                   reinterpret_cast<double*>(dst));
       } else {
@@ -290,44 +295,62 @@ std::tuple<at::Tensor, at::Tensor> run_pass(Pass kind, const at::Tensor& basis,
     }
   });
   // deterministic reduction in chunk order
-  at::Tensor sums = at::zeros({R, part_rows, b}, W.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "krylov_reduce", [&] {
-    const scalar_t* P = partial.data_ptr<scalar_t>();
-    scalar_t* S = sums.data_ptr<scalar_t>();
-    const int64_t e_per = part_rows * b;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < used_chunks; ++c)
-        for (int64_t e = 0; e < e_per; ++e)
-          S[r * e_per + e] += P[(r * used_chunks + c) * e_per + e];
-  });
+  const Tensor sums = zeros_as(W, {R, part_rows, b});
+  if (acc == kDouble) {
+    reduce_partials(static_cast<const double*>(partial.data_ptr()),
+                    static_cast<double*>(sums.data_ptr()), R, used_chunks, part_rows * b);
+  } else {
+    reduce_partials(static_cast<const float*>(partial.data_ptr()),
+                    static_cast<float*>(sums.data_ptr()), R, used_chunks, part_rows * b);
+  }
   return {out, sums};
 }
 
-std::tuple<at::Tensor, at::Tensor> pass_cpu(Pass kind, const at::Tensor& basis,
-                                            const at::Tensor& W, const at::Tensor& C, int64_t n) {
-  return run_pass(kind, basis, W, C.defined() ? C.contiguous() : C, n);
+// The drivers pass what krylov.h promises; these checks only keep a direct call of an internal
+// op from reading out of bounds.
+void check_pass_args(const char* op, const Tensor& basis, const Tensor& W, const Tensor* C,
+                     int64_t n) {
+  LE_CHECK(basis.dim() == 3 && W.dim() == 3, op, ": basis and block must be 3-D (R, m, d) and "
+           "(R, b, d), got shapes ", shape_str(basis), " and ", shape_str(W));
+  LE_CHECK(basis.size(0) == W.size(0) && basis.size(2) == W.size(2), op, ": basis ",
+           shape_str(basis), " and block ", shape_str(W), " differ in R or d");
+  LE_CHECK(n >= 1 && n <= basis.size(1), op, ": n = ", n, " must be in [1, m = ", basis.size(1),
+           "]");
+  LE_CHECK(W.is_contiguous(), op, ": block must be contiguous");
+  LE_CHECK(basis.stride(2) == 1, op, ": basis must have unit stride along d");
+  LE_CHECK(basis.is_cpu() && W.is_cpu(), op, ": CPU kernel called with ", device_str(basis),
+           " / ", device_str(W), " tensors");
+  if (C != nullptr) {
+    LE_CHECK(C->dim() == 3 && C->size(0) == W.size(0) && C->size(1) == n &&
+                 C->size(2) == W.size(1) && C->scalar_type() == W.scalar_type(),
+             op, ": coeffs must be (R, n, b) = (", W.size(0), ", ", n, ", ", W.size(1),
+             ") in the block's dtype, got ", shape_str(*C), " ", C->scalar_type());
+  }
 }
 
-at::Tensor coeffs_cpu(const at::Tensor& basis, const at::Tensor& W, int64_t n) {
-  return std::get<1>(pass_cpu(Pass::kCoeffs, basis, W, at::Tensor(), n));
+Tensor coeffs_cpu(const Tensor& basis, const Tensor& W, int64_t n) {
+  check_pass_args("_krylov_coeffs", basis, W, nullptr, n);
+  return std::get<1>(run_pass(Pass::kCoeffs, basis, W, nullptr, n));
 }
-std::tuple<at::Tensor, at::Tensor> project_coeffs_cpu(const at::Tensor& basis,
-                                                      const at::Tensor& W, const at::Tensor& C,
-                                                      int64_t n) {
-  return pass_cpu(Pass::kProjectCoeffs, basis, W, C, n);
+std::tuple<Tensor, Tensor> project_coeffs_cpu(const Tensor& basis, const Tensor& W,
+                                              const Tensor& C, int64_t n) {
+  check_pass_args("_krylov_project_coeffs", basis, W, &C, n);
+  const Tensor Cc = contiguous(C);
+  return run_pass(Pass::kProjectCoeffs, basis, W, &Cc, n);
 }
-std::tuple<at::Tensor, at::Tensor> project_gram_cpu(const at::Tensor& basis,
-                                                    const at::Tensor& W, const at::Tensor& C,
-                                                    int64_t n) {
-  return pass_cpu(Pass::kProjectGram, basis, W, C, n);
+std::tuple<Tensor, Tensor> project_gram_cpu(const Tensor& basis, const Tensor& W,
+                                            const Tensor& C, int64_t n) {
+  check_pass_args("_krylov_project_gram", basis, W, &C, n);
+  const Tensor Cc = contiguous(C);
+  return run_pass(Pass::kProjectGram, basis, W, &Cc, n);
 }
-
-const Passes kCpuPasses{&coeffs_cpu, &project_coeffs_cpu, &project_gram_cpu};
 
 }  // namespace
 }  // namespace krylov
 }  // namespace landscape_ext
 
-TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
-  landscape_ext::krylov::register_kernels<landscape_ext::krylov::kCpuPasses>(m);
+STABLE_TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
+  m.impl("_krylov_coeffs", TORCH_BOX(&landscape_ext::krylov::coeffs_cpu));
+  m.impl("_krylov_project_coeffs", TORCH_BOX(&landscape_ext::krylov::project_coeffs_cpu));
+  m.impl("_krylov_project_gram", TORCH_BOX(&landscape_ext::krylov::project_gram_cpu));
 }

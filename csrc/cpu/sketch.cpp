@@ -23,10 +23,7 @@
 // changes with the level, so the variants are separate functions picked at run time by
 // simd::cpu_isa_level() (not target_clones); the environment variable LANDSCAPE_EXT_SKETCH_ISA
 // (x86-64-v3 or default, read once) caps the level (the tests run every variant this way).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -35,6 +32,7 @@
 
 #include "cpu/simd.h"
 #include "sketch.h"
+#include "stable_api.h"
 
 namespace landscape_ext {
 namespace sketch {
@@ -163,7 +161,7 @@ simd::IsaLevel sketch_level() {
 template <typename T, int NR>
 void pack_directions(const T* V, int64_t s0, int64_t l, int64_t n_out, int64_t n_in, T* Vp) {
   const int64_t nob = (n_out + NR - 1) / NR;
-  at::parallel_for(0, l * nob, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, l * nob, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t / nob, ob = t % nob;
       T* dst = Vp + t * n_in * NR;
@@ -184,20 +182,20 @@ void pack_directions(const T* V, int64_t s0, int64_t l, int64_t n_out, int64_t n
 }
 
 template <typename T, int VB>
-at::Tensor direct_sketch_typed(const at::Tensor& A, const at::Tensor& E, const at::Tensor& V,
-                               TaskFn task) {
+Tensor direct_sketch_typed(const Tensor& A, const Tensor& E, const Tensor& V, TaskFn task) {
   constexpr int NR = 2 * Vec<T, VB>::L;
   const int64_t R = A.size(0), n_in = A.size(1), n_out = E.size(1), l = V.size(0);
   const int64_t nob = (n_out + NR - 1) / NR;
-  at::Tensor Vp = at::empty({l, nob, n_in, NR}, A.options());
-  pack_directions<T, NR>(V.data_ptr<T>(), V.stride(0), l, n_out, n_in, Vp.data_ptr<T>());
-  at::Tensor y = at::empty({R, l}, A.options());
-  const T* Ap = A.data_ptr<T>();
-  const T* Ep = E.data_ptr<T>();
-  const T* Pp = Vp.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+  Tensor Vp = empty_as(A, {l, nob, n_in, NR});
+  pack_directions<T, NR>(V.const_data_ptr<T>(), V.stride(0), l, n_out, n_in,
+                         Vp.mutable_data_ptr<T>());
+  Tensor y = empty_as(A, {R, l});
+  const T* Ap = A.const_data_ptr<T>();
+  const T* Ep = E.const_data_ptr<T>();
+  const T* Pp = Vp.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
   const int64_t nrb = (R + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, nrb * l, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, nrb * l, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t rb = t / l, j = t % l;
       const int64_t r0 = rb * kRowBlock;
@@ -217,8 +215,8 @@ at::Tensor direct_sketch_typed(const at::Tensor& A, const at::Tensor& E, const a
   return y;
 }
 
-at::Tensor direct_sketch_cpu(const at::Tensor& A, const at::Tensor& E, const at::Tensor& V) {
-  const bool dbl = A.scalar_type() == at::kDouble;
+Tensor direct_sketch_cpu(const Tensor& A, const Tensor& E, const Tensor& V) {
+  const bool dbl = A.scalar_type() == kDouble;
   switch (sketch_level()) {
 #if LANDSCAPE_X86_64
     case simd::IsaLevel::kV4:
@@ -234,6 +232,24 @@ at::Tensor direct_sketch_cpu(const at::Tensor& A, const at::Tensor& E, const at:
   }
 }
 
+// out += m1 @ m2 in place (Tensor.addmm_): ATen's CPU addmm kernel through the C shim, out
+// aliasing self (the same structured kernel addmm_ runs; see AddmmAccFn in sketch.h).
+void addmm_acc_cpu(const Tensor& out, const Tensor& m1, const Tensor& m2) {
+  LANDSCAPE_SHIM_CHECK(
+      aoti_torch_cpu_addmm_out(out.get(), out.get(), m1.get(), m2.get(), 1.0, 1.0));
+}
+
+// The registered kernels (TORCH_BOX needs plain functions).
+Tensor linear_grad_sketch_cpu(const Tensor& acts, const Tensor& out_grads,
+                              const Tensor& directions) {
+  return linear_grad_sketch_impl(&direct_sketch_cpu, acts, out_grads, directions);
+}
+
+Tensor linear_grad_project_cpu(const Tensor& acts, const Tensor& out_grads,
+                               const Tensor& weights) {
+  return linear_grad_project_impl(&addmm_acc_cpu, acts, out_grads, weights);
+}
+
 }  // namespace
 
 const char* cpu_sketch_isa_level() { return simd::isa_level_name(sketch_level()); }
@@ -241,6 +257,7 @@ const char* cpu_sketch_isa_level() { return simd::isa_level_name(sketch_level())
 }  // namespace sketch
 }  // namespace landscape_ext
 
-TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
-  landscape_ext::sketch::register_kernels<&landscape_ext::sketch::direct_sketch_cpu>(m);
+STABLE_TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
+  m.impl("linear_grad_sketch", TORCH_BOX(&landscape_ext::sketch::linear_grad_sketch_cpu));
+  m.impl("linear_grad_project", TORCH_BOX(&landscape_ext::sketch::linear_grad_project_cpu));
 }

@@ -16,18 +16,11 @@
 // copy of the workspace after the main kernel turns the flags into errors.
 //
 // act_derivs: a grid-stride elementwise kernel over act_eval (hvp.h) in the accumulation type.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -190,37 +183,56 @@ void launch_xent(XentParams p, cudaStream_t stream) {
     xent_hvp_kernel<logit_t, dir_t, acc_t, G>
         <<<static_cast<unsigned>(p.N), kThreads, p.cache ? smem : 0, stream>>>(p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor xent_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
-                         const at::Tensor& directions_in, double label_smoothing,
-                         int64_t ignore_index) {
+// The message AT_DISPATCH raised for a dtype outside its list (unreachable: the checks of
+// hvp_common.cpp admit the four float dtypes only).
+[[noreturn]] void unsupported_dtype(const char* op, ScalarType t) {
+  LE_FAIL("\"", op, "\" not implemented for '", t, "'");
+}
+
+// launch_xent<logit_t, dir_t> for the directions' dtype (the switch AT_DISPATCH was).
+template <typename logit_t>
+void launch_xent_for_dirs(ScalarType dir_type, const XentParams& p, cudaStream_t stream) {
+  switch (dir_type) {
+    case kDouble: launch_xent<logit_t, double>(p, stream); break;
+    case kFloat: launch_xent<logit_t, float>(p, stream); break;
+    case kHalf: launch_xent<logit_t, c10::Half>(p, stream); break;
+    case kBFloat16: launch_xent<logit_t, c10::BFloat16>(p, stream); break;
+    default: unsupported_dtype("xent_hvp", dir_type);
+  }
+}
+
+Tensor xent_hvp_cuda(const Tensor& logits_in, const Tensor& target_in,
+                     const Tensor& directions_in, double label_smoothing, int64_t ignore_index) {
   const XentCall call =
       prepare_xent_hvp(logits_in, target_in, directions_in, label_smoothing, ignore_index);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const cuda::DeviceGuard guard(logits_in);
   const int64_t N = call.layout.N, C = call.layout.C;
   if (N == 0) return call.out;
-  TORCH_CHECK(N < (int64_t(1) << 31), "xent_hvp: N = ", N, " rows exceeds the CUDA grid limit");
-  at::Tensor ws = at::empty({3}, call.target.options());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  long long* wsp = reinterpret_cast<long long*>(ws.data_ptr<int64_t>());
-  xent_prologue_kernel<<<1, kThreads, 0, stream>>>(call.target.data_ptr<int64_t>(), N, C,
+  LE_CHECK(N < (int64_t(1) << 31), "xent_hvp: N = ", N, " rows exceeds the CUDA grid limit");
+  Tensor ws = empty_as(call.target, {3});
+  cudaStream_t stream = cuda::current_stream(logits_in);
+  long long* wsp = reinterpret_cast<long long*>(ws.mutable_data_ptr<int64_t>());
+  xent_prologue_kernel<<<1, kThreads, 0, stream>>>(call.target.const_data_ptr<int64_t>(), N, C,
                                                    ignore_index, wsp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LE_CUDA_KERNEL_LAUNCH_CHECK();
   XentParams p{call.layout, wsp, false};
-  const at::ScalarType logit_type = call.logits.scalar_type(), dir_type = call.dirs.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logit_type, "xent_hvp", [&] {
-    using logit_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dir_type, "xent_hvp", [&] {
-      launch_xent<logit_t, scalar_t>(p, stream);
-    });
-  });
-  const at::Tensor flags = ws.to(at::kCPU);  // the one synchronization of the op
-  const int64_t* f = flags.data_ptr<int64_t>();
+  const ScalarType logit_type = call.logits.scalar_type(), dir_type = call.dirs.scalar_type();
+  switch (logit_type) {
+    case kDouble: launch_xent_for_dirs<double>(dir_type, p, stream); break;
+    case kFloat: launch_xent_for_dirs<float>(dir_type, p, stream); break;
+    case kHalf: launch_xent_for_dirs<c10::Half>(dir_type, p, stream); break;
+    case kBFloat16: launch_xent_for_dirs<c10::BFloat16>(dir_type, p, stream); break;
+    default: unsupported_dtype("xent_hvp", logit_type);
+  }
+  const Tensor flags = to_cpu(ws);  // the one synchronization of the op
+  const int64_t* f = flags.const_data_ptr<int64_t>();
   if (f[1] < N) {
-    const int64_t value = target_in[f[1]].item<int64_t>();
-    xent_bad_target(f[1], value, C, ignore_index);
+    // the offending value: one element of target copied to the CPU (the error path only)
+    const Tensor value = to_cpu(narrow(call.target, 0, f[1], 1));
+    xent_bad_target(f[1], *value.const_data_ptr<int64_t>(), C, ignore_index);
   }
   if (f[2] < N) xent_non_finite_logits(f[2], N);
   return call.out;
@@ -231,7 +243,7 @@ template <typename scalar_t>
 __global__ void act_derivs_kernel(const scalar_t* __restrict__ z, scalar_t* __restrict__ a,
                                   scalar_t* __restrict__ d1, scalar_t* __restrict__ d2,
                                   int64_t n, int64_t act) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = cuda::opmath_t<scalar_t>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
@@ -243,24 +255,34 @@ __global__ void act_derivs_kernel(const scalar_t* __restrict__ z, scalar_t* __re
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cuda(const at::Tensor& z_in,
-                                                               int64_t act) {
+template <typename scalar_t>
+void launch_act_derivs(const ActCall& call, int64_t n, int64_t act, int64_t blocks, int threads,
+                       cudaStream_t stream) {
+  act_derivs_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      call.z.const_data_ptr<scalar_t>(), call.a.mutable_data_ptr<scalar_t>(),
+      call.d1.mutable_data_ptr<scalar_t>(), call.d2.mutable_data_ptr<scalar_t>(), n, act);
+  LE_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor, Tensor> act_derivs_cuda(const Tensor& z_in, int64_t act) {
   const ActCall call = prepare_act_derivs(z_in, act);
-  const c10::cuda::CUDAGuard guard(z_in.device());
-  const at::Tensor& z = call.z;
+  const cuda::DeviceGuard guard(z_in);
+  const Tensor& z = call.z;
   const int64_t n = z.numel();
   if (n == 0) return {call.a, call.d1, call.d2};
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = cuda::current_stream(z);
   const int threads = 256;
   int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, z.get_device()));
+  LE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                       static_cast<int>(z.get_device_index())));
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(sms) * 8);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "act_derivs", [&] {
-    act_derivs_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), call.a.data_ptr<scalar_t>(), call.d1.data_ptr<scalar_t>(),
-        call.d2.data_ptr<scalar_t>(), n, act);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  switch (z.scalar_type()) {
+    case kDouble: launch_act_derivs<double>(call, n, act, blocks, threads, stream); break;
+    case kFloat: launch_act_derivs<float>(call, n, act, blocks, threads, stream); break;
+    case kHalf: launch_act_derivs<c10::Half>(call, n, act, blocks, threads, stream); break;
+    case kBFloat16: launch_act_derivs<c10::BFloat16>(call, n, act, blocks, threads, stream); break;
+    default: unsupported_dtype("act_derivs", z.scalar_type());
+  }
   return {call.a, call.d1, call.d2};
 }
 
@@ -268,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_derivs_cuda(const at::Tensor&
 }  // namespace hvp
 }  // namespace landscape_ext
 
-TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
-  m.impl("xent_hvp", &landscape_ext::hvp::xent_hvp_cuda);
-  m.impl("act_derivs", &landscape_ext::hvp::act_derivs_cuda);
+STABLE_TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
+  m.impl("xent_hvp", TORCH_BOX(&landscape_ext::hvp::xent_hvp_cuda));
+  m.impl("act_derivs", TORCH_BOX(&landscape_ext::hvp::act_derivs_cuda));
 }

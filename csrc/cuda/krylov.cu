@@ -1,5 +1,7 @@
-// krylov op family, CUDA backend: the three fused passes over the basis (see krylov.h) and the
-// registration of block_orthonormalize / orthogonalize_batched for the CUDA dispatch key.
+// krylov op family, CUDA backend: the three fused passes over the basis (see krylov.h),
+// registered for the CUDA dispatch key as the internal ops _krylov_coeffs, _krylov_project_coeffs
+// and _krylov_project_gram (the drivers over them are Python: landscape_ext/_krylov_driver.py).
+// Host code uses torch's stable C ABI only (csrc/stable_api.h, cuda/common.cuh).
 //
 // The passes are memory-bound: per column of the basis they do b (coeffs) or 2b (fused passes)
 // multiply-adds per basis element, so the aim is to read basis[:, :n] from DRAM exactly once per
@@ -34,26 +36,18 @@
 // fused passes fall back to row blocks: out = W - C^T Q is accumulated block by block and the
 // coefficients are a separate pass, i.e. the basis is read twice instead of once (documented
 // trade-off; still one read per use, never a materialised float copy of the basis). Only when
-// even 4 basis rows do not fit (b in the thousands) does it fall back to ATen matmuls.
+// even 4 basis rows do not fit (b in the thousands) does it fall back to ATen matmuls
+// (bmm through the dispatcher).
 //
 // Compute: phase A and B are register-tiled (KB x V and RB x KB x V micro-tiles) on CUDA cores
 // in the accumulation precision. For b <= ~8 (float) the passes stay memory-bound; for b = 32 the
 // 2 n b flops per column exceed what CUDA cores deliver at full bandwidth (e.g. float64 needs
 // ~24 TFLOP/s at 3 TB/s), so those cases are compute-bound by design: tensor cores would lose the
 // accuracy the accumulation dtype promises.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -63,6 +57,7 @@
 
 #include "cuda/common.cuh"
 #include "krylov.h"
+#include "stable_api.h"
 
 namespace landscape_ext {
 namespace krylov {
@@ -533,13 +528,13 @@ struct DeviceLimits {
 DeviceLimits device_limits(int device) {
   DeviceLimits lim;
   int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+  LE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
   lim.sms = v;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  LE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   lim.smem_per_sm = v;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  LE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   lim.smem_optin = v;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  LE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrReservedSharedMemoryPerBlock, device));
   lim.smem_reserved = v;
   return lim;
 }
@@ -611,18 +606,18 @@ bool aligned16(const void* p) {
 // Runs one pass kernel over rows [row0, row0 + n) of the basis and, when phase_b, reduces the
 // partial sums into `sums` ((R, n, b) or (R, b, b), contiguous acc). Requires plan.ok.
 template <typename basis_t, typename acc_t, int KB, Mode MODE>
-void launch_pass(const Plan& plan, const at::Tensor& basis, int64_t row0, int64_t n,
-                 const at::Tensor& W, const at::Tensor& Cpad, const at::Tensor& out,
-                 const at::Tensor& sums, bool phase_b, const DeviceLimits& lim) {
+void launch_pass(const Plan& plan, const Tensor& basis, int64_t row0, int64_t n, const Tensor& W,
+                 const Tensor& Cpad, const Tensor& out, const Tensor& sums, bool phase_b,
+                 const DeviceLimits& lim) {
   const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
   auto kernel = krylov_pass_kernel<basis_t, acc_t, KB, MODE>;
   if (plan.smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.smem)));
+    LE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(plan.smem)));
   }
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
-                                                               static_cast<size_t>(plan.smem)));
+  LE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                              static_cast<size_t>(plan.smem)));
   const int64_t slots = static_cast<int64_t>(lim.sms) * std::max(per_sm, 1);
 
   // Chunking: ~kWaves waves of blocks (small d: as many one-tile chunks as there are tiles),
@@ -638,23 +633,23 @@ void launch_pass(const Plan& plan, const at::Tensor& basis, int64_t row0, int64_
   nchunks = std::min(nchunks, std::max<int64_t>(1, d / min_chunk));
   const int64_t chunk_cols = round_up(ceil_div(d, nchunks), TC);
   nchunks = ceil_div(d, chunk_cols);
-  TORCH_CHECK(R * nchunks <= INT_MAX, "krylov (CUDA): grid of ", R * nchunks, " blocks is too large");
+  LE_CHECK(R * nchunks <= INT_MAX, "krylov (CUDA): grid of ", R * nchunks, " blocks is too large");
 
-  const basis_t* Q = basis.data_ptr<basis_t>() + row0 * basis.stride(1);
+  const basis_t* Q = basis.const_data_ptr<basis_t>() + row0 * basis.stride(1);
   const int64_t sR = basis.stride(0), sM = basis.stride(1);
   const int64_t V = 16 / sA;
 
-  TORCH_CHECK(E <= INT_MAX, "krylov (CUDA): ", E, " partial sums per block is too many");
-  at::Tensor partial = phase_b ? at::empty({R, nchunks, E}, W.options()) : at::Tensor();
+  LE_CHECK(E <= INT_MAX, "krylov (CUDA): ", E, " partial sums per block is too many");
+  Tensor partial = phase_b ? empty_as(W, {R, nchunks, E}) : Tensor();
 
   PassParams p;
   p.Q = Q;
   p.sR = sR;
   p.sM = sM;
-  p.W = W.data_ptr<acc_t>();
-  p.out = out.defined() ? out.data_ptr<acc_t>() : nullptr;
-  p.C = Cpad.defined() ? Cpad.data_ptr<acc_t>() : nullptr;
-  p.partial = phase_b ? partial.data_ptr<acc_t>() : nullptr;
+  p.W = W.const_data_ptr<acc_t>();
+  p.out = out.defined() ? out.mutable_data_ptr<acc_t>() : nullptr;
+  p.C = Cpad.defined() ? Cpad.const_data_ptr<acc_t>() : nullptr;
+  p.partial = phase_b ? partial.mutable_data_ptr<acc_t>() : nullptr;
   p.d = d;
   p.chunk_cols = chunk_cols;
   p.nchunks = static_cast<int>(nchunks);
@@ -670,31 +665,49 @@ void launch_pass(const Plan& plan, const at::Tensor& basis, int64_t row0, int64_
   p.out_vec = out.defined() && aligned16(p.out) && d % V == 0;
   p.phase_b = phase_b;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream(W);
   kernel<<<static_cast<unsigned int>(R * nchunks), kThreads, static_cast<size_t>(plan.smem), stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LE_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (phase_b) {
     int ex = 1;
     while (ex < 32 && ex < E) ex *= 2;
     const int64_t eblocks = ceil_div(E, ex);
-    TORCH_CHECK(R * eblocks <= INT_MAX, "krylov (CUDA): reduction grid of ", R * eblocks,
-                " blocks is too large");
+    LE_CHECK(R * eblocks <= INT_MAX, "krylov (CUDA): reduction grid of ", R * eblocks,
+             " blocks is too large");
     reduce_partials_kernel<acc_t>
         <<<static_cast<unsigned int>(R * eblocks), dim3(ex, kThreads / ex), 0, stream>>>(
-        partial.data_ptr<acc_t>(), sums.data_ptr<acc_t>(), static_cast<int>(nchunks),
-        static_cast<int>(E), static_cast<int>(b), MODE == Mode::kProjectGram, eblocks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        partial.const_data_ptr<acc_t>(), sums.mutable_data_ptr<acc_t>(),
+        static_cast<int>(nchunks), static_cast<int>(E), static_cast<int>(b),
+        MODE == Mode::kProjectGram, eblocks);
+    LE_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
+
 // C (R, rows, b) -> contiguous (R, rows, BP) with zero columns b.. BP (phase A loads KB at once).
-at::Tensor pad_coeffs(const at::Tensor& C, int64_t BP) {
+Tensor pad_coeffs(const Tensor& C, int64_t BP) {
   const int64_t b = C.size(2);
-  if (BP == b) return C.contiguous();
-  at::Tensor Cp = at::zeros({C.size(0), C.size(1), BP}, C.options());
-  Cp.narrow(2, 0, b).copy_(C);
+  if (BP == b) return contiguous(C);
+  Tensor Cp = zeros_as(C, {C.size(0), C.size(1), BP});
+  Tensor head = narrow(Cp, 2, 0, b);
+  torch::stable::copy_(head, C);
   return Cp;
+}
+
+// (G + G^T) / 2, exactly symmetric: G.add(G.transpose(1, 2)).mul_(0.5) in ATen terms. Scalar
+// arguments (add's alpha, mul's 0.5) do not cross the stable C ABI, so the same ATen kernels are
+// reached without them: the sum as subtract(G, G^T, alpha = -1) (the shim takes alpha as a double;
+// ATen runs sub as its add kernel with alpha negated, i.e. G + 1 * G^T, bitwise G + G^T, and
+// a + b == b + a), the halving as mul_.Tensor by a 0-dim CPU tensor holding 0.5 in G's dtype
+// (a CPU scalar operand, as the wrapped Scalar of mul_(0.5) was; the product is exact).
+Tensor symmetric_part(const Tensor& G) {
+  Tensor S = torch::stable::subtract(G, transpose(G, 1, 2), -1.0);
+  Tensor half = empty(std::vector<int64_t>{}, G.scalar_type(), Device(DeviceType::CPU));
+  torch::stable::fill_(half, 0.5);
+  std::array<StableIValue, 2> stack{to_ivalue(S), to_ivalue(half)};
+  call_op("aten::mul_", "Tensor", stack);
+  return from_ivalue<Tensor>(stack[0]);
 }
 
 // The passes for one (basis dtype, accumulation dtype, KB).
@@ -720,20 +733,23 @@ struct Runner {
   }
 
   // C (R, n, b) = basis[:, :n] W^T, row block by row block when n rows do not fit at once.
-  at::Tensor coeffs(const at::Tensor& basis, const at::Tensor& W, int64_t n) const {
+  Tensor coeffs(const Tensor& basis, const Tensor& W, int64_t n) const {
     const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
     const int64_t rows = row_block(Mode::kCoeffs, true, n, b, d);
     if (rows == 0) {  // b in the thousands: not what these kernels are for
-      return at::bmm(basis.narrow(1, 0, n).to(W.scalar_type()), W.transpose(1, 2));
+      return bmm(to_dtype(narrow(basis, 1, 0, n), W.scalar_type()), transpose(W, 1, 2));
     }
-    at::Tensor C = at::empty({R, n, b}, W.options());
+    Tensor C = empty_as(W, {R, n, b});
     for (int64_t row0 = 0; row0 < n; row0 += rows) {
       const int64_t nr = std::min(rows, n - row0);
       const Plan pl = plan(Mode::kCoeffs, true, nr, b, d);
-      at::Tensor sums = nr == n ? C : at::empty({R, nr, b}, W.options());
-      launch_pass<basis_t, acc_t, KB, Mode::kCoeffs>(pl, basis, row0, nr, W, at::Tensor(),
-                                                     at::Tensor(), sums, true, lim);
-      if (nr != n) C.narrow(1, row0, nr).copy_(sums);
+      Tensor sums = nr == n ? C : empty_as(W, {R, nr, b});
+      launch_pass<basis_t, acc_t, KB, Mode::kCoeffs>(pl, basis, row0, nr, W, Tensor(), Tensor(),
+                                                     sums, true, lim);
+      if (nr != n) {
+        Tensor dst = narrow(C, 1, row0, nr);
+        torch::stable::copy_(dst, sums);
+      }
     }
     return C;
   }
@@ -741,14 +757,13 @@ struct Runner {
   // (out, sums) with out = W - C^T basis[:, :n] and sums = basis[:, :n] out^T (kProjectCoeffs)
   // or out out^T (kProjectGram).
   template <Mode MODE>
-  std::tuple<at::Tensor, at::Tensor> project(const at::Tensor& basis, const at::Tensor& W,
-                                             const at::Tensor& C, int64_t n) const {
+  std::tuple<Tensor, Tensor> project(const Tensor& basis, const Tensor& W, const Tensor& C,
+                                     int64_t n) const {
     const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
-    at::Tensor out = at::empty({R, b, d}, W.options());
+    Tensor out = empty_as(W, {R, b, d});
     const Plan pl = plan(MODE, true, n, b, d);
     if (pl.ok) {  // the fused pass: one read of the basis
-      at::Tensor sums = MODE == Mode::kProjectGram ? at::empty({R, b, b}, W.options())
-                                                   : at::empty({R, n, b}, W.options());
+      Tensor sums = MODE == Mode::kProjectGram ? empty_as(W, {R, b, b}) : empty_as(W, {R, n, b});
       launch_pass<basis_t, acc_t, KB, MODE>(pl, basis, 0, n, W, pad_coeffs(C, pl.BP), out, sums,
                                             true, lim);
       return {out, sums};
@@ -756,83 +771,100 @@ struct Runner {
     // Fallback: out accumulated over row blocks (in place after the first), then a second pass.
     const int64_t rows = row_block(Mode::kProjectCoeffs, false, n, b, d);
     if (rows == 0) {
-      at::Tensor Qn = basis.narrow(1, 0, n).to(W.scalar_type());
-      out = at::baddbmm(W, C.transpose(1, 2), Qn, 1, -1);
+      // W - C^T Qn. Was at::baddbmm(W, C^T, Qn, 1, -1): baddbmm's Scalar beta/alpha have no
+      // stable route, so the product is a bmm and the difference a subtract (W - 1 * P).
+      Tensor Qn = to_dtype(narrow(basis, 1, 0, n), W.scalar_type());
+      out = sub(W, bmm(transpose(C, 1, 2), Qn));
     } else {
       for (int64_t row0 = 0; row0 < n; row0 += rows) {
         const int64_t nr = std::min(rows, n - row0);
         const Plan pr = plan(Mode::kProjectCoeffs, false, nr, b, d);
         launch_pass<basis_t, acc_t, KB, Mode::kProjectCoeffs>(
-            pr, basis, row0, nr, row0 == 0 ? W : out, pad_coeffs(C.narrow(1, row0, nr), pr.BP),
-            out, at::Tensor(), false, lim);
+            pr, basis, row0, nr, row0 == 0 ? W : out, pad_coeffs(narrow(C, 1, row0, nr), pr.BP),
+            out, Tensor(), false, lim);
       }
     }
     if (MODE == Mode::kProjectGram) {  // exactly symmetric, like the fused pass
-      at::Tensor G = at::bmm(out, out.transpose(1, 2));
-      return {out, G.add(G.transpose(1, 2)).mul_(0.5)};
+      return {out, symmetric_part(bmm(out, transpose(out, 1, 2)))};
     }
     return {out, coeffs(basis, out, n)};
   }
 };
 
-template <typename Fn>
-auto dispatch(const at::Tensor& basis, const at::Tensor& W, Fn&& fn) {
-  TORCH_CHECK(basis.is_cuda() && W.is_cuda(), "krylov (CUDA): basis and block must be CUDA tensors");
-  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
-              "krylov (CUDA): block must be float32 or float64, got ", W.scalar_type());
-  const DeviceLimits lim = device_limits(W.get_device());
+// Runs fn on the Runner for the accumulation dtype of W (f64/f32) and KB (1 for one block row).
+template <typename basis_t, typename Fn>
+auto with_runner(const Tensor& W, const DeviceLimits& lim, Fn& fn) {
   const bool b1 = W.size(1) == 1;
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, basis.scalar_type(),
-                                         "krylov_cuda", [&] {
-    if (W.scalar_type() == at::kDouble) {
-      return b1 ? fn(Runner<scalar_t, double, 1>{lim}) : fn(Runner<scalar_t, double, 4>{lim});
-    }
-    return b1 ? fn(Runner<scalar_t, float, 1>{lim}) : fn(Runner<scalar_t, float, 4>{lim});
-  });
+  if (W.scalar_type() == kDouble) {
+    return b1 ? fn(Runner<basis_t, double, 1>{lim}) : fn(Runner<basis_t, double, 4>{lim});
+  }
+  return b1 ? fn(Runner<basis_t, float, 1>{lim}) : fn(Runner<basis_t, float, 4>{lim});
 }
 
-at::Tensor coeffs_cuda(const at::Tensor& basis, const at::Tensor& W_in, int64_t n) {
-  const c10::cuda::CUDAGuard guard(W_in.device());
-  const at::Tensor W = W_in.contiguous();
+template <typename Fn>
+auto dispatch(const Tensor& basis, const Tensor& W, Fn&& fn) {
+  LE_CHECK(basis.is_cuda() && W.is_cuda(), "krylov (CUDA): basis and block must be CUDA tensors");
+  LE_CHECK(W.scalar_type() == kFloat || W.scalar_type() == kDouble,
+           "krylov (CUDA): block must be float32 or float64, got ", W.scalar_type());
+  const DeviceLimits lim = device_limits(W.get_device_index());
+  // The basis dtypes AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, ...) covered, with its
+  // message for any other (now a RuntimeError rather than NotImplementedError).
+  switch (basis.scalar_type()) {
+    case kDouble:
+      return with_runner<double>(W, lim, fn);
+    case kFloat:
+      return with_runner<float>(W, lim, fn);
+    case kHalf:
+      return with_runner<c10::Half>(W, lim, fn);
+    case kBFloat16:
+      return with_runner<c10::BFloat16>(W, lim, fn);
+    default:
+      break;
+  }
+  LE_FAIL("\"krylov_cuda\" not implemented for '", basis.scalar_type(), "'");
+}
+
+Tensor coeffs_cuda(const Tensor& basis, const Tensor& W_in, int64_t n) {
+  const cuda::DeviceGuard guard(W_in);
+  const Tensor W = contiguous(W_in);
   const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
-  if (R == 0 || b == 0 || n == 0 || d == 0) return at::zeros({R, n, b}, W.options());
+  if (R == 0 || b == 0 || n == 0 || d == 0) return zeros_as(W, {R, n, b});
   return dispatch(basis, W, [&](const auto& run) { return run.coeffs(basis, W, n); });
 }
 
-std::tuple<at::Tensor, at::Tensor> project_coeffs_cuda(const at::Tensor& basis,
-                                                       const at::Tensor& W_in,
-                                                       const at::Tensor& C, int64_t n) {
-  const c10::cuda::CUDAGuard guard(W_in.device());
-  const at::Tensor W = W_in.contiguous();
+std::tuple<Tensor, Tensor> project_coeffs_cuda(const Tensor& basis, const Tensor& W_in,
+                                               const Tensor& C, int64_t n) {
+  const cuda::DeviceGuard guard(W_in);
+  const Tensor W = contiguous(W_in);
   const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
   if (R == 0 || b == 0 || n == 0 || d == 0) {
-    return {W.clone(), at::zeros({R, n, b}, W.options())};
+    return {clone(W), zeros_as(W, {R, n, b})};
   }
   return dispatch(basis, W, [&](const auto& run) {
     return run.template project<Mode::kProjectCoeffs>(basis, W, C, n);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> project_gram_cuda(const at::Tensor& basis,
-                                                     const at::Tensor& W_in, const at::Tensor& C,
-                                                     int64_t n) {
-  const c10::cuda::CUDAGuard guard(W_in.device());
-  const at::Tensor W = W_in.contiguous();
+std::tuple<Tensor, Tensor> project_gram_cuda(const Tensor& basis, const Tensor& W_in,
+                                             const Tensor& C, int64_t n) {
+  const cuda::DeviceGuard guard(W_in);
+  const Tensor W = contiguous(W_in);
   const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
   if (R == 0 || b == 0 || n == 0 || d == 0) {
-    return {W.clone(), at::bmm(W, W.transpose(1, 2))};
+    return {clone(W), bmm(W, transpose(W, 1, 2))};
   }
   return dispatch(basis, W, [&](const auto& run) {
     return run.template project<Mode::kProjectGram>(basis, W, C, n);
   });
 }
 
-const Passes kCudaPasses{&coeffs_cuda, &project_coeffs_cuda, &project_gram_cuda};
-
 }  // namespace
 }  // namespace krylov
 }  // namespace landscape_ext
 
-TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
-  landscape_ext::krylov::register_kernels<landscape_ext::krylov::kCudaPasses>(m);
+// The three passes as the internal ops of registration.cpp; the drivers over them are Python.
+STABLE_TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
+  m.impl("_krylov_coeffs", TORCH_BOX(&landscape_ext::krylov::coeffs_cuda));
+  m.impl("_krylov_project_coeffs", TORCH_BOX(&landscape_ext::krylov::project_coeffs_cuda));
+  m.impl("_krylov_project_gram", TORCH_BOX(&landscape_ext::krylov::project_gram_cuda));
 }

@@ -18,19 +18,15 @@
 //             shuffle butterfly (they are one half-warp) and one writes y_row[r, j].
 // Accumulation in the input precision (float or double). CUDA cores, not tensor cores: TF32
 // would lose the float32 accuracy the reference promises.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "sketch.h"
+#include "stable_api.h"
 
 namespace landscape_ext {
 namespace sketch {
@@ -122,27 +118,57 @@ direct_sketch_kernel(const T* __restrict__ A, const T* __restrict__ E, const T* 
   }
 }
 
-at::Tensor direct_sketch_cuda(const at::Tensor& A, const at::Tensor& E, const at::Tensor& V) {
-  const c10::cuda::CUDAGuard guard(A.device());
+template <typename T>
+void launch_direct_sketch(const Tensor& A, const Tensor& E, const Tensor& V, const Tensor& y,
+                          dim3 grid, cudaStream_t stream) {
   const int64_t R = A.size(0), n_in = A.size(1), n_out = E.size(1), l = V.size(0);
-  at::Tensor y = at::empty({R, l}, A.options());
+  direct_sketch_kernel<T><<<grid, kThreads, 0, stream>>>(
+      A.const_data_ptr<T>(), E.const_data_ptr<T>(), V.const_data_ptr<T>(), V.stride(0),
+      y.mutable_data_ptr<T>(), R, n_in, n_out, l);
+  LE_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor direct_sketch_cuda(const Tensor& A, const Tensor& E, const Tensor& V) {
+  const cuda::DeviceGuard guard(A);
+  const int64_t R = A.size(0), l = V.size(0);
+  Tensor y = empty_as(A, {R, l});
   if (R == 0 || l == 0) return y;
   const dim3 grid(static_cast<unsigned>((R + kBM - 1) / kBM),
                   static_cast<unsigned>(std::min<int64_t>(l, kMaxGridY)));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "linear_grad_sketch_cuda", [&] {
-    direct_sketch_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        A.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), V.stride(0),
-        y.data_ptr<scalar_t>(), R, n_in, n_out, l);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const cudaStream_t stream = cuda::current_stream(A);
+  // AT_DISPATCH_FLOATING_TYPES's dtypes and message (the argument checks admit only these two)
+  switch (A.scalar_type()) {
+    case kDouble: launch_direct_sketch<double>(A, E, V, y, grid, stream); break;
+    case kFloat: launch_direct_sketch<float>(A, E, V, y, grid, stream); break;
+    default:
+      LE_FAIL("\"linear_grad_sketch_cuda\" not implemented for '", A.scalar_type(), "'");
+  }
   return y;
+}
+
+// out += m1 @ m2 in place (Tensor.addmm_): ATen's CUDA addmm (cuBLAS) through the C shim, out
+// aliasing self (the same kernel addmm_ runs; see AddmmAccFn in sketch.h).
+void addmm_acc_cuda(const Tensor& out, const Tensor& m1, const Tensor& m2) {
+  LANDSCAPE_SHIM_CHECK(
+      aoti_torch_cuda_addmm_out(out.get(), out.get(), m1.get(), m2.get(), 1.0, 1.0));
+}
+
+// The registered kernels (TORCH_BOX needs plain functions).
+Tensor linear_grad_sketch_cuda(const Tensor& acts, const Tensor& out_grads,
+                               const Tensor& directions) {
+  return linear_grad_sketch_impl(&direct_sketch_cuda, acts, out_grads, directions);
+}
+
+Tensor linear_grad_project_cuda(const Tensor& acts, const Tensor& out_grads,
+                                const Tensor& weights) {
+  return linear_grad_project_impl(&addmm_acc_cuda, acts, out_grads, weights);
 }
 
 }  // namespace
 }  // namespace sketch
 }  // namespace landscape_ext
 
-TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
-  landscape_ext::sketch::register_kernels<&landscape_ext::sketch::direct_sketch_cuda>(m);
+STABLE_TORCH_LIBRARY_IMPL(landscape_ext, CUDA, m) {
+  m.impl("linear_grad_sketch", TORCH_BOX(&landscape_ext::sketch::linear_grad_sketch_cuda));
+  m.impl("linear_grad_project", TORCH_BOX(&landscape_ext::sketch::linear_grad_project_cuda));
 }
