@@ -161,9 +161,21 @@ def packages():
 
 
 def build_ext_class():
+    """torch's BuildExtension (ninja). With LANDSCAPE_EXT_BUILD_DIR set, the object files and
+    build.ninja live there instead of pip's throw-away folder, so a rebuild compiles only what
+    changed (scripts/setup_env.sh sets it to build/ext-<torch>)."""
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            persistent = os.environ.get("LANDSCAPE_EXT_BUILD_DIR", "").strip()
+            if persistent:
+                self.build_temp = os.path.abspath(persistent)
+
+    return BuildExt
 
 
 setup(
