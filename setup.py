@@ -120,12 +120,28 @@ def arch_list(build_cuda):
     return arch
 
 
+def write_build_facts(build_cuda, arch):
+    """landscape_ext/_build_facts.py: what this build was made with, readable by the import-error
+    message even when the compiled module cannot be loaded."""
+    text = (
+        '"""Written by setup.py at build time (not in git): what landscape_ext._C was built '
+        'with."""\n'
+        f"BUILT_TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_TARGET = {TORCH_TARGET!r}\n"
+        f"CUDA_KERNELS = {build_cuda!r}\n"
+        f"BUILT_CUDA_VERSION = {(torch.version.cuda if build_cuda else None)!r}\n"
+        f"CUDA_ARCH_LIST = {arch!r}\n")
+    with open(os.path.join(ROOT, "landscape_ext", "_build_facts.py"), "w") as f:
+        f.write(text)
+
+
 def make_extension():
     build_cuda, reason, _ = decide_cuda()
     # imported only now: cpp_extension reads CUDA_HOME when it is imported
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     arch = arch_list(build_cuda)
+    write_build_facts(build_cuda, arch)
     print(f"landscape-ext build: CUDA={build_cuda} ({reason}) TORCH_CUDA_ARCH_LIST={arch or '-'} "
           f"torch {torch.__version__} (stable ABI target {TORCH_TARGET[0]}.{TORCH_TARGET[1]})",
           flush=True)
@@ -174,6 +190,16 @@ def build_ext_class():
             persistent = os.environ.get("LANDSCAPE_EXT_BUILD_DIR", "").strip()
             if persistent:
                 self.build_temp = os.path.abspath(persistent)
+
+        def run(self):
+            # A module of a build from before the stable ABI (_C.cpython-3XX-*.so) left in the
+            # checkout or in build/lib* would shadow _C.abi3.so (Python tries the
+            # version-tagged suffix first) or be packed into wheels beside it.
+            for folder in (ROOT, self.build_lib):
+                for stale in glob.glob(os.path.join(folder, "landscape_ext", "_C.cpython-*.so")):
+                    print(f"landscape-ext build: removing the stale {stale}", flush=True)
+                    os.remove(stale)
+            super().run()
 
     return BuildExt
 

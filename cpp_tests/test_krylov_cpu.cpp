@@ -502,7 +502,7 @@ void run_error_paths() {
   expect_error("R mismatch", [&] { op_coeffs(basis, zeros3(2, 2, 64, kFloat), 4); },
                {"_krylov_coeffs", "differ in R or d"});
   expect_error("2-D basis",
-               [&] { op_coeffs(landscape_ext::select(basis, 0, 0), block, 4); },
+               [&] { op_coeffs(torch::stable::select(basis, 0, 0), block, 4); },
                {"_krylov_coeffs", "must be 3-D", "[4, 64]"});
   expect_error("non-contiguous block",
                [&] { op_coeffs(basis, transpose(zeros3(1, 64, 2, kFloat), 1, 2), 4); },

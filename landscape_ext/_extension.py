@@ -8,32 +8,47 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 _REBUILD = (
-    "Rebuild it against the torch installed now ({torch}): from the source checkout run\n"
-    "    pip install --no-build-isolation -e .\n"
-    "(or `python setup.py build_ext --inplace`), or reinstall a landscape-ext wheel built for "
-    "this torch."
+    "Reinstall a landscape-ext wheel, or rebuild from the source checkout against the torch "
+    "installed now:\n    pip install --no-build-isolation -e ."
 )
 
 _NAMESPACE = "landscape_ext::"
 
 
-def load_extension():
-    """Import ``landscape_ext._C`` (which registers the ops) or raise an ImportError saying how
-    to rebuild: when the library is missing, fails to load (ABI mismatch), or was compiled
-    for another torch version."""
-    rebuild = _REBUILD.format(torch=torch.__version__)
+def _built_with() -> Tuple[str, Tuple[int, int]]:
+    """(torch version the library was built with, oldest torch its stable ABI targets), from
+    landscape_ext/_build_facts.py, written by setup.py; readable when _C itself is not."""
     try:
-        ext = importlib.import_module("landscape_ext._C")
+        from . import _build_facts
+    except ImportError:
+        return "unknown (no landscape_ext/_build_facts.py: the extension was never built here)", (2, 10)
+    return _build_facts.BUILT_TORCH_VERSION, tuple(_build_facts.TORCH_TARGET)
+
+
+def _torch_release() -> Tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def load_extension():
+    """Import ``landscape_ext._C`` (which registers the ops) or raise an ImportError that names
+    the torch it was built with, the torch installed and what to do: when the library is
+    missing or fails to load, or when the installed torch is older than the oldest release whose
+    stable ABI the library uses (any newer torch works: one wheel serves them all)."""
+    built, target = _built_with()
+    runtime = torch.__version__
+    if _torch_release() < target:
+        raise ImportError(
+            f"landscape_ext: the compiled extension needs torch >= {target[0]}.{target[1]} (it "
+            f"uses torch's stable ABI from that release on; built with torch {built}) but torch "
+            f"{runtime} is installed. Upgrade torch: pip install 'torch>={target[0]}.{target[1]}'")
+    try:
+        return importlib.import_module("landscape_ext._C")
     except ImportError as err:
         raise ImportError(
-            f"landscape_ext: the compiled extension landscape_ext._C could not be loaded "
-            f"({err}).\n{rebuild}") from err
-    built = ext.build_info()["built_torch_version"]
-    if built != torch.__version__:
-        raise ImportError(
-            f"landscape_ext: landscape_ext._C was built for torch {built} but torch "
-            f"{torch.__version__} is installed.\n{rebuild}")
-    return ext
+            f"landscape_ext: the compiled extension landscape_ext._C could not be loaded ({err}). "
+            f"It was built with torch {built} for torch >= {target[0]}.{target[1]}; torch "
+            f"{runtime} is installed.\n{_REBUILD}") from err
 
 
 def op_names(internal: bool = False) -> Tuple[str, ...]:

@@ -1,5 +1,7 @@
 """krylov op family: block_orthonormalize and orthogonalize_batched against their references,
 their algebraic promises, opcheck, torch.compile, rank deficiency and error paths."""
+import re
+
 import pytest
 import torch
 
@@ -468,26 +470,39 @@ def test_orthogonalize_batched_errors(device):
         ops.orthogonalize_batched(bad, vectors, 2)
 
 
-def test_missing_extension_error_says_how_to_rebuild(monkeypatch):
+def test_missing_extension_error_names_both_torches_and_the_fix(monkeypatch):
     import importlib
 
-    from landscape_ext import _extension
+    from landscape_ext import _build_facts, _extension
 
     def fail(name):
         raise ImportError("simulated: undefined symbol _ZN3c10")
 
     monkeypatch.setattr(importlib, "import_module", fail)
-    with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \."):
+    with pytest.raises(ImportError) as info:
         _extension.load_extension()
+    text = str(info.value)
+    assert "undefined symbol _ZN3c10" in text
+    assert f"built with torch {_build_facts.BUILT_TORCH_VERSION} for torch >= 2.10" in text
+    assert f"torch {torch.__version__} is installed" in text
+    assert "pip install --no-build-isolation -e ." in text
 
 
-def test_stale_extension_error_names_both_versions(monkeypatch):
+def test_a_torch_older_than_the_stable_abi_target_is_refused(monkeypatch):
     import importlib
-    import types
 
-    from landscape_ext import _extension
+    from landscape_ext import _build_facts, _extension
 
-    stale = types.SimpleNamespace(build_info=lambda: {"built_torch_version": "1.0.0"})
-    monkeypatch.setattr(importlib, "import_module", lambda name: stale)
-    with pytest.raises(ImportError, match=r"built for torch 1\.0\.0 but torch .* is installed"):
+    loaded = []
+    monkeypatch.setattr(importlib, "import_module", lambda name: loaded.append(name))
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    with pytest.raises(ImportError, match=r"needs torch >= 2\.10 .*built with torch "
+                                          + re.escape(_build_facts.BUILT_TORCH_VERSION)
+                                          + r"\) but torch 2\.9\.1\+cu128 is installed"):
         _extension.load_extension()
+    assert loaded == []  # refused before the library is loaded
+    # any newer torch loads the same binary (the stable ABI): no version-equality check
+    for newer in ("2.10.0", "2.14.1+cu130", "2.15.0", "3.0.0.dev20270101"):
+        monkeypatch.setattr(torch, "__version__", newer)
+        _extension.load_extension()
+    assert loaded == ["landscape_ext._C"] * 4
