@@ -1,9 +1,10 @@
 """Build landscape-ext: the module ``landscape_ext._C`` holding the torch ops.
 
-One binary for every torch from 2.10 on and every CPython from 3.9 on: the kernels are written
-against torch's stable C ABI (csrc/stable_api.h, ``TORCH_TARGET_VERSION`` = 2.10) and the module
-against CPython's limited API, so the wheel is tagged ``cp39-abi3`` and holds no libtorch, no
-CUDA runtime and no pybind11.
+One binary for every torch from 2.10 on and every CPython from 3.10 on (torch 2.10 needs 3.10):
+the kernels are written against torch's stable C ABI (csrc/stable_api.h, ``TORCH_TARGET_VERSION``
+= 2.10) and the module against CPython's limited API, so the wheel is tagged ``cp310-abi3`` (the
+limited-API level torch's BuildExtension compiles with: Py_LIMITED_API = 3.10) and holds no
+libtorch, no CUDA runtime and no pybind11.
 
 CUDA kernels are compiled when the torch in use is a CUDA build *and* a working CUDA toolkit is
 found (never because a GPU happens to be visible). Override with ``LANDSCAPE_EXT_CUDA=0`` or
@@ -210,5 +211,5 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": build_ext_class()},
     # abi3: the module uses CPython's limited API only (csrc/module.cpp)
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

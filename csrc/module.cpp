@@ -6,7 +6,7 @@
 //
 // Written against CPython's limited API (Py_LIMITED_API, set by setup.py through
 // py_limited_api=True), not pybind11: the binary then depends on neither one Python minor version
-// nor one libtorch, so one abi3 wheel serves every CPython >= 3.9 and every torch >= 2.10.
+// nor one libtorch, so one abi3 wheel serves every CPython >= 3.10 and every torch >= 2.10.
 #include <Python.h>
 
 #include <cstdint>
