@@ -31,7 +31,7 @@ build() {  # build <python> <out folder> [env...]
   local tv
   tv="$("$py" -c 'import torch; print(torch.__version__)')"
   echo "== $(basename "$out") wheel with torch $tv"
-  env "$@" LANDSCAPE_EXT_BUILD_DIR="build/ext-wheel-$tv" \
+  env "$@" LANDSCAPE_EXT_BUILD_DIR="build/ext-wheel-$(basename "$out")-$tv" \
     "$py" -m pip wheel -q --no-build-isolation --no-deps . -w "$out"
   python scripts/check_stable_abi.py "$out"/*.whl
 }

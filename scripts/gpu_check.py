@@ -123,8 +123,15 @@ def build(runner: Runner, machine: Dict, cuda: bool, budget_s: float) -> Dict:
     rc, out, _ = runner.run("build_info (before)", info_cmd, 60)
     before = json.loads(out.strip().splitlines()[-1]) if rc == 0 else None
     wanted_cuda = cuda
-    if before and before.get("built_torch_version") == machine.get("torch") and (
-            before.get("cuda_kernels") or not wanted_cuda):
+    if getattr(runner, "wheel", None):
+        # a wheel built elsewhere (the CPU machine), installed against this machine's torch
+        status = "wheel" if before and (before.get("cuda_kernels") or not wanted_cuda) else \
+            "failed"
+        return dict(status=status, seconds=0.0, build_info=before or out, wheel=runner.wheel,
+                    built_torch_version=(before or {}).get("built_torch_version"),
+                    runtime_torch_version=machine.get("torch"))
+    # the stable ABI: a build loads under any torch >= 2.10, so any working CUDA build is reused
+    if before and before.get("stable_abi") and (before.get("cuda_kernels") or not wanted_cuda):
         return dict(status="reused", seconds=0.0, build_info=before,
                     compile_seconds=ninja_compile_times())
     env = {"MAX_JOBS": str(machine.get("cpu_count") or os.cpu_count() or 1)}
@@ -362,10 +369,22 @@ def main(argv=None) -> int:
                    help="comma list: run only these benchmarks (names in the summary table)")
     p.add_argument("--skip", default="", help="comma list of steps to skip: build, tests, "
                    "sanitizer, bench")
+    p.add_argument("--wheel", default=None,
+                   help="test this landscape-ext wheel (built on another machine) instead of "
+                        "building: installed with --no-deps against this machine's torch; every "
+                        "step imports it, not the checkout (PYTHONSAFEPATH)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.monotonic()
     runner = Runner(args.out, args.budget)
+    runner.wheel = None
+    if args.wheel:
+        site = os.path.join(args.out, "wheel_site")
+        subprocess.run([PY, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--upgrade",
+                        "--target", site, args.wheel], check=True)
+        runner.wheel = os.path.basename(args.wheel)
+        runner.env["PYTHONPATH"] = os.pathsep.join([site, runner.env["PYTHONPATH"]])
+        runner.env["PYTHONSAFEPATH"] = "1"  # no cwd (the checkout) ahead of the wheel
     runner.only_benches = set(filter(None, args.benches.split(",")))
     skip = set(filter(None, args.skip.split(",")))
     machine = probe_machine(runner, cuda=not args.dry_run)

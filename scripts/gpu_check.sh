@@ -5,6 +5,10 @@
 #
 #   bash scripts/gpu_check.sh              on the GPU machine (python3 there holds CUDA torch)
 #   bash scripts/gpu_check.sh --dry-run    on a CPU machine: every step with tiny sizes (CI)
+#   bash scripts/gpu_check.sh --wheel dist/cu130/landscape_ext-*.whl
+#                                          test the CUDA wheel built on the CPU machine
+#                                          (scripts/build_wheels.sh) instead of building here; the
+#                                          record names its build torch and this machine's torch
 #
 # Peer tools for the benchmarks travel as wheels in .whl/ (pure Python, installed without
 # network into /tmp/site); PYTHON overrides the interpreter.

@@ -31,7 +31,7 @@ if [ $# -ge 1 ]; then
 else
   BUILD_TORCH="$(python -c 'import torch; print(torch.__version__)')"
   echo "== building the wheel once, with torch $BUILD_TORCH"
-  LANDSCAPE_EXT_BUILD_DIR="build/ext-wheel-$BUILD_TORCH" \
+  LANDSCAPE_EXT_BUILD_DIR="build/ext-$BUILD_TORCH" \
     python -m pip wheel -q --no-build-isolation --no-deps . -w "$WORK/dist"
   WHEEL="$(ls "$WORK"/dist/*.whl)"
 fi

@@ -17,7 +17,8 @@ BUILD_TORCH="$(python -c 'import torch; print(torch.__version__.split("+")[0])')
 TEST_TORCH="${WHEEL_TEST_TORCH:-torch==$BUILD_TORCH}"
 
 echo "== building the wheel and the sdist (torch $BUILD_TORCH)"
-LANDSCAPE_EXT_BUILD_DIR="${LANDSCAPE_EXT_BUILD_DIR:-build/ext-wheel-$BUILD_TORCH}" \
+# the object files of scripts/test.sh's build (same sources, same flags): only the link runs
+LANDSCAPE_EXT_BUILD_DIR="${LANDSCAPE_EXT_BUILD_DIR:-build/ext-$(python -c 'import torch; print(torch.__version__)')}" \
   python -m pip wheel -q --no-build-isolation --no-deps . -w "$WORK/dist"
 python - "$ROOT" "$WORK/dist" <<'PY'
 # every package of the source tree must be in the wheel (the wheel once held 24 of 74 modules)
