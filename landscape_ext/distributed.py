@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ __all__ = [
     "collective_errors",
     "all_reduce_sum_",
     "agree_all",
+    "agree_arguments",
     "broadcast_",
     "all_gather_rows",
     "sync_replica_inputs",
@@ -251,6 +252,39 @@ def agree_all(group: Any, flag: bool, device: Optional[torch.device] = None) -> 
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device(group, None, device))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(int(t.item()) == 1)
+
+
+def _shown(value: float, like: Any, choices: Optional[Sequence[str]]) -> str:
+    """A rank's exchanged ``value`` as the caller wrote it: a choice by name, a flag as
+    True/False, an integer without a decimal point."""
+    if choices is not None and float(value).is_integer() and 0 <= int(value) < len(choices):
+        return repr(choices[int(value)])
+    if isinstance(like, bool):
+        return str(bool(value))
+    if isinstance(like, int) and float(value).is_integer():
+        return str(int(value))
+    return f"{value:g}"
+
+
+def agree_arguments(group: Any, owner: str, values: Mapping[str, Any],
+                    device: Optional[torch.device] = None,
+                    choices: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+    """Raise on every rank of ``group`` when the ranks pass different ``values`` (the arguments
+    of a solver call, as numbers: a rank with another ``k`` or ``block_size`` would make other
+    collectives, and every rank would wait in a different one until the group's timeout). One
+    small collective; a no-op for ``group=None``. The error names the first argument that
+    differs and each rank's value (``choices[name]`` maps an index back to its name)."""
+    if group is None:
+        return
+    table = exchange_status(group, None, [float(v) for v in values.values()],
+                            "checking the arguments", device)
+    choices = choices or {}
+    for col, (name, mine) in enumerate(values.items()):
+        if bool((table[:, col] != table[0, col]).any()):
+            got = ", ".join(f"rank {r}: {_shown(v, mine, choices.get(name))}"
+                            for r, v in enumerate(table[:, col].tolist()))
+            raise ValueError(f"{owner}: the ranks pass different values of {name} ({got}); "
+                             f"every rank must make the same call")
 
 
 # dtype codes of the replica check (a product all-reduced between ranks of different dtypes is

@@ -54,5 +54,6 @@ echo
 echo "| wheel | size |"
 echo "|---|---|"
 for w in "$OUT"/*/*.whl; do
-  echo "| ${w#"$OUT"/} | $(du -h "$w" | cut -f1) |"
+  rel="$(basename "$(dirname "$w")")/$(basename "$w")"
+  echo "| $rel | $(du -h "$w" | cut -f1) |"
 done
