@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -47,6 +48,10 @@ __all__ = [
     "slice_batch",
     "unsqueeze_batch",
     "batch_size",
+    "outside_inference",
+    "check_no_inference_tensors",
+    "is_forward_ad_error",
+    "explain_size_mismatch",
 ]
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -423,6 +428,46 @@ def explain_forward_failure(model: nn.Module, inputs: Any, exc: BaseException, o
         f"forward)")
 
 
+#: Lower-case fragments of the errors of forward-mode AD and of torch.func's transforms: an op
+#: or a custom Function without a forward derivative ("Trying to use forward AD with ... that
+#: does not support it", "You must implement the jvp function ...", "... it must override the
+#: setup_context staticmethod" for functorch transforms), and vmap's limits (data-dependent
+#: control flow, ops without a batching rule, ops that read a wrapped tensor's data pointer).
+_FORWARD_AD_ERRORS = ("forward ad", "forward-mode", "forward mode", "jvp", "functorch",
+                      "vmap", "batching rule", "batchedtensor", "batched tensor", "data pointer",
+                      "not implemented", "does not support", "not supported")
+
+
+def is_forward_ad_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says that forward-mode AD (or a torch.func transform around it) cannot
+    run the model, rather than an error of the model, the loss or the data themselves: only
+    such an error may switch a product from forward-over-reverse to double backward."""
+    if not isinstance(exc, (RuntimeError, NotImplementedError)):
+        return False
+    message = str(exc).lower()
+    return any(key in message for key in _FORWARD_AD_ERRORS)
+
+
+def explain_size_mismatch(inputs: Any, targets: Any, exc: BaseException, owner: str,
+                          where: str = "") -> Optional[ValueError]:
+    """A clearer error for a product that failed with ``exc`` on a batch whose inputs and
+    targets have different leading sizes (samples), when ``exc``'s message names both sizes
+    (torch's ``Expected input batch_size (16) to match target batch_size (12)``, a broadcast
+    error); else ``None``."""
+    inputs_t = tensors_of(inputs)
+    if not (isinstance(targets, Tensor) and targets.dim() > 0 and inputs_t
+            and inputs_t[0].dim() > 0):
+        return None
+    n_in, n_target = int(inputs_t[0].shape[0]), int(targets.shape[0])
+    numbers = re.findall(r"\d+", str(exc))
+    if n_in == n_target or str(n_in) not in numbers or str(n_target) not in numbers:
+        return None
+    at = where[len("on "):] if where.startswith("on ") else (where or "the batch")
+    return ValueError(f"{owner}: {at}: the inputs hold {n_in} samples (leading size) and the "
+                      f"targets {n_target}; every batch needs as many targets as inputs. "
+                      f"Error: {_first_line(exc)}")
+
+
 @contextlib.contextmanager
 def evaluation_context(model: nn.Module, batch_norm: Optional[str]) -> Iterator[nn.Module]:
     """Where the engine evaluates a model: :func:`model_state_guard` and
@@ -511,6 +556,31 @@ def to_device(x: Any, device: torch.device) -> Any:
                            else t, x)
 
 
+def outside_inference(x: Any) -> Any:
+    """``x`` with every inference tensor (made under ``torch.inference_mode()``) replaced by a
+    normal copy, which autograd can use; ``x`` itself when it holds none."""
+    if not any(t.is_inference() for t in tensors_of(x)):
+        return x
+    with torch.inference_mode(False):
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference()
+                               else t, x)
+
+
+def check_no_inference_tensors(model: nn.Module, owner: str) -> None:
+    """Raise a ``ValueError`` naming the first parameter or buffer of ``model`` that is an
+    inference tensor: autograd cannot differentiate through it, and copying the model on every
+    product would double its memory."""
+    for kind, named in (("parameter", model.named_parameters()),
+                        ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_inference():
+                raise ValueError(
+                    f"{owner}: {kind} {name!r} of `model` is an inference tensor (the model was "
+                    f"created or loaded under torch.inference_mode()), which autograd cannot "
+                    f"differentiate through. Create or load the model outside inference mode "
+                    f"(torch.no_grad() is fine); calling the engine under inference mode is fine")
+
+
 def slice_batch(x: Any, start: int, end: int) -> Any:
     """Samples ``start:end`` of every tensor in ``x`` (0-d tensors are kept whole)."""
     return pytree.tree_map(lambda t: t[start:end] if isinstance(t, Tensor) and t.dim() > 0
@@ -557,6 +627,12 @@ class DataSource:
         Batches are moved there as they are read.
     one_shot_hint : str
         What to pass instead of a one-shot iterator (ends the error message).
+
+    Notes
+    -----
+    Tensors made under ``torch.inference_mode()`` cannot enter autograd: a list of batches
+    holding them is copied once here (later in-place changes of those tensors are not seen), a
+    DataLoader's batch as it is read (:func:`outside_inference`).
     """
 
     def __init__(self, data: Any, owner: str, device: torch.device,
@@ -573,12 +649,15 @@ class DataSource:
                 raise TypeError(f"{owner}: data is a one-shot iterator; pass a re-iterable "
                                 f"({one_shot_hint})")
             self.source = list(data) if isinstance(data, (list, tuple)) else data
+        if isinstance(self.source, list):
+            self.source = [outside_inference(batch) for batch in self.source]
         self.single_batch = isinstance(self.source, list) and len(self.source) == 1
 
     def __iter__(self) -> Iterator[Tuple[int, Any, Any]]:
         """``(index, inputs, targets)`` of every batch, on ``device``; a mapping batch (for
         ``model(**batch)``) is ``(batch, None)``."""
         for i, batch in enumerate(self.source):
+            batch = outside_inference(batch)
             if isinstance(batch, Mapping):
                 yield i, to_device(dict(batch), self.device), None
                 continue
@@ -653,7 +732,7 @@ class DataFingerprint:
         for t in tensors_of((inputs, targets)):
             if t.dim() == 0:
                 t = t.reshape(1)
-            x = t.detach().reshape(t.shape[0], -1).to(torch.float64)
+            x = t.detach().reshape(t.shape[0], t.shape[1:].numel()).to(torch.float64)
             c = x @ self._weight(x.shape[1], x.device)
             if t.shape[0] == n_samples:
                 per_sample = c if per_sample is None else per_sample + c

@@ -17,11 +17,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._args import count_argument
 from .density import SpectralDensityResult, _quadrature, _slq_step, _start_slq
 from .estimators import _probes
 from .lanczos import WHICH, EigshResult, _wanted
 from .operators import CallableOperator, CurvatureOperator, as_operator
 from .ops import block_orthonormalize
+from .shards import agree_call
 
 __all__ = ["block_eigsh", "block_spectral_density", "parameter_blocks", "BlockSpectra",
            "BlockDensities", "BLOCK_PRESETS"]
@@ -277,13 +279,14 @@ def block_eigsh(op: Any, blocks: Union[str, Mapping[str, Any]], k: int = 1,
     op = as_operator(op)
     if which not in WHICH:
         raise ValueError(f"block_eigsh: which must be one of {WHICH}, got {which!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"block_eigsh: k must be a positive integer, got {k!r}")
+    k = count_argument(k, "k", "block_eigsh")
     if max_basis is not None and int(max_basis) < 1:
         raise ValueError(f"block_eigsh: max_basis must be >= 1, got {max_basis}")
     tol = (1e-8 if op.dtype == torch.float64 else 1e-4) if tol is None else float(tol)
     index = _block_indices(op, blocks)
     steps = int(max_basis) if max_basis is not None else max(60, 10 * k)
+    agree_call(op, "block_eigsh", {"which": WHICH}, k=k, which=WHICH.index(which), tol=tol,
+               max_basis=steps, seed=seed, n_blocks=len(index))
     work = torch.float64 if op.dtype == torch.float64 else torch.float32
     gen = torch.Generator().manual_seed(int(seed))
     runs = []
@@ -413,11 +416,11 @@ def block_spectral_density(op: Any, blocks: Union[str, Mapping[str, Any]], n_ste
     """
     start_time = time.perf_counter()
     op = as_operator(op)
-    if not isinstance(n_steps, int) or n_steps < 1 or not isinstance(n_probes, int) \
-            or n_probes < 1:
-        raise ValueError(f"block_spectral_density: n_steps and n_probes must be positive "
-                         f"integers, got {n_steps!r} and {n_probes!r}")
+    n_steps = count_argument(n_steps, "n_steps", "block_spectral_density")
+    n_probes = count_argument(n_probes, "n_probes", "block_spectral_density")
     index = _block_indices(op, blocks)
+    agree_call(op, "block_spectral_density", n_steps=n_steps, n_probes=n_probes, seed=seed,
+               n_blocks=len(index), distribution=distribution == "gaussian")
     gen = torch.Generator().manual_seed(int(seed))
     rows, owner = [], []
     for i, idx in enumerate(index.values()):

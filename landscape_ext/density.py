@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._args import count_argument
 from .distributed import agree_all, is_main_process
 from .estimators import _agree, _local_probes, _reduce
 from .lanczos import BASIS_DTYPES, _products, _row_norms
@@ -197,12 +198,8 @@ def spectral_density(op: Any, n_steps: int = 64, n_probes: int = 8, *, seed: int
     op = as_operator(op)
     shards = vector_shards(op)
     d = op.d if shards is None else shards.d
-    if not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"spectral_density: n_steps must be a positive integer, got {n_steps!r}")
-    if not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"spectral_density: n_probes must be a positive integer, got "
-                         f"{n_probes!r}")
-    n_steps = min(n_steps, d)
+    n_steps = min(count_argument(n_steps, "n_steps", "spectral_density"), d)
+    n_probes = count_argument(n_probes, "n_probes", "spectral_density")
     _agree(op, "spectral_density", n_steps=n_steps, n_probes=n_probes, seed=seed,
            distribution=distribution == "gaussian", reorthogonalize=bool(reorthogonalize))
     run = _start_slq(op, n_steps, n_probes, seed, distribution, basis_dtype, reorthogonalize,

@@ -292,14 +292,39 @@ def agree_arguments(group: Any, owner: str, values: Mapping[str, Any],
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
 
 
+#: Entries per chunk of the checksum's position weights (bounds its temporary memory).
+_CHECKSUM_CHUNK = 1 << 22
+_MINSTD = 2147483647   # the modulus 2^31 - 1 of the weights' hash (a prime)
+
+
+def _position_weights(start: int, n: int, salt: int, device: torch.device) -> Tensor:
+    """Fixed pseudo-random weights in ``(-1, 1)`` of the flat positions ``start .. start+n-1``
+    of tensor number ``salt``: a Lehmer-style hash of the position, in int64 without overflow
+    (positions below 2^31 get distinct weights), the same on every device."""
+    j = torch.arange(start, start + n, dtype=torch.int64, device=device) % _MINSTD
+    h = (j * 16807 + (salt * 40503 + 12345) % _MINSTD) % _MINSTD
+    h = (h * 48271) % _MINSTD
+    return h.to(torch.float64) * (2.0 / _MINSTD) - 1.0
+
+
 def parameter_checksum(params: Sequence[Tensor]) -> Tensor:
-    """A float64 checksum of parameter values (order-sensitive: ``sum_i (i+1) sum(p_i) +
-    |p_i|``), compared across ranks to catch replicas that differ."""
+    """A float64 checksum of parameter values, compared across ranks to catch replicas that
+    differ: ``sum_i <w_i, p_i> + |p_i|`` with fixed pseudo-random weights ``w_i`` of each
+    entry's position and the tensor's number ``i``. Position-sensitive: entries permuted
+    within a tensor, or tensors of one shape swapped, change it (sums and norms alone do
+    not)."""
     f64 = torch.float64
+    total = torch.zeros((), dtype=f64)
     with torch.no_grad():
-        return torch.stack([p.detach().sum(dtype=f64).cpu() * (i + 1)
-                            + torch.linalg.vector_norm(p.detach(), dtype=f64).cpu()
-                            for i, p in enumerate(params)]).sum()
+        for i, p in enumerate(params):
+            flat = p.detach().reshape(-1)
+            term = torch.linalg.vector_norm(flat, dtype=f64)
+            for s in range(0, flat.numel(), _CHECKSUM_CHUNK):
+                part = flat[s:s + _CHECKSUM_CHUNK].to(f64)
+                term = term + (part * _position_weights(s, part.numel(), i + 1,
+                                                        part.device)).sum()
+            total += term.cpu()
+    return total
 
 
 def check_same_parameters(checksums: Tensor, owner: str) -> None:

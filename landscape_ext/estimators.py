@@ -15,10 +15,11 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._args import count_argument
 from .lanczos import _products_in_batches
 from .operators import CurvatureOperator, as_operator
 from .results import Result
-from .shards import vector_shards
+from .shards import agree_call, vector_shards
 
 __all__ = ["TraceResult", "DiagonalResult", "trace", "diagonal"]
 
@@ -75,12 +76,11 @@ def _probes(m: int, d: int, gen: torch.Generator, distribution: str, where: str)
                      f"{distribution!r}")
 
 
-def _checked_operator(op: Any, n_matvecs: int, minimum: int, where: str) -> CurvatureOperator:
-    """``as_operator(op)``, after checking that ``n_matvecs >= minimum``."""
-    op = as_operator(op)
-    if not isinstance(n_matvecs, int) or n_matvecs < minimum:
-        raise ValueError(f"{where}: n_matvecs must be an integer >= {minimum}, got {n_matvecs!r}")
-    return op
+def _checked_operator(op: Any, n_matvecs: Any, minimum: int,
+                      where: str) -> Tuple[CurvatureOperator, int]:
+    """``(as_operator(op), n_matvecs as int)``, after checking that ``n_matvecs`` is an integer
+    (any integral type) ``>= minimum``."""
+    return as_operator(op), count_argument(n_matvecs, "n_matvecs", where, minimum)
 
 
 # sharded vectors (operators of FSDP2 models, landscape_ext.shards): probes are the local rows
@@ -104,10 +104,11 @@ def _reduce(op: CurvatureOperator, t: Tensor) -> Tensor:
     return t if shards is None else shards.sum_(t.contiguous())
 
 
-def _agree(op: CurvatureOperator, where: str, **values: float) -> None:
-    shards = vector_shards(op)
-    if shards is not None:
-        shards.agree(where, **values)
+def _agree(op: CurvatureOperator, where: str, choices: Optional[dict] = None,
+           **values: float) -> None:
+    """Raise on every rank of a distributed operator (data parallel or sharded) when the ranks
+    call ``where`` with different ``values`` (see :func:`~landscape_ext.shards.agree_call`)."""
+    agree_call(op, where, choices, **values)
 
 
 def _orth_cols(Y: Tensor, op: Optional[CurvatureOperator] = None) -> Tuple[Tensor, Tensor]:
@@ -156,9 +157,9 @@ def trace(op: Any, n_matvecs: int, method: str = "hutch++", *, seed: int = 0,
     if method not in TRACE_METHODS:
         raise ValueError(f"trace: method must be one of {TRACE_METHODS}, got {method!r}")
     minimum = {"hutch++": 3, "xtrace": 4, "hutchinson": 2}[method]
-    op = _checked_operator(op, n_matvecs, minimum, "trace")
-    _agree(op, "trace", n_matvecs=n_matvecs, method=TRACE_METHODS.index(method), seed=seed,
-           distribution=distribution == "gaussian")
+    op, n_matvecs = _checked_operator(op, n_matvecs, minimum, "trace")
+    _agree(op, "trace", {"method": TRACE_METHODS}, n_matvecs=n_matvecs,
+           method=TRACE_METHODS.index(method), seed=seed, distribution=distribution == "gaussian")
     gen = torch.Generator().manual_seed(int(seed))
     n_matvecs_start = op.n_matvecs
     if method == "hutchinson":
@@ -264,9 +265,10 @@ def diagonal(op: Any, n_matvecs: int, method: str = "hutchinson", *, seed: int =
     t0 = time.perf_counter()
     if method not in DIAG_METHODS:
         raise ValueError(f"diagonal: method must be one of {DIAG_METHODS}, got {method!r}")
-    op = _checked_operator(op, n_matvecs, 4 if method == "xdiag" else 2, "diagonal")
-    _agree(op, "diagonal", n_matvecs=n_matvecs, method=DIAG_METHODS.index(method), seed=seed,
-           distribution=distribution == "gaussian")
+    op, n_matvecs = _checked_operator(op, n_matvecs, 4 if method == "xdiag" else 2,
+                                      "diagonal")
+    _agree(op, "diagonal", {"method": DIAG_METHODS}, n_matvecs=n_matvecs,
+           method=DIAG_METHODS.index(method), seed=seed, distribution=distribution == "gaussian")
     gen = torch.Generator().manual_seed(int(seed))
     n_matvecs_start = op.n_matvecs
     if method == "hutchinson":

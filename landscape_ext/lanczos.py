@@ -16,11 +16,12 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._args import count_argument
 from .distributed import agree_all, is_main_process
 from .ops import block_orthonormalize
 from .operators import CurvatureOperator, as_operator
 from .results import Result
-from .shards import vector_shards
+from .shards import agree_call, vector_shards
 
 __all__ = ["EigshResult", "SpectralNormResult", "eigsh", "spectral_norm"]
 
@@ -229,8 +230,7 @@ def _eigsh_settings(op: CurvatureOperator, k: int, which: str, tol: Optional[flo
     d = _dimension(op)
     if which not in WHICH:
         raise ValueError(f"eigsh: which must be one of {WHICH}, got {which!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"eigsh: k must be a positive integer, got {k!r}")
+    k = count_argument(k, "k", "eigsh")
     if k > d:
         raise ValueError(f"eigsh: k = {k} is larger than the dimension d = {d}")
     if tol is None:
@@ -306,11 +306,42 @@ def _random_rows(n: int, d: int, gen: torch.Generator, device: torch.device) -> 
     return torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
 
 
+def _start_rows(op: CurvatureOperator, v0: Any) -> Optional[Tensor]:
+    """``v0`` checked and as ``(j, d)`` float64 rows on the operator's device (``None`` stays
+    ``None``). ``v0`` is ``(d,)``, ``(d, j)`` columns or ``(j, d)`` rows, with ``d`` this rank's
+    local rows for sharded vectors; it must be real, finite and hold values (not ``meta``)."""
+    if v0 is None:
+        return None
+    try:
+        V0 = torch.as_tensor(v0)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"eigsh: v0 must be a tensor or array of start directions, got "
+                        f"{type(v0).__name__} ({exc})") from None
+    if V0.is_complex() or V0.dtype == torch.bool:
+        raise TypeError(f"eigsh: v0 must be real (floating point or integer), got dtype "
+                        f"{V0.dtype}")
+    if V0.device.type == "meta":
+        raise ValueError(f"eigsh: v0 is on the meta device (no values); pass start directions "
+                         f"with values (they are moved to the operator's device, {op.device})")
+    d = op.d
+    if not (V0.dim() == 1 and V0.shape[0] == d) and not (
+            V0.dim() == 2 and d in V0.shape and V0.numel() > 0):
+        local = " (this rank's local rows of the sharded vectors)" if vector_shards(op) else ""
+        raise ValueError(f"eigsh: v0 must be (d,) or (d, j) start directions with d = {d}"
+                         f"{local}, the operator's dimension, got shape {tuple(V0.shape)}")
+    V0 = V0.to(device=op.device, dtype=torch.float64)
+    n_bad = int((~torch.isfinite(V0)).sum())
+    if n_bad:
+        raise ValueError(f"eigsh: v0 holds {n_bad} NaN/Inf value(s) of {V0.numel()}; the start "
+                         f"directions must be finite")
+    return V0.reshape(d, -1).T if V0.dim() == 1 or V0.shape[0] == d else V0
+
+
 def _start_run(op: CurvatureOperator, k: int, which: str, tol: float, b: int, max_basis: int,
                basis_dtype: torch.dtype, max_matvecs: int, seed: int, v0: Optional[Tensor],
                progress: bool) -> _LanczosRun:
-    """Allocate the basis and ``T`` and orthonormalize the start block (``v0``, then random
-    directions) into ``Q[:b]``."""
+    """Allocate the basis and ``T`` and orthonormalize the start block (``v0``: the rows of
+    :func:`_start_rows`, then random directions) into ``Q[:b]``."""
     d, dev = op.d, op.device
     n_matvecs_start = op.n_matvecs
     gen = torch.Generator().manual_seed(int(seed))
@@ -329,11 +360,9 @@ def _start_run(op: CurvatureOperator, k: int, which: str, tol: float, b: int, ma
     shards = vector_shards(op)
     X0 = _random_rows(b, d, gen, dev) if shards is None else shards.draw(
         b, lambda n, m: torch.randn(n, m, generator=gen, dtype=torch.float64)).to(dev)
-    if v0 is not None:
-        V0 = torch.as_tensor(v0).to(device=dev, dtype=torch.float64)
-        V0 = V0.reshape(d, -1).T if V0.dim() == 1 or V0.shape[0] == d else V0
-        j = min(V0.shape[0], b)
-        X0[:j] = V0[:j]
+    if v0 is not None:  # rows checked by _start_rows
+        j = min(v0.shape[0], b)
+        X0[:j] = v0[:j]
     q, _, _ = _orthonormalize(op, Q, X0, 0)
     Q[:b].copy_(q)
     progress_bar = None
@@ -522,6 +551,8 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
         Seed of the random start block.
     v0 : Tensor, optional
         ``(d,)`` or ``(d, j)`` start directions (warm start); the rest of the block is random.
+        Real and finite (checked: a wrong shape, a NaN/Inf, a complex or bool dtype is an error
+        that names them); on another device it is moved to the operator's.
         For an operator of an FSDP2 model (sharded vectors): local rows, ``(d_local,)``; its
         eigenvectors come back as local rows too, the eigenvalues identical on every rank.
     max_matvecs : int, optional
@@ -545,14 +576,15 @@ def eigsh(op: Any, k: int = 6, which: str = "largest", *, tol: Optional[float] =
     """
     t0 = time.perf_counter()
     op = as_operator(op)
+    k = count_argument(k, "k", "eigsh")  # np.int64 and other integral types as int
     tol, b, max_basis, basis_dtype, max_matvecs = _eigsh_settings(
         op, k, which, tol, block_size, max_basis, basis_dtype, max_matvecs)
+    v0 = _start_rows(op, v0)
     common = dict(which=which, k=k, tol=float(tol), block_size=b, seed=int(seed))
-    shards = vector_shards(op)
-    if shards is not None:  # every rank must run the same solver (the same collectives)
-        shards.agree("eigsh", k=k, which=WHICH.index(which), tol=tol, block_size=b,
-                     max_basis=max_basis, seed=seed, max_matvecs=max_matvecs,
-                     v0=v0 is not None, verify=bool(verify))
+    # every rank of a distributed operator must run the same solver (the same collectives)
+    agree_call(op, "eigsh", {"which": WHICH}, k=k, which=WHICH.index(which), tol=tol,
+               block_size=b, max_basis=max_basis, seed=seed, max_matvecs=max_matvecs,
+               v0=v0 is not None, verify=bool(verify))
     if _dimension(op) <= max_basis + b and _dimension(op) <= max_matvecs:  # forming it densely costs d products
         return _dense_eigsh(op, k, which, tol, return_eigenvectors, op.n_matvecs, t0,
                             getattr(op, "mode_used", None), common)

@@ -220,11 +220,12 @@ def file_lock(f: Any, shared: bool = False) -> Iterator[None]:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def parse_jsonl(data: Union[bytes, str], source: Any = "<jsonl>", warn: bool = True
-                ) -> List[Any]:
+def parse_jsonl(data: Union[bytes, str], source: Any = "<jsonl>", warn: bool = True,
+                numbered: bool = False) -> List[Any]:
     """The values of the JSON lines in ``data``; blank lines are ignored and a line that does
     not parse (cut by a crash) is skipped, with a warning naming ``source`` and the line unless
-    ``warn`` is False."""
+    ``warn`` is False. ``numbered``: ``(line number, value)`` pairs (from 1), so that a caller
+    can name the line of a value it rejects."""
     if isinstance(data, bytes):
         # a line cut inside a multi-byte character must not stop the reader
         data = data.decode("utf-8", errors="replace")
@@ -235,22 +236,25 @@ def parse_jsonl(data: Union[bytes, str], source: Any = "<jsonl>", warn: bool = T
         if not line:
             continue
         try:
-            out.append(json.loads(line))
+            value = json.loads(line)
         except json.JSONDecodeError:
             if warn:
                 log.warning("%s:%d: skipping a line that is not valid JSON (interrupted write?)",
                             source, i)
+            continue
+        out.append((i, value) if numbered else value)
     return out
 
 
-def read_jsonl(path: PathLike, *, locked: bool = False, warn: bool = True) -> List[Any]:
-    """Records of a JSON-lines file (see :func:`parse_jsonl`). ``locked``: read under a shared
-    ``flock``, so a line that a :class:`JsonlWriter` with ``locked=True`` is appending is never
-    seen half-written."""
+def read_jsonl(path: PathLike, *, locked: bool = False, warn: bool = True,
+               numbered: bool = False) -> List[Any]:
+    """Records of a JSON-lines file (see :func:`parse_jsonl`; ``numbered``: ``(line number,
+    record)`` pairs). ``locked``: read under a shared ``flock``, so a line that a
+    :class:`JsonlWriter` with ``locked=True`` is appending is never seen half-written."""
     with open(path, "rb") as f:
         with file_lock(f, shared=True) if locked else contextlib.nullcontext():
             data = f.read()
-    return parse_jsonl(data, path, warn)
+    return parse_jsonl(data, path, warn, numbered)
 
 
 class JsonlWriter:

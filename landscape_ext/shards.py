@@ -18,15 +18,15 @@ draw, with the same distribution).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .distributed import all_gather_rows, all_reduce_sum_, broadcast_, exchange_status, \
-    rank_and_world
+from .distributed import agree_arguments, all_gather_rows, all_reduce_sum_, broadcast_, \
+    exchange_status, rank_and_world
 
-__all__ = ["VectorShards", "vector_shards", "DRAW_CHUNK_ELEMENTS"]
+__all__ = ["VectorShards", "vector_shards", "agree_call", "DRAW_CHUNK_ELEMENTS"]
 
 #: Largest ``n * d`` drawn in one call (float64 elements: 1 GiB); larger draws go row by row.
 DRAW_CHUNK_ELEMENTS = 1 << 27
@@ -36,6 +36,20 @@ def vector_shards(op: Any) -> Optional["VectorShards"]:
     """The :class:`VectorShards` of an operator whose vectors are sharded over ranks (an
     operator of an FSDP2 model), else ``None``."""
     return getattr(op, "vector_shards", None)
+
+
+def agree_call(op: Any, owner: str, choices: Optional[Mapping[str, Sequence[str]]] = None,
+               **values: float) -> None:
+    """Before a solver's first collective: raise on every rank of a distributed operator (data
+    parallel or sharded vectors: its ``process_group``) when the ranks call ``owner`` with
+    different ``values``, naming the argument and each rank's value (``choices[name]``: the
+    names of an argument passed as an index). A no-op for a single-process operator."""
+    shards = vector_shards(op)
+    if shards is not None:
+        shards.agree(owner, choices, **values)
+    else:
+        agree_arguments(getattr(op, "process_group", None), owner, values,
+                        getattr(op, "device", None), choices)
 
 
 def _default_rank_tol(*dtypes: torch.dtype) -> float:
@@ -120,16 +134,12 @@ class VectorShards:
         A = A.to(torch.float64)
         return self.dots(A, A).clamp_min(0).sqrt()
 
-    def agree(self, owner: str, **values: float) -> None:
+    def agree(self, owner: str, choices: Optional[Mapping[str, Sequence[str]]] = None,
+              **values: float) -> None:
         """Raise on every rank when the ranks pass different ``values`` (solver arguments: a
-        rank with another ``k`` or ``seed`` would make other collectives)."""
-        table = exchange_status(self.group, None, [float(v) for v in values.values()],
-                                "checking the arguments", self.device)
-        for col, name in enumerate(values):
-            if bool((table[:, col] != table[0, col]).any()):
-                got = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(table[:, col].tolist()))
-                raise ValueError(f"{owner}: the ranks pass different values of {name} ({got}); "
-                                 f"every rank must make the same call")
+        rank with another ``k`` or ``seed`` would make other collectives); see
+        :func:`~landscape_ext.distributed.agree_arguments`."""
+        agree_arguments(self.group, owner, values, self.device, choices)
 
     # -- orthogonalization ----------------------------------------------------------------------
     def _fresh(self, against: Sequence[Tensor], dtype: torch.dtype, seed: int) -> Tensor:

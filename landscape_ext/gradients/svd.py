@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import distributed as _dist
 from .. import ops
+from .._args import count_argument
 from .._model import evaluation_context
 from ..distributed import SampleShards, resolve_group
 from ..results import Result
@@ -180,6 +181,7 @@ def gradient_covariance_svd(model: nn.Module, loss_fn: Optional[Callable], data:
     shards = _sample_shards(model, process_group, owner)
     progress = bool(progress) and shards.rank == 0     # bars on one rank only
     problem = _set_up(model, loss_fn, data, params, k, n_power_iter, oversample, shards)
+    k = int(k)  # checked by _set_up: any integral type
     with evaluation_context(problem.model, "eval"):
         engine, used = make_engine(problem, method, chunk_size, sketch_impl, seed,
                                    allow_gram=True, shards=shards)
@@ -239,8 +241,7 @@ def _set_up(model: Any, loss_fn: Callable, data: Any, params: ParamSpec, k: Any,
 
     def set_up_here() -> PerSampleProblem:
         problem = PerSampleProblem(model, loss_fn, data, params, owner)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"{owner}: k must be a positive integer, got {k!r}")
+        count_argument(k, "k", owner)
         if k > problem.d:
             raise ValueError(f"{owner}: k = {k} exceeds min(n_samples, n_params): the model has "
                              f"d = {problem.d} parameters")

@@ -60,23 +60,40 @@ class CurvatureOperator(metaclass=abc.ABCMeta):
     def apply_rows(self, X: Tensor) -> Tensor:
         """Products with the rows of ``X``: returns ``X @ A`` (``= (A X^T)^T``, ``A`` symmetric).
 
-        Shapes: ``X (k, d)`` -> ``(k, d)``. ``X`` is converted to ``self.dtype``/``device``.
+        Shapes: ``X (k, d)`` -> ``(k, d)``. ``X`` is converted to ``self.dtype``/``device``; a
+        complex ``X`` is an error (the operator is real: pass real and imaginary parts as
+        separate rows). Works the same under ``torch.inference_mode()`` as under
+        ``torch.no_grad()``: the product leaves inference mode (autograd needs it), and an ``X``
+        made in inference mode enters as a copy.
         """
+        self._check_real(X, "X")
         if X.dim() != 2 or X.shape[1] != self.d:
             raise ValueError(f"{type(self).__name__}: expected rows of shape (k, {self.d}), "
                              f"got {tuple(X.shape)}")
         if X.shape[0] == 0:
             return X.new_zeros((0, self.d), dtype=self.dtype, device=self.device)
-        X = X.to(device=self.device, dtype=self.dtype)
-        out = self._apply_rows(X)
+        with torch.inference_mode(False):
+            X = X.to(device=self.device, dtype=self.dtype)
+            if X.is_inference():
+                X = X.clone()
+            out = self._apply_rows(X)
         self.n_matvecs += X.shape[0]
         return out
+
+    def _check_real(self, V: Tensor, name: str) -> None:
+        """A complex ``V`` is a ``TypeError`` naming ``name`` (converting would drop its
+        imaginary part)."""
+        if V.is_complex():
+            raise TypeError(f"{type(self).__name__}: {name} is complex ({V.dtype}, shape "
+                            f"{tuple(V.shape)}); the operator is real symmetric: multiply the "
+                            f"real and imaginary parts separately (e.g. as columns of one real V)")
 
     def matmat(self, V: Tensor) -> Tensor:
         """``A @ V`` for ``V`` of shape ``(d, k)`` (or ``(d,)``) — all columns in one batched
         product."""
         if not isinstance(V, Tensor):
             V = torch.as_tensor(np.asarray(V))
+        self._check_real(V, "V")
         if V.dim() == 1 and V.shape[0] == self.d:
             return self.apply_rows(V.unsqueeze(0))[0]
         if V.dim() != 2 or V.shape[0] != self.d:
@@ -86,6 +103,8 @@ class CurvatureOperator(metaclass=abc.ABCMeta):
 
     def matvec(self, v: Tensor) -> Tensor:
         """``A @ v`` for ``v`` of shape ``(d,)``."""
+        if not isinstance(v, Tensor):
+            v = torch.as_tensor(np.asarray(v))
         return self.matmat(v.reshape(-1))
 
     def __matmul__(self, V: Tensor) -> Tensor:

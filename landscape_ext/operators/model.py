@@ -120,6 +120,7 @@ class ModelOperator(CurvatureOperator):
         # the cache holds one batch's graph: only meaningful for a single batch
         self.cache_graph = self.single_batch and (cache_graph == "auto" or bool(cache_graph))
         self._fingerprint = DataFingerprint(ordered=False)
+        self._empty_batches: set = set()  # indices of batches without samples (skipped)
         self.n_samples: Optional[int] = None
         self.mode_used: Optional[str] = None
         #: auto's measurements and choices per bucket of k (modes.py); its ``timer`` may be
@@ -191,12 +192,15 @@ class ModelOperator(CurvatureOperator):
         X = X.to(self.param_dtype)
         group = self.process_group
         owner = type(self).__name__
+        _model.check_no_inference_tensors(self.model, owner)
         if X.shape[0] > 0:
             self.mode_chooser.count(X.shape[0])
         if group is None:
             acc, n_total, n_batches = self._local_sum(X)
             if acc is None or n_total == 0:
-                raise ValueError(f"{owner}: data contains no batches")
+                raise ValueError(f"{owner}: data contains no batches"
+                                 + (f" with samples ({len(self._empty_batches)} empty)"
+                                    if self._empty_batches else ""))
             self.n_samples = n_total
             # a single batch is returned unscaled (it already is the mean)
             return acc.div_(n_total) if n_batches > 1 else acc
@@ -256,13 +260,18 @@ class ModelOperator(CurvatureOperator):
             for i, inputs, targets in self.data:
                 where = f"on batch {i}"
                 n_batch = self._samples_in(inputs, targets, where)
+                if n_batch == 0:  # no weight in the mean: skipped, with a warning
+                    self._skip_empty_batch(i)
+                    continue
                 if self.check_data:
                     self._fingerprint.add(inputs, targets, n_batch)
                 try:
                     P = self._batch_apply_rows(X, inputs, targets, where)
                 except Exception as exc:
-                    clearer = _model.explain_forward_failure(self.model, inputs, exc,
-                                                             type(self).__name__, where)
+                    owner = type(self).__name__
+                    clearer = (_model.explain_size_mismatch(inputs, targets, exc, owner, where)
+                               or _model.explain_forward_failure(self.model, inputs, exc, owner,
+                                                                 where))
                     if clearer is None:
                         raise
                     raise clearer from exc
@@ -285,6 +294,14 @@ class ModelOperator(CurvatureOperator):
                 f"makes the operator change from product to product. Use fixed data (no "
                 f"augmentation) or check_data=False.")
         return acc, n_total, n_batches
+
+    def _skip_empty_batch(self, index: int) -> None:
+        """Note a batch without samples (weight 0: the mean over batches is the same without
+        it); logged once per operator and batch, not on every product."""
+        if index not in self._empty_batches:
+            self._empty_batches.add(index)
+            log.warning("%s: batch %d holds no samples (weight 0); it is skipped",
+                        type(self).__name__, index)
 
     def _samples_in(self, inputs: Any, targets: Any, where: str) -> int:
         """The batch's weight in the mean over batches (``batch_size`` or the leading size of
@@ -331,7 +348,8 @@ class ModelOperator(CurvatureOperator):
         """The product of one batch in the mode :meth:`_choose_mode` picks, falling back from
         the fused MLP path (``auto``: for good, when a batch is outside it) and from
         forward-over-reverse (``auto``: for good, when an op of the model has no forward-mode
-        derivative, e.g. SDPA attention or a custom Function without ``jvp``)."""
+        derivative, e.g. SDPA attention or a custom Function without ``jvp``:
+        :func:`~landscape_ext._model.is_forward_ad_error`; any other error propagates)."""
         mode = self._choose_mode(X.shape[0])
         if mode == FUSED_MLP_MODE:
             out = self.mlp_backend.apply_rows(X, inputs, targets, where, self.chunk_size)
@@ -349,7 +367,9 @@ class ModelOperator(CurvatureOperator):
         try:
             out = self._apply_rows_forward_over_reverse(X, inputs, targets, where)
         except (RuntimeError, NotImplementedError) as exc:
-            if self.mode != "auto":
+            # only forward-mode AD's own failure switches the route (for good): an error of
+            # the model, the loss or the data propagates, as it does from double backward
+            if self.mode != "auto" or not _model.is_forward_ad_error(exc):
                 raise
             try:
                 out = self._apply_rows_double_backward(X, inputs, targets, where)
@@ -412,6 +432,8 @@ class ModelOperator(CurvatureOperator):
                 by_forward, seconds[FORWARD_OVER_REVERSE] = timer(FORWARD_OVER_REVERSE, lambda: (
                     self._apply_rows_forward_over_reverse(X, inputs, targets, where)))
             except (RuntimeError, NotImplementedError) as exc:
+                if not _model.is_forward_ad_error(exc):
+                    raise
                 self._forward_ad_failed(exc)
         # a cached graph (the Hessian on one batch) is paid once, not per product
         mode = self.mode_chooser.decide(bucket_of(k), estimates(k, seconds, self.cache_graph,

@@ -620,7 +620,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.compare and not args.fit_only:
         raise ValueError("--compare fits existing sweep directories: use it with --fit-only")
     if args.fit_only:
-        s = fit_sweep(args.out, **fit_kwargs_from_args(args))
+        try:
+            s = fit_sweep(args.out, **fit_kwargs_from_args(args))
+        except KeyboardInterrupt:
+            raise _Interrupted(f"interrupted while fitting; the results in {args.out} are "
+                               f"unchanged, the fit and report there may be partial; rerun the "
+                               f"same command to fit again") from None
         print("\n".join(fit_lines(s)))
         _done("sweep report", s.get("report"), t0)
         return 0
@@ -634,6 +639,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ShardBusyError as e:
         print(f"landscape-lab sweep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        raise _Interrupted(_sweep_stop(cfg, args.out)) from None
     print(f"cells: {s.n_cells} in the grid, {s.n_shard_cells} in shard {shard[0]}/{shard[1]}, "
           f"{s.n_run} run, {s.n_skipped} already finished")
     print(f"results: {s.results_path}")
@@ -643,6 +650,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         _done("results", s.results_path, t0)
     return 0
+
+
+def _sweep_stop(cfg: Any, out: str) -> str:
+    """Where an interrupted sweep stopped, and that a rerun resumes there."""
+    from .sweep import results_path
+    from .sweep.running import _finished_cells
+
+    results = results_path(out)
+    try:
+        done, total = _finished_cells(cfg, out)
+    except Exception:  # noqa: BLE001 - the line must come out whatever the file holds
+        return (f"interrupted; the results so far are in {results}; rerun the same command to "
+                f"resume (finished cells are skipped)")
+    if done == total:
+        return (f"interrupted after all {total} cells finished (results in {results}); rerun "
+                f"the same command to fit, or add --fit-only")
+    return (f"interrupted with {done} of {total} cells finished (results in {results}); rerun "
+            f"the same command to resume (finished cells are skipped, the interrupted one runs "
+            f"again)")
 
 
 def cmd_barrier(args: argparse.Namespace) -> int:
@@ -713,11 +739,34 @@ _COMMANDS = {"report": cmd_report, "train": cmd_train, "sweep": cmd_sweep,
              "barrier": cmd_barrier, "spectrum": cmd_spectrum}
 
 
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+_EXIT_INTERRUPTED = 130
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C caught by a subcommand that knows where it stopped: the one line to print."""
+
+
+def _interrupted_line(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """The one line printed on Ctrl-C: where the subcommand stopped and what its outputs are."""
+    if isinstance(exc, _Interrupted):
+        text = str(exc)
+    else:
+        text = (f"interrupted; the outputs in {args.out} are partial (nothing resumes from "
+                f"them); rerun the same command to start over")
+    return f"landscape-lab {args.command}: {text}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``landscape-lab``; returns the exit status."""
+    """Entry point of ``landscape-lab``; returns the exit status (130 after Ctrl-C, with one
+    line on stderr that says where it stopped)."""
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
+    except KeyboardInterrupt as e:
+        log.debug("interrupted", exc_info=True)   # the traceback with --verbose
+        print(_interrupted_line(args, e), file=sys.stderr)
+        return _EXIT_INTERRUPTED
     except (FileNotFoundError, ValueError) as e:
         # missing data files or checkpoints, inconsistent options: one clear line (the
         # traceback with --verbose)

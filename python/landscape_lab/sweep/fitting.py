@@ -18,15 +18,43 @@ __all__ = ["measurements", "final_measurements", "fit_points", "fit_sweep"]
 log = logging.getLogger(__name__)
 
 
-def measurements(records: Sequence[Dict[str, Any]], config_hash: Optional[str] = None
-                 ) -> List[Dict[str, Any]]:
+#: The fields a measurement record must have to be fitted and reported.
+_REQUIRED_FIELDS = ("cell", "epoch", "dataset", "optimizer", "width", "depth")
+
+
+def _unusable(r: Dict[str, Any]) -> Optional[str]:
+    """Why measurement record ``r`` cannot be fitted (a field missing or of the wrong type), or
+    None."""
+    missing = [f for f in _REQUIRED_FIELDS if r.get(f) is None]
+    if missing:
+        return f"without {', '.join(missing)}"
+    if not isinstance(r["cell"], str):
+        return f"whose cell is {r['cell']!r}, not a string"
+    for f in ("epoch", "width", "depth"):
+        v = r[f]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+            return f"whose {f} is {v!r}, not an integer"
+    return None
+
+
+def measurements(records: Sequence[Dict[str, Any]], config_hash: Optional[str] = None,
+                 where: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Measurement records (deduplicated by (cell, epoch, config_hash); the last wins), in the
-    order of their last write, optionally of one ``config_hash``."""
+    order of their last write, optionally of one ``config_hash``. A record without cell,
+    epoch, dataset, optimizer, width or depth (or with a non-integer epoch, width or depth) is
+    skipped with a warning naming it: ``where[i]`` (e.g. ``"results.jsonl:7"``) for
+    ``records[i]``, else its position."""
     seen: Dict[Tuple[str, int, Optional[str]], Dict[str, Any]] = {}
-    for r in records:
+    for i, r in enumerate(records):
         if r.get("kind") != "measurement":
             continue
         if config_hash is not None and r.get("config_hash") != config_hash:
+            continue
+        why = _unusable(r)
+        if why is not None:
+            log.warning("%s: skipping a measurement record %s (a measurement needs %s)",
+                        where[i] if where is not None else f"record {i + 1}", why,
+                        ", ".join(_REQUIRED_FIELDS))
             continue
         key = (r["cell"], int(r["epoch"]), r.get("config_hash"))
         seen.pop(key, None)
@@ -176,7 +204,9 @@ def fit_sweep(out_dir: PathLike, *, statistic: str = "spectral_norm", epoch: Opt
     meas: List[Dict[str, Any]] = []
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for d in dirs:
-        recs = measurements(store.load_results(d), store._config_hash(d))
+        located = store._located_results(d)
+        recs = measurements([r for _, r in located], store._config_hash(d),
+                            where=[w for w, _ in located])
         meas.extend(recs)
         own: Dict[str, List[Dict[str, Any]]] = {}
         for r in recs:

@@ -132,6 +132,15 @@ def _progress_state(records: Sequence[Dict[str, Any]], chash: str,
     return finished, measured
 
 
+def _finished_cells(cfg: SweepConfig, out_dir: PathLike) -> Tuple[int, int]:
+    """``(cells finished, cells in the grid)`` of ``cfg`` in ``out_dir``'s results (over all
+    shards): where an interrupted sweep stopped."""
+    keys = {c.key for c in cfg.cells()}
+    finished, _ = _progress_state(store.load_results(out_dir), cfg.measurement_hash(), cfg,
+                                  warn=False)
+    return len(finished & keys), len(keys)
+
+
 class _ShardRun:
     """One shard's pass over the grid: its cells, those already finished, those it runs, and
     whether it is the process that fits the scaling law."""

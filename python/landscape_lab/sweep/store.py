@@ -28,22 +28,34 @@ def load_results(out_dir: PathLike) -> List[Dict[str, Any]]:
     versions first, then ``results.jsonl`` (read under a shared lock, so a line being appended is
     never seen half-written). Lines that do not parse (cut by a crash) are skipped with a
     warning."""
+    return [r for _, r in _located_results(out_dir)]
+
+
+def _located_results(out_dir: PathLike) -> List[Tuple[str, Dict[str, Any]]]:
+    """``(where, record)`` of :func:`load_results`' records: ``where`` is ``"file:line"``, for
+    a reader that rejects a record to name it."""
     out = Path(out_dir)
     main = results_path(out)
-    recs = _legacy_results(out)
+    recs = [x for p in _legacy_paths(out) for x in _located(p)]
     if main.exists():
-        recs.extend(r for r in read_jsonl(main, locked=True) if isinstance(r, dict))
+        recs.extend(_located(main, locked=True))
     return recs
+
+
+def _located(path: Path, locked: bool = False) -> List[Tuple[str, Dict[str, Any]]]:
+    return [(f"{path}:{i}", r) for i, r in read_jsonl(path, locked=locked, numbered=True)
+            if isinstance(r, dict)]
+
+
+def _legacy_paths(out: Path) -> List[Path]:
+    """The per-shard results files of older versions (``results.shard*.jsonl``)."""
+    main = results_path(out)
+    return [p for p in sorted(out.glob("results*.jsonl")) if p != main]
 
 
 def _legacy_results(out: Path) -> List[Dict[str, Any]]:
     """Records of the per-shard files of older versions (``results.shard*.jsonl``)."""
-    recs: List[Dict[str, Any]] = []
-    main = results_path(out)
-    for p in sorted(out.glob("results*.jsonl")):
-        if p != main:
-            recs.extend(r for r in read_jsonl(p) if isinstance(r, dict))
-    return recs
+    return [r for p in _legacy_paths(out) for _, r in _located(p)]
 
 
 def _results_writer(path: PathLike) -> JsonlWriter:
