@@ -10,7 +10,8 @@ means "unchanged within noise".
     python bench/compare_builds.py --old ~/.cache/landscape-ext/venvs/base-2.13/bin/python \
         --new .venv/bin/python --rounds 3 --out bench/results/stable_abi_cpu.json
 
-Benchmarks (``--benches``): krylov (bench_krylov.py --quick), sketch (bench_sketch.py --quick),
+Benchmarks (``--benches``): krylov (bench_krylov.py --quick), krylov_tiny (--tiny: d = 1e4,
+where a call's fixed cost shows), sketch (bench_sketch.py --quick),
 hvp (bench_hvp.py --quick --sections act,xent: the op sections; the mlp/models sections time
 autograd, which a build change does not touch). Run with nothing else on the machine.
 """
@@ -28,6 +29,9 @@ from typing import Dict, List, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {
     "krylov": (["bench_krylov.py", "--quick"], ("op", "d", "m", "b", "basis", "impl"), "median_ms"),
+    # d = 1e4: where a call's fixed cost (the Python driver since the stable-ABI port) shows
+    "krylov_tiny": (["bench_krylov.py", "--tiny"], ("op", "d", "m", "b", "basis", "impl"),
+                    "median_ms"),
     "sketch": (["bench_sketch.py", "--quick"], None, None),
     "hvp": (["bench_hvp.py", "--quick", "--sections", "act,xent"], ("case", "impl"), "ms"),
 }
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--old", required=True, help="python of the venv with the old build")
     p.add_argument("--new", required=True, help="python of the venv with the new build")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--benches", default="krylov,sketch,hvp")
+    p.add_argument("--benches", default="krylov,krylov_tiny,sketch,hvp")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=None, help="JSON file for the table")
     args = p.parse_args(argv)

@@ -190,8 +190,8 @@ def test_loss_error_in_forward_over_reverse_propagates():
     with pytest.raises(RuntimeError, match="loss service unavailable"):
         op @ v
     assert not op.forward_ad_broken
-    out = op @ v  # the next product runs forward-over-reverse again
-    assert op.mode_used == "forward-over-reverse" and not op.forward_ad_broken
+    out = op @ v  # the next one (auto's measurement of k = 1) still runs forward-over-reverse
+    assert "forward-over-reverse" in op.mode_timings[1] and not op.forward_ad_broken
     ref = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), mode="double-backward") @ v
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
@@ -238,6 +238,19 @@ def test_batch_size_mismatch_names_the_batch(mode):
     op = GGNOperator(seq, loss, (x, y[:12]))
     with pytest.raises(ValueError, match=r"GGNOperator: batch 0: .*16 .*12"):
         op @ torch.randn(op.d, dtype=torch.float64)
+
+
+def test_batch_size_mismatch_in_per_sample_gradients_names_the_batch():
+    model, _, x, y = _problem()
+    loss = nn.CrossEntropyLoss(reduction="none")
+    data = [(x, y), (x, y[:12])]
+    # before: the inputs were sliced to the targets' 12 rows and 4 samples silently dropped
+    with pytest.raises(ValueError, match=r"per_sample_gradients: .*\(16, 4\) .*12 samples.* "
+                                         r"on batch 1"):
+        lx.per_sample_gradients(model, loss, data)
+    with pytest.raises(ValueError, match=r"gradient_covariance_svd: batch 1: the inputs hold 16 "
+                                         r"samples \(leading size\) and the targets 12"):
+        lx.gradient_covariance_svd(model, loss, data, k=3, method="jvp")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,12 +17,10 @@ from torch.nn import functional as F
 
 import landscape_ext as le
 from landscape_ext import distributed as _dist
-from landscape_lab import cli
 from landscape_lab.cli import main
 
 from _dist_common import run_rank, spawn_ranks, tiny_model, uneven_shard
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # a 4-cell fixed-epoch sweep of tiny MLPs on a small Gaussian mixture (seconds)
 SWEEP = ["sweep", "--datasets", "gaussian", "--gaussian-n", "100", "--ambient-dim", "5",
@@ -102,7 +100,7 @@ def test_ctrl_c_in_every_subcommand_is_one_line_and_exit_130(command, module, na
 def test_sigint_during_a_real_sweep(tmp_path):
     """The real signal: a sweep process that has written its first cell gets SIGINT."""
     out = tmp_path / "sw"
-    argv = [a for a in SWEEP] + ["--widths", "3,4,5,6,7,8", "--no-fit", "--out", str(out)]
+    argv = SWEEP + ["--widths", "3,4,5,6,7,8", "--no-fit", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "landscape_lab", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -11,7 +11,8 @@ from torch.utils import _pytree as pytree
 
 from .._model import DataFingerprint, DataSource, ParameterLayout
 from .._model import batch_size as batch_size_of
-from .._model import call_model, detached_parameters, output_loss, unsqueeze_batch, unwrap_ddp
+from .._model import (call_model, detached_parameters, explain_size_mismatch, output_loss,
+                      unsqueeze_batch, unwrap_ddp)
 
 ParamSpec = Optional[Iterable[Union[str, Tensor]]]
 
@@ -134,7 +135,13 @@ class PerSampleProblem:
         if self.own_loss:
             losses = own_sample_losses(self.model, params, inputs, batch_size, self.owner, where)
         else:
-            losses = self.loss_fn(call_model(self.model, params, inputs), targets)
+            try:
+                losses = self.loss_fn(call_model(self.model, params, inputs), targets)
+            except Exception as exc:
+                clearer = explain_size_mismatch(inputs, targets, exc, self.owner, where)
+                if clearer is None:
+                    raise
+                raise clearer from exc
         return check_per_sample_losses(losses, batch_size, self.owner, where)
 
     def sample_loss(self, params: Dict[str, Tensor], sample: Any, target: Any,

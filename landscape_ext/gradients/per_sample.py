@@ -37,6 +37,9 @@ def per_sample_gradient_chunks(problem: PerSampleProblem, inputs: Any, targets: 
         full.update(params)
         return problem.sample_loss(full, x, t, where)
 
+    # every input is sliced by sample: check the whole batch before slicing (a slice would hide
+    # inputs with more rows than the batch has targets)
+    sample_in_dims(inputs, batch_size, owner, where)
     chunk = _sample_chunk(batch_size, sum(problem.sizes[n] for n in names), chunk_size)
     for start in range(0, batch_size, chunk):
         end = min(batch_size, start + chunk)

@@ -9,13 +9,25 @@ one boundary where rows and columns are transposed. ``n_matvecs`` counts directi
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Optional, Tuple, Union
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["CurvatureOperator", "DenseOperator", "CallableOperator", "as_operator"]
+
+
+@contextlib.contextmanager
+def _outside_inference_mode() -> Iterator[None]:
+    """Under ``torch.inference_mode()``: leave it for the block, with gradients off as under
+    ``torch.no_grad()`` (the operators enable them where they differentiate); else nothing."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 class CurvatureOperator(metaclass=abc.ABCMeta):
@@ -72,7 +84,7 @@ class CurvatureOperator(metaclass=abc.ABCMeta):
                              f"got {tuple(X.shape)}")
         if X.shape[0] == 0:
             return X.new_zeros((0, self.d), dtype=self.dtype, device=self.device)
-        with torch.inference_mode(False):
+        with _outside_inference_mode():
             X = X.to(device=self.device, dtype=self.dtype)
             if X.is_inference():
                 X = X.clone()

@@ -29,7 +29,11 @@ class HessianOperator(ModelOperator):
     data : (inputs, targets), dict, or iterable of batches
         One batch, or a re-iterable of batches (a DataLoader, a list). ``inputs`` may be a tensor,
         a tuple (``model(*inputs)``) or a dict (``model(**inputs)``); a batch may also be a dict
-        alone (``model(**batch)``, labels inside it, for ``loss_fn=None``).
+        alone (``model(**batch)``, labels inside it, for ``loss_fn=None``). A batch without
+        samples has no weight in the mean: it is skipped, with a warning naming its index (once
+        per operator). A batch whose inputs and targets hold different numbers of samples is an
+        error naming the batch and both sizes. Tensors made under ``torch.inference_mode()``
+        are copied for autograd (a list of batches once, a DataLoader's batches as read).
     params : iterable of str or Parameter, optional
         Subset of parameters (default: all with ``requires_grad``).
     mode : {"auto", "forward-over-reverse", "double-backward", "double-backward-loop", "fused-mlp"}
