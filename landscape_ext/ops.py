@@ -37,6 +37,23 @@ def _orthogonalize_batched_kernel(bases, vectors, n_basis, rank_tol=-1.0):
     return _krylov_driver.orthogonalize_batched(_KRYLOV_PASSES, bases, vectors, n_basis, rank_tol)
 
 
+@torch.library.register_fake("landscape_ext::_krylov_coeffs")
+def _krylov_coeffs_fake(basis, block, n):
+    return block.new_empty((block.shape[0], n, block.shape[1]))
+
+
+@torch.library.register_fake("landscape_ext::_krylov_project_coeffs")
+def _krylov_project_coeffs_fake(basis, block, coeffs, n):
+    R, b, d = block.shape
+    return block.new_empty((R, b, d)), block.new_empty((R, n, b))
+
+
+@torch.library.register_fake("landscape_ext::_krylov_project_gram")
+def _krylov_project_gram_fake(basis, block, coeffs, n):
+    R, b, d = block.shape
+    return block.new_empty((R, b, d)), block.new_empty((R, b, b))
+
+
 for _key in ("CPU", "CUDA"):
     if torch._C._dispatch_has_kernel_for_dispatch_key("landscape_ext::_krylov_coeffs", _key):
         _krylov_kernels.impl("block_orthonormalize", _block_orthonormalize_kernel, _key)

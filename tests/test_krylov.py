@@ -384,6 +384,52 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.landscape_ext.orthogonalize_batched, (bases, vectors, 5, -1.0))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("basis_dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("acc", [torch.float64, torch.float32])
+def test_krylov_passes_match_their_formulas(device, basis_dtype, acc):
+    # the three internal pass ops the drivers are made of (csrc/krylov.h), against their
+    # formulas in float64; a strided (row-padded) basis of which only rows [:n] are read
+    if basis_dtype == torch.float64 and acc == torch.float32:
+        pytest.skip("a float64 basis runs with a float64 block (the drivers widen it)")
+    R, m, b, d, n = 2, 7, 3, 4099, 5
+    full = torch.stack([orthonormal_rows(m + 1, d + 3, torch.float64, device, seed=20 + i)
+                        for i in range(R)])
+    basis = full[:, :m, :d].to(basis_dtype)               # row stride d + 3, unit stride in d
+    basis[:, n:] = float("nan")                            # rows past n are never read
+    W = randn(R, b, d, dtype=acc, device=device, seed=30)
+    C = randn(R, n, b, dtype=acc, device=device, seed=31)
+    Q, W64, C64 = basis[:, :n].double(), W.double(), C.double()
+    out64 = W64 - C64.transpose(1, 2) @ Q
+    tol = 1e-12 if acc == torch.float64 else 2e-4
+    lib = torch.ops.landscape_ext
+    torch.testing.assert_close(lib._krylov_coeffs(basis, W, n).double(),
+                               Q @ W64.transpose(1, 2), rtol=tol, atol=tol * d ** 0.5)
+    out, C2 = lib._krylov_project_coeffs(basis, W, C, n)
+    torch.testing.assert_close(out.double(), out64, rtol=tol, atol=tol)
+    torch.testing.assert_close(C2.double(), Q @ out64.transpose(1, 2), rtol=tol,
+                               atol=tol * d ** 0.5)
+    out, G = lib._krylov_project_gram(basis, W, C, n)
+    torch.testing.assert_close(out.double(), out64, rtol=tol, atol=tol)
+    torch.testing.assert_close(G.double(), out64 @ out64.transpose(1, 2), rtol=tol,
+                               atol=tol * d)
+    assert out.dtype == C2.dtype == G.dtype == acc
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_krylov_passes_opcheck(device):
+    basis = orthonormal_rows(9, 131, torch.float32, device, seed=15).unsqueeze(0)
+    W = randn(1, 3, 131, dtype=torch.float32, device=device, seed=16)
+    C = randn(1, 7, 3, dtype=torch.float32, device=device, seed=17)
+    lib = torch.ops.landscape_ext
+    torch.library.opcheck(lib._krylov_coeffs, (basis, W, 7))
+    torch.library.opcheck(lib._krylov_project_coeffs, (basis, W, C, 7))
+    torch.library.opcheck(lib._krylov_project_gram, (basis, W, C, 7))
+    if device == "cpu":  # the CPU passes also guard a direct call (the drivers pass valid args)
+        with pytest.raises(RuntimeError, match=r"_krylov_coeffs: n = 10 must be in \[1, m = 9\]"):
+            lib._krylov_coeffs(basis, W, 10)
+
+
 def test_torch_compile_fullgraph():
     basis = orthonormal_rows(6, 77, torch.float32, "cpu", seed=18)
     block = randn(2, 77, dtype=torch.float32, device="cpu", seed=19)
