@@ -123,14 +123,29 @@ T from_ivalue(StableIValue v) {
 }
 
 // ---- tensor creation (device and dtype given explicitly; strided layout) -----------------------
+// Through the C shim's aoti_torch_empty_strided (a direct call), not the dispatcher: the kernels
+// allocate their outputs on every call, and a boxed dispatcher call costs microseconds.
+// (The shim's dtype and device codes are c10::ScalarType's and c10::DeviceType's values.)
+inline Tensor empty(const int64_t* sizes, int64_t ndim, ScalarType dtype, Device device) {
+  std::vector<int64_t> strides(static_cast<size_t>(ndim));
+  int64_t stride = 1;
+  for (int64_t i = ndim - 1; i >= 0; --i) {
+    strides[static_cast<size_t>(i)] = stride;
+    stride *= sizes[i] > 1 ? sizes[i] : 1;
+  }
+  // a tensor's device always carries its index; -1 (an unindexed CPU device) means 0 here
+  const int32_t index = device.index() < 0 ? 0 : static_cast<int32_t>(device.index());
+  AtenTensorHandle handle = nullptr;
+  LANDSCAPE_SHIM_CHECK(aoti_torch_empty_strided(ndim, sizes, strides.data(),
+                                                static_cast<int32_t>(dtype),
+                                                static_cast<int32_t>(device.type()), index, &handle));
+  return Tensor(handle);
+}
 inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, Device device) {
-  std::vector<int64_t> s(sizes);
-  return torch::stable::empty(torch::headeronly::IntHeaderOnlyArrayRef(s.data(), s.size()),
-                              dtype, std::nullopt, device);
+  return empty(sizes.begin(), static_cast<int64_t>(sizes.size()), dtype, device);
 }
 inline Tensor empty(const std::vector<int64_t>& s, ScalarType dtype, Device device) {
-  return torch::stable::empty(torch::headeronly::IntHeaderOnlyArrayRef(s.data(), s.size()),
-                              dtype, std::nullopt, device);
+  return empty(s.data(), static_cast<int64_t>(s.size()), dtype, device);
 }
 // New tensor with the dtype and device of `like`.
 inline Tensor empty_as(const Tensor& like, std::initializer_list<int64_t> sizes) {

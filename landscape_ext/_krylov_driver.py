@@ -144,12 +144,10 @@ def check_orthogonalize_batched_args(bases: Tensor, vectors: Tensor, n_basis: in
                    f"orthogonal direction")
 
 
-def _check_finite_rows(norms_cpu: Tensor, op: str, name: str) -> None:
-    bad = (~torch.isfinite(norms_cpu)).nonzero()
-    if bad.numel():
-        row = int(bad[0, 0])
-        raise RuntimeError(f"{op}: {name} has non-finite values (row {row} of "
-                           f"{norms_cpu.shape[0]})")
+def _check_finite_rows(norms: Sequence[float], op: str, name: str) -> None:
+    for row, value in enumerate(norms):
+        if not math.isfinite(value):
+            raise RuntimeError(f"{op}: {name} has non-finite values (row {row} of {len(norms)})")
 
 
 # ---- the rounds of Gram-Schmidt ------------------------------------------------------------------
@@ -160,8 +158,8 @@ def _first_coeffs(passes: Passes, basis: Tensor, W: Tensor, n: int, op: str, bas
     R = W.shape[0]
     C1 = passes.coeffs(basis, W, n)
     # W was checked finite, so a non-finite coefficient can only come from the basis.
-    bad = C1.isfinite().logical_not().flatten(1).any(1)
-    if bad.any().item():
+    if not bool(torch.isfinite(C1).all()):
+        bad = C1.isfinite().logical_not().flatten(1).any(1)
         first = int(bad.nonzero().view(-1)[0])
         rows = (f"its first n_basis = {n} rows" if first_row == 0
                 else f"rows [{first_row}, {first_row + n}) (local_rows)")
@@ -286,7 +284,7 @@ def block_orthonormalize(passes: Passes, basis_in: Tensor, block: Tensor, n: int
     basis = _rows_contiguous(basis_in).unsqueeze(0)  # (1, m, d)
     W = block.contiguous().unsqueeze(0)              # (1, b, d)
     norms0 = _norm_rows(W[0]).to("cpu", torch.float64)
-    _check_finite_rows(norms0, op, "block")
+    _check_finite_rows(norms0.tolist(), op, "block")
 
     # The newest local_rows rows first (one round over just those: a Lanczos block's large
     # components lie along the last two blocks), then the rounds over the whole basis.
@@ -333,7 +331,7 @@ def _cholesky_qr2(passes: Passes, p: _Projected, norms0: Tensor, tol: float, eps
     zeros = torch.zeros_like(p.W2)
 
     def transform(rows: Tensor, Rinv: Tensor) -> Tuple[Tensor, Tensor]:
-        C = Rinv.neg().to(**opts).unsqueeze(0).contiguous()  # (1, b, b)
+        C = Rinv.neg().to(**opts).unsqueeze(0)  # (1, b, b), contiguous
         return passes.project_gram(rows, zeros, C, b)
 
     q1, G2 = transform(p.W2, torch.linalg.inv(R1))
@@ -403,7 +401,7 @@ def orthogonalize_batched(passes: Passes, bases_in: Tensor, vectors: Tensor, n: 
     bases = _rows_contiguous(bases_in)
     W = vectors.contiguous().unsqueeze(1)  # (r, 1, d)
     norms0 = _norm_rows(vectors).to("cpu", torch.float64)
-    _check_finite_rows(norms0, op, "vectors")
+    _check_finite_rows(norms0.tolist(), op, "vectors")
 
     p = _project_twice(passes, bases, W, n, op, "bases")
     norms = p.G.view(r).clamp_min(0).sqrt()

@@ -23,8 +23,9 @@ _lib = torch.ops.landscape_ext
 # The kernels of block_orthonormalize and orthogonalize_batched are Python drivers
 # (_krylov_driver.py: CholeskyQR2, rank decisions) over compiled passes (the internal ops
 # _krylov_*, csrc/krylov.h): registered here for every backend whose passes this build has.
-_KRYLOV_PASSES = _krylov_driver.Passes(_lib._krylov_coeffs, _lib._krylov_project_coeffs,
-                                       _lib._krylov_project_gram)
+_KRYLOV_PASSES = _krylov_driver.Passes(_lib._krylov_coeffs.default,
+                                       _lib._krylov_project_coeffs.default,
+                                       _lib._krylov_project_gram.default)
 _krylov_kernels = torch.library.Library("landscape_ext", "IMPL")
 
 
@@ -54,11 +55,23 @@ def _krylov_project_gram_fake(basis, block, coeffs, n):
     return block.new_empty((R, b, d)), block.new_empty((R, b, b))
 
 
+_KRYLOV_DEVICE_TYPES = []
 for _key in ("CPU", "CUDA"):
     if torch._C._dispatch_has_kernel_for_dispatch_key("landscape_ext::_krylov_coeffs", _key):
         _krylov_kernels.impl("block_orthonormalize", _block_orthonormalize_kernel, _key)
         _krylov_kernels.impl("orthogonalize_batched", _orthogonalize_batched_kernel, _key)
+        _KRYLOV_DEVICE_TYPES.append(_key.lower())
 del _key
+
+
+def _direct_krylov_call(a: Tensor, b: Tensor) -> bool:
+    """Whether the wrappers may call the krylov driver directly instead of through the op: in
+    eager mode on a device with passes (the op's kernel is that same driver; the dispatcher
+    round trip into Python costs about as much as a small call's passes). Under torch.compile,
+    fake tensors or a subclass, the op itself runs."""
+    return (type(a) is Tensor and type(b) is Tensor and a.device.type in _KRYLOV_DEVICE_TYPES
+            and not torch.compiler.is_compiling() and not a.requires_grad
+            and not b.requires_grad)
 
 # ------------------------------------------------------------------------------------------------
 # fused or composite
@@ -199,6 +212,9 @@ def block_orthonormalize(basis: Tensor, block: Tensor, n_basis: Optional[int] = 
     """
     if n_basis is None:
         n_basis = basis.shape[0]
+    if _direct_krylov_call(basis, block):
+        return _block_orthonormalize_kernel(basis, block, int(n_basis), float(rank_tol),
+                                            int(rounds), int(local_rows))
     return _lib.block_orthonormalize(basis, block, int(n_basis), float(rank_tol), int(rounds),
                                      int(local_rows))
 
@@ -253,6 +269,8 @@ def orthogonalize_batched(bases: Tensor, vectors: Tensor, n_basis: Optional[int]
     """
     if n_basis is None:
         n_basis = bases.shape[1]
+    if _direct_krylov_call(bases, vectors):
+        return _orthogonalize_batched_kernel(bases, vectors, int(n_basis), float(rank_tol))
     return _lib.orthogonalize_batched(bases, vectors, int(n_basis), float(rank_tol))
 
 

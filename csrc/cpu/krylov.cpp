@@ -230,17 +230,17 @@ void reduce_partials(const acc_t* P, acc_t* S, int64_t R, int64_t chunks, int64_
 }
 
 // One pass over basis[:, :n] (see krylov.h). basis (R, m, d) rows stride-1; W (R, b, d) and
-// C (R, n, b) contiguous in the accumulation dtype (unused by kCoeffs). Returns (out, sums); out
-// is empty for kCoeffs.
-std::tuple<Tensor, Tensor> run_pass(Pass kind, const Tensor& basis, const Tensor& W,
-                                    const Tensor* C, int64_t n) {
+// C (R, n, b) contiguous in the accumulation dtype (unused by kCoeffs). Returns the sums and, for
+// the project passes, writes `out` (R, b, d). Every allocation through the stable ABI is a boxed
+// dispatcher call (a few microseconds): the per-task partial sums are host scratch, not tensors.
+Tensor run_pass(Pass kind, const Tensor& basis, const Tensor& W, const Tensor* C, int64_t n,
+                const Tensor* out) {
   const int64_t R = W.size(0), b = W.size(1), d = W.size(2);
   const ScalarType acc = W.scalar_type();
   const int64_t acc_elem = acc == kDouble ? 8 : 4;
   const int64_t basis_elem = static_cast<int64_t>(basis.element_size());
   const int64_t L = 64 / acc_elem;
   const int64_t part_rows = kind == Pass::kProjectGram ? b : n;
-  const Tensor out = kind == Pass::kCoeffs ? empty_as(W, {0}) : empty_as(W, {R, b, d});
 
   // Chunks are a multiple of 64 columns (whole vectors) except the last one.
   const int64_t nchunks = num_chunks(d);
@@ -252,12 +252,12 @@ std::tuple<Tensor, Tensor> run_pass(Pass kind, const Tensor& basis, const Tensor
 
   const char* Qp = static_cast<const char*>(basis.data_ptr());
   const char* Wp = static_cast<const char*>(W.data_ptr());
-  char* Op = kind == Pass::kCoeffs ? nullptr : static_cast<char*>(out.data_ptr());
+  char* Op = kind == Pass::kCoeffs ? nullptr : static_cast<char*>(out->data_ptr());
   const void* Cp = kind == Pass::kCoeffs ? nullptr : C->data_ptr();
   const int64_t sR = basis.stride(0), sM = basis.stride(1);
   // per-task reduced partial sums, added in task order afterwards (deterministic)
-  const Tensor partial = empty_as(W, {R * used_chunks, part_rows, b});
-  char* Pp = static_cast<char*>(partial.data_ptr());
+  std::vector<char> partial(static_cast<size_t>(R * used_chunks * part_rows * b * acc_elem));
+  char* Pp = partial.data();
 
   torch::stable::parallel_for(0, R * used_chunks, 1, [&](int64_t begin, int64_t end) {
     // lane partial sums: (part_rows, b) vectors of 64 bytes
@@ -295,15 +295,16 @@ std::tuple<Tensor, Tensor> run_pass(Pass kind, const Tensor& basis, const Tensor
     }
   });
   // deterministic reduction in chunk order
-  const Tensor sums = zeros_as(W, {R, part_rows, b});
+  const Tensor sums = empty_as(W, {R, part_rows, b});
+  std::memset(sums.data_ptr(), 0, static_cast<size_t>(R * part_rows * b * acc_elem));
   if (acc == kDouble) {
-    reduce_partials(static_cast<const double*>(partial.data_ptr()),
-                    static_cast<double*>(sums.data_ptr()), R, used_chunks, part_rows * b);
+    reduce_partials(reinterpret_cast<const double*>(Pp), static_cast<double*>(sums.data_ptr()), R,
+                    used_chunks, part_rows * b);
   } else {
-    reduce_partials(static_cast<const float*>(partial.data_ptr()),
-                    static_cast<float*>(sums.data_ptr()), R, used_chunks, part_rows * b);
+    reduce_partials(reinterpret_cast<const float*>(Pp), static_cast<float*>(sums.data_ptr()), R,
+                    used_chunks, part_rows * b);
   }
-  return {out, sums};
+  return sums;
 }
 
 // The drivers pass what krylov.h promises; these checks only keep a direct call of an internal
@@ -330,19 +331,21 @@ void check_pass_args(const char* op, const Tensor& basis, const Tensor& W, const
 
 Tensor coeffs_cpu(const Tensor& basis, const Tensor& W, int64_t n) {
   check_pass_args("_krylov_coeffs", basis, W, nullptr, n);
-  return std::get<1>(run_pass(Pass::kCoeffs, basis, W, nullptr, n));
+  return run_pass(Pass::kCoeffs, basis, W, nullptr, n, nullptr);
 }
 std::tuple<Tensor, Tensor> project_coeffs_cpu(const Tensor& basis, const Tensor& W,
                                               const Tensor& C, int64_t n) {
   check_pass_args("_krylov_project_coeffs", basis, W, &C, n);
-  const Tensor Cc = contiguous(C);
-  return run_pass(Pass::kProjectCoeffs, basis, W, &Cc, n);
+  const Tensor Cc = C.is_contiguous() ? C : contiguous(C);
+  const Tensor out = empty_as(W, {W.size(0), W.size(1), W.size(2)});
+  return {out, run_pass(Pass::kProjectCoeffs, basis, W, &Cc, n, &out)};
 }
 std::tuple<Tensor, Tensor> project_gram_cpu(const Tensor& basis, const Tensor& W,
                                             const Tensor& C, int64_t n) {
   check_pass_args("_krylov_project_gram", basis, W, &C, n);
-  const Tensor Cc = contiguous(C);
-  return run_pass(Pass::kProjectGram, basis, W, &Cc, n);
+  const Tensor Cc = C.is_contiguous() ? C : contiguous(C);
+  const Tensor out = empty_as(W, {W.size(0), W.size(1), W.size(2)});
+  return {out, run_pass(Pass::kProjectGram, basis, W, &Cc, n, &out)};
 }
 
 }  // namespace
