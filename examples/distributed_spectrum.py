@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import landscape_ext as le
+import landscape_ext as lx
 from landscape_lab import training
 from landscape_lab.data import get_dataset
 from landscape_lab.models import MLP
@@ -108,13 +108,13 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
               y[s:min(s + args.batch_size, hi)].to(device))
              for s in range(lo, hi, args.batch_size)]
     loss_fn, _ = training.loss_functions(ds.task)
-    Op = le.HessianOperator if args.operator == "hessian" else le.GGNOperator
+    Op = lx.HessianOperator if args.operator == "hessian" else lx.GGNOperator
     op = Op(ddp, loss_fn, shard)  # reduces over DDP's process group
 
-    top = le.eigsh(op, k=args.k, tol=args.tol, seed=args.seed)
+    top = lx.eigsh(op, k=args.k, tol=args.tol, seed=args.seed)
     n_eig = op.n_matvecs
-    tr = le.trace(op, args.trace_matvecs, seed=args.seed)
-    dens = le.spectral_density(op, n_steps=args.slq_steps, n_probes=args.slq_probes,
+    tr = lx.trace(op, args.trace_matvecs, seed=args.seed)
+    dens = lx.spectral_density(op, n_steps=args.slq_steps, n_probes=args.slq_probes,
                                seed=args.seed)
     elem = torch.empty((), dtype=op.dtype).element_size()
     per_direction = 2 * (world - 1) / world * op.d * elem
@@ -131,7 +131,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     top.save(out / "eigsh.json")
     tr.save(out / "trace.json")
     dens.save(out / "density.json")
-    if le.is_main_process():
+    if lx.is_main_process():
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"{world} ranks ({summary['backend']}), {op.n_samples} samples, d = {op.d}: "
               f"top-{args.k} {', '.join(f'{v:.5g}' for v in top.eigenvalues.tolist())}; "

@@ -26,8 +26,10 @@ _lx_build_key() {
 }
 
 _lx_requirements_key() {
+  # (the torch version from its metadata: importing torch before numpy is there warns)
   echo "numpy scipy pytest ninja setuptools>=64 wheel matplotlib tqdm scikit-learn" \
-    "$(python -c 'import torch; print(torch.__version__)')" | sha256sum | cut -d' ' -f1
+    "$(python -c 'import importlib.metadata as m; print(m.version("torch"))')" \
+    | sha256sum | cut -d' ' -f1
 }
 
 setup_env() {

@@ -292,3 +292,16 @@ def test_model_made_in_inference_mode_is_named():
     with pytest.raises(ValueError, match=r"HessianOperator: parameter 'a.weight' of `model` is an "
                                          r"inference tensor"):
         op @ torch.randn(op.d, dtype=torch.float64)
+
+
+def test_mlp_hvp_names_its_column_layout_and_the_shape_passed():
+    # issue 26 (README snippets): directions as rows got a message with the shapes swapped
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    d = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=rf"expected directions of shape \({d},\) or \({d}, k\)"
+                                         rf", one direction per column .* got \(4, {d}\); for k "
+                                         r"directions as rows pass directions\.T"):
+        lx.mlp_hvp(model, x, y, torch.randn(4, d))
+    assert lx.mlp_hvp(model, x, y, torch.randn(d, 4)).shape == (d, 4)

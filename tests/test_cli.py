@@ -86,6 +86,7 @@ def test_report_builtin_example_tiny(tmp_path, capsys):
     r = _json(out / "results.json")
     assert r["dataset"] == "digits" and r["n_params"] == 64 * 4 + 4 + 4 * 10 + 10
     assert (out / "report.md").exists() and (out / "train_log.jsonl").exists()
+    assert (out / "report.html").exists()  # written by default, as the README says
     assert (out / "checkpoints" / "model_b.pt").exists()
     assert "report:" in capsys.readouterr().out
 

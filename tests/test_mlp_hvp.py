@@ -327,7 +327,9 @@ def test_unsupported_losses_and_targets_raise_not_an_mlp():
         mlp_hvp(model, x[:, :4], y, V)
     with pytest.raises(ValueError, match=r"curvature must be 'hessian' or 'ggn'"):
         mlp_hvp(model, x, y, V, curvature="fisher")
-    with pytest.raises(ValueError, match=r"expected directions of shape \(k, 79\)"):
+    # the layout mlp_hvp takes (columns) and the shape as passed (issue 26: it printed V.T's)
+    with pytest.raises(ValueError, match=r"expected directions of shape \(79,\) or \(79, k\), "
+                                         r"one direction per column .* got \(78, \d+\)"):
         mlp_hvp(model, x, y, V[:-1])
 
 

@@ -413,6 +413,13 @@ def mlp_matmat(structure: MLPStructure, params: Mapping[str, Tensor], inputs: Te
         model whose forward does not match its layers.
     """
     one = V.dim() == 1
+    d = _Plan(structure, params).d
+    if V.dim() not in (1, 2) or V.shape[0] != d:
+        # the message names the layout this function takes (columns), with the shape as passed
+        raise ValueError(f"mlp_matmat: expected directions of shape ({d},) or ({d}, k), one "
+                         f"direction per column (d = {d} parameters), got {tuple(V.shape)}"
+                         + (f"; for k directions as rows pass directions.T"
+                            if V.dim() == 2 and V.shape[1] == d else ""))
     X = V.reshape(1, -1) if one else V.t()
     out = mlp_apply_rows(structure, params, inputs, targets, X, loss, curvature, reduction,
                          ignore_index=ignore_index, label_smoothing=label_smoothing,

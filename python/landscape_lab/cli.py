@@ -261,8 +261,9 @@ def _add_report_parser(sub: Any) -> None:
     g.add_argument("--sections", type=_strs, default=None,
                    help="comma-separated subset of topk,trace,esd,blocks,gradients,training,"
                         "barrier (blocks: per-block spectra of the parameter kinds)")
-    g.add_argument("--format", default="markdown", choices=["markdown", "html", "both"],
-                   help="report format")
+    g.add_argument("--format", default="both", choices=["markdown", "html", "both"],
+                   help="report format (default both: report.md and report.html, the figures "
+                        "inline)")
     _common(p, "out/report")
 
 
