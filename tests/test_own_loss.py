@@ -425,3 +425,16 @@ def test_curvature_closures_on_the_models_own_loss():
     w1 = torch.cat([p.detach().reshape(-1) for p in params])
     torch.testing.assert_close(w1, w0 - 0.1 * (g + 0.3 * s * u), rtol=0, atol=1e-7)
     assert model.training
+
+
+def test_ggn_own_loss_with_a_nan_weight_says_not_finite():
+    # issue 26 (third-party item 3): it said the loss "is not a cross-entropy that the operator
+    # recognises"; HessianOperator checks finiteness first, and so does the GGN now
+    torch.manual_seed(0)
+    model = HFStyleLM(shift=True).double()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    op = le.GGNOperator(model, None, _batches((4,))[0])
+    with pytest.raises(FloatingPointError, match=r"GGNOperator: the model's loss is not finite "
+                                                 r"\(1 NaN/Inf value\(s\)\) on batch 0"):
+        op @ torch.zeros(op.d, dtype=torch.float64)

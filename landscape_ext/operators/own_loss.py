@@ -113,6 +113,9 @@ class OwnLoss:
         if self.inferred is not None:
             candidates = {self.inferred: candidates[self.inferred]}
         own = _model.output_loss(raw, self.owner, where).detach()
+        # a NaN/Inf loss or logit matches no candidate: say that, not "not a cross-entropy"
+        _model.check_finite(own, "the model's loss", self.owner, where)
+        _model.check_finite(rows.detach(), "the model's logits", self.owner, where)
         z = rows.detach().double()
         values = {name: float(F.cross_entropy(z, t.reshape(-1), ignore_index=IGNORE_INDEX))
                   for name, t in candidates.items()}
