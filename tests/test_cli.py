@@ -212,3 +212,23 @@ def test_report_transformer_examples(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--quick"):
         main(["report", "--checkpoint", str(tmp_path / "c.pt"), "--quick", "--out",
               str(tmp_path / "x")])
+
+
+def test_report_refuses_a_folder_holding_another_report(tmp_path):
+    # issue 26 (report item 5): a second report over the first mixed the two reports' files
+    from landscape_lab.report.outdir import prepare_report_dir
+
+    out = tmp_path / "rep"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "barrier.png").write_bytes(b"old")
+    (out / "report.md").write_text("old report")
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(SystemExit, match=r"landscape-lab report: --out .*rep already holds a "
+                                         r"report \(report\.md, figures\); pass --overwrite"):
+        main(["report", "--example", "digits-mlp", "--quick", "--out", str(out), "--quiet"])
+    assert (out / "report.md").read_text() == "old report"  # refused before anything ran
+    prepare_report_dir(out, overwrite=True, owner="test")
+    assert not (out / "report.md").exists() and not (out / "figures").exists()
+    assert (out / "notes.txt").read_text() == "the user's own file"  # not a report's file
+    prepare_report_dir(tmp_path / "new" / "deep", overwrite=False, owner="test")  # created
+    assert (tmp_path / "new" / "deep").is_dir()

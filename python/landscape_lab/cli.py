@@ -244,6 +244,9 @@ def _add_report_parser(sub: Any) -> None:
                    help="second checkpoint (same architecture) for the loss barrier")
     g.add_argument("--train-log", default=None,
                    help="training log (train_log.jsonl) for lambda_max over training")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a report already in --out (its files are removed first; "
+                        "without this flag such a folder is refused)")
     _example_size_opts(g, ["width", "depth", "epochs", "lr"])
     g.add_argument("--curvature-every", type=int, default=25,
                    help="example: steps between lambda_max measurements during training")
@@ -505,6 +508,13 @@ def cmd_report(args: argparse.Namespace) -> int:
                          "apply to --checkpoint")
     base = report.example_config(example, args.quick) if args.checkpoint is None else None
     cfg = _report_config(args, dev, base, format=args.format)
+    if args.train_log is not None and Path(args.train_log).resolve().parent == \
+            Path(args.out).resolve() and args.overwrite:
+        raise SystemExit("landscape-lab report: --train-log lies in --out, which --overwrite "
+                         "would clear: copy it elsewhere or choose another --out")
+    from .report.outdir import prepare_report_dir
+
+    prepare_report_dir(args.out, args.overwrite, "landscape-lab report")
     if args.no_barrier:
         cfg.sections = tuple(s for s in cfg.sections if s != "barrier")
     if args.checkpoint is None:
