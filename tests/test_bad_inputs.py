@@ -305,3 +305,24 @@ def test_mlp_hvp_names_its_column_layout_and_the_shape_passed():
                                          r"directions as rows pass directions\.T"):
         lx.mlp_hvp(model, x, y, torch.randn(4, d))
     assert lx.mlp_hvp(model, x, y, torch.randn(d, 4)).shape == (d, 4)
+
+
+def test_freeze_mode_makes_products_repeatable():
+    # issue 26 (third-party item 6): auto timed its routes on the second product, so products of
+    # the same vector could come back from different modes (1.8e-8 apart in float32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(8, 2, 6), torch.randint(0, 3, (8,))
+    v = torch.randn(1, sum(p.numel() for p in model.parameters()))
+    free = HessianOperator(model, nn.functional.cross_entropy, (x, y))
+    for _ in range(3):
+        free.apply_rows(v)
+    assert free.mode_timings  # the probe measured the routes on a later product
+
+    op = HessianOperator(model, nn.functional.cross_entropy, (x, y)).freeze_mode()
+    assert op.mode_frozen
+    first = op.apply_rows(v)
+    for _ in range(3):
+        assert torch.equal(op.apply_rows(v), first)
+    assert op.mode_timings == {} and set(op.mode_choices) == {1}
+    assert op.mode_used == op.mode_choices[1]

@@ -126,6 +126,8 @@ class ModelOperator(CurvatureOperator):
         #: auto's measurements and choices per bucket of k (modes.py); its ``timer`` may be
         #: replaced (tests inject timings through it)
         self.mode_chooser = ModeChooser()
+        #: freeze_mode() was called: auto measures nothing more and keeps one mode per bucket
+        self.mode_frozen = False
         #: whether the forward-over-reverse product runs under torch.compile, and why it stopped
         #: doing so (``compile_error``: the compilation's error; products then run eagerly)
         self.compile = (COMPILE_DEFAULT.get(self.device.type, False) if compile == "auto"
@@ -321,9 +323,21 @@ class ModelOperator(CurvatureOperator):
         if chosen is not None:
             return DOUBLE_BACKWARD if (chosen == FORWARD_OVER_REVERSE
                                        and self.forward_ad_broken) else chosen
+        if self.mode_frozen:  # repeatable: the prior rule's mode, kept for the bucket
+            self.mode_chooser.adopt(bucket_of(k), self._prior_mode(k))
+            return self.mode_chooser.chosen(k)
         if self.mode_chooser.due(k):
             return PROBE
         return self._prior_mode(k)
+
+    def freeze_mode(self) -> "ModelOperator":
+        """Make products repeatable: ``auto`` keeps the modes it has chosen and, for a number of
+        directions it has not measured yet, takes the prior rule's mode without timing anything
+        (recorded in :attr:`mode_choices`). Without it, the first products of a bucket may run
+        in other modes than later ones (the probe measures on the second product), which round
+        differently (float64: about 1e-15 relative; float32: 1e-7). Returns the operator."""
+        self.mode_frozen = True
+        return self
 
     def _prior_mode(self, k: int) -> str:
         """The rule before measurement (issue 18): double backward when forward-mode AD is broken
