@@ -386,6 +386,15 @@ def _fused_kernel_in(exc: BaseException) -> bool:
         k in message for k in ("flash", "efficient", "cudnn"))
 
 
+#: Lower-case fragments of SDPA's errors for a backend that cannot run here at all (no fused
+#: kernel for this device or these dtypes), as opposed to an error of the model.
+_BACKEND_UNAVAILABLE = ("no available kernel", "no viable backend")
+
+
+def _backend_unavailable(error: Optional[str]) -> bool:
+    return error is not None and any(k in error.lower() for k in _BACKEND_UNAVAILABLE)
+
+
 def explain_forward_failure(model: nn.Module, inputs: Any, exc: BaseException, owner: str,
                             where: str = "") -> Optional[RuntimeError]:
     """A clearer error for a product that failed with ``exc``, or ``None`` when the model's
@@ -413,10 +422,14 @@ def explain_forward_failure(model: nn.Module, inputs: Any, exc: BaseException, o
     tried = ", ".join(results)
     working = [name for name, error in results.items() if error is None]
     if not working:
-        errors = set(results.values())
-        detail = (f"the same error under each, so the attention backend is not the cause: "
-                  f"{errors.pop()}" if len(errors) == 1 else
-                  "; ".join(f"{name}: {error}" for name, error in results.items()))
+        # backends that merely do not exist here (no fused kernel on this device) say nothing
+        # about the model: when the rest fail as math does, the model's own error is the story
+        telling = {name: error for name, error in results.items()
+                   if name == "math" or not _backend_unavailable(error)}
+        if len(set(telling.values())) == 1:
+            return RuntimeError(f"{owner}: the forward of `model` fails{at}: {results['math']}. "
+                                f"Check the model and the batch it is called on")
+        detail = "; ".join(f"{name}: {error}" for name, error in results.items())
         return RuntimeError(f"{owner}: the forward of `model` fails{at} under every attention "
                             f"backend tried ({tried}): {detail}. Check the model and the batch it "
                             f"is called on")
