@@ -193,6 +193,18 @@ def _scenario(rank: int, tmp: str, scenario: str) -> None:
         torch.save(_main(rank, tmp), Path(tmp) / f"result{rank}.pt")
     elif scenario == "transformer":
         torch.save(_transformer(rank, tmp), Path(tmp) / f"result{rank}.pt")
+    elif scenario == "after_eval":
+        # issue 26: an evaluation forward under no_grad leaves the root unsharded; the operator
+        # said a parameter "is not sharded by FSDP2 ... apply fully_shard to the root module"
+        data = uneven_shard(rank, 32)
+        model = _shard_mlp(tiny_model())
+        with torch.no_grad():
+            model(data[0][0])
+        H = le.HessianOperator(model, F.cross_entropy, data)
+        fresh = le.HessianOperator(_shard_mlp(tiny_model()), F.cross_entropy, data)
+        v = H.vector_shards.take(_directions(H.d_global))
+        torch.save({"same": torch.equal(H.apply_rows(v), fresh.apply_rows(v)),
+                    "kind": type(H).__name__}, Path(tmp) / f"result{rank}.pt")
     elif scenario == "raise":
         model = _shard_mlp(tiny_model())
         before = _state(model)
@@ -220,6 +232,14 @@ def _spawn(tmp_path: Path, scenario: str, world: int = 2, timeout: float = 150.0
 def _rel(a, b) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def test_fsdp_model_after_an_evaluation_forward(tmp_path):
+    errors = _spawn(tmp_path, "after_eval")
+    assert errors == {0: None, 1: None}, errors
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"result{r}.pt")
+        assert got["kind"] == "ShardedHessianOperator" and got["same"], got
 
 
 def test_fsdp_mlp_equals_single_process(tmp_path):

@@ -168,6 +168,9 @@ class ShardedModelOperator(CurvatureOperator):
         self.batch_size = batch_size
         self.check_data = bool(check_data)
         self.param_names = _model.select_parameter_names(model, params, name)
+        # a forward under no_grad (an evaluation) leaves FSDP2 modules unsharded, their
+        # parameters plain tensors until the next forward: shard them back first (issue 26)
+        _reshard_all(model)
         group, local_index, d = _shard_layout(model, self.param_names, name)
         if process_group is not None and _dist.resolve_group(process_group, name) is not None:
             dist = _dist._dist()
