@@ -422,10 +422,5 @@ def orthogonalize_batched(passes: Passes, bases_in: Tensor, vectors: Tensor, n: 
     return q, p.C.view(r, n), norms
 
 
-def passes_for(coeffs: Callable, project_coeffs: Callable, project_gram: Callable) -> Passes:
-    """The Passes of a backend from its three pass ops."""
-    return Passes(coeffs, project_coeffs, project_gram)
-
-
 __all__: Sequence[str] = ("Passes", "block_orthonormalize", "orthogonalize_batched",
-                          "default_rank_tol", "passes_for")
+                          "default_rank_tol")
