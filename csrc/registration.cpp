@@ -38,6 +38,13 @@ STABLE_TORCH_LIBRARY(landscape_ext, m) {
         "-> (Tensor out, Tensor coeffs_next)");
   m.def("_krylov_project_gram(Tensor basis, Tensor block, Tensor coeffs, int n) "
         "-> (Tensor out, Tensor gram)");
+  // The drivers' common path in one call (CPU only): basis (1, m, d), block (1, b, d) in the
+  // accumulation dtype, norms0 (b,) float64 CPU, tol the rank tolerance -> (q (b, d),
+  // coeffs (n, b), r (b, b), ok). ok = false: it declined (non-finite coefficients, a second
+  // adaptive round against a narrower basis, an ill-conditioned or rank-deficient remainder);
+  // the Python driver then runs. Bitwise the driver's outputs when ok. Mutates nothing.
+  m.def("_krylov_fast_orthonormalize(Tensor basis, Tensor block, Tensor norms0, int n, "
+        "float tol, int rounds, int local_rows) -> (Tensor q, Tensor coeffs, Tensor r, bool ok)");
 
   // ---- hvp family (csrc/hvp.h) --------------------------------------------------------------
   // Softmax cross-entropy Hessian w.r.t. the logits applied to k directions: logits (N, C),

@@ -39,11 +39,15 @@ _DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: 
 
 
 class Passes(NamedTuple):
-    """The compiled passes of one backend (csrc/krylov.h)."""
+    """The compiled passes (csrc/krylov.h), and the common path of :func:`block_orthonormalize`
+    in one compiled call where a backend has it (``fast``, for the device types in
+    ``fast_devices``: ``_krylov_fast_orthonormalize``, bitwise this driver's result)."""
 
     coeffs: Callable[[Tensor, Tensor, int], Tensor]
     project_coeffs: Callable[[Tensor, Tensor, Tensor, int], Tuple[Tensor, Tensor]]
     project_gram: Callable[[Tensor, Tensor, Tensor, int], Tuple[Tensor, Tensor]]
+    fast: Optional[Callable[..., Tuple[Tensor, Tensor, Tensor, bool]]] = None
+    fast_devices: Tuple[str, ...] = ()
 
 
 class _Projected(NamedTuple):
@@ -285,6 +289,13 @@ def block_orthonormalize(passes: Passes, basis_in: Tensor, block: Tensor, n: int
     W = block.contiguous().unsqueeze(0)              # (1, b, d)
     norms0 = _norm_rows(W[0]).to("cpu", torch.float64)
     _check_finite_rows(norms0.tolist(), op, "block")
+    narrow_basis = _unit_roundoff(basis.dtype) > _unit_roundoff(W.dtype)
+    if (passes.fast is not None and W.device.type in passes.fast_devices
+            and not (rounds == 1 and narrow_basis)):  # (that case it would decline midway)
+        # the common path below in one compiled call; it declines what it does not cover
+        q, coeffs, r, ok = passes.fast(basis, W, norms0, n, tol, rounds, local_rows)
+        if ok:
+            return q, coeffs, r
 
     # The newest local_rows rows first (one round over just those: a Lanczos block's large
     # components lie along the last two blocks), then the rounds over the whole basis.

@@ -23,9 +23,11 @@ _lib = torch.ops.landscape_ext
 # The kernels of block_orthonormalize and orthogonalize_batched are Python drivers
 # (_krylov_driver.py: CholeskyQR2, rank decisions) over compiled passes (the internal ops
 # _krylov_*, csrc/krylov.h): registered here for every backend whose passes this build has.
-_KRYLOV_PASSES = _krylov_driver.Passes(_lib._krylov_coeffs.default,
-                                       _lib._krylov_project_coeffs.default,
-                                       _lib._krylov_project_gram.default)
+_KRYLOV_PASSES = _krylov_driver.Passes(
+    _lib._krylov_coeffs.default, _lib._krylov_project_coeffs.default,
+    _lib._krylov_project_gram.default, _lib._krylov_fast_orthonormalize.default,
+    tuple(key.lower() for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(
+        "landscape_ext::_krylov_fast_orthonormalize", key)))
 _krylov_kernels = torch.library.Library("landscape_ext", "IMPL")
 
 

@@ -416,6 +416,29 @@ def test_krylov_passes_match_their_formulas(device, basis_dtype, acc):
     assert out.dtype == C2.dtype == G.dtype == acc
 
 
+@pytest.mark.parametrize("basis_dtype, acc", [(torch.float64, torch.float64),
+                                               (torch.float32, torch.float32),
+                                               (torch.float32, torch.float64),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("rounds, local_rows", [(2, 0), (1, 0), (1, 3), (2, 2)])
+def test_the_compiled_common_path_equals_the_python_driver(basis_dtype, acc, rounds, local_rows):
+    # _krylov_fast_orthonormalize (CPU) runs the driver's common path in one call: bit for bit
+    # the driver's result, and declining (ok = False) hands over to the driver unchanged
+    from landscape_ext import _krylov_driver
+    slow = ops._KRYLOV_PASSES._replace(fast=None, fast_devices=())
+    assert ops._KRYLOV_PASSES.fast_devices == ("cpu",)
+    for m, d, b, n in [(9, 1031, 1, 9), (12, 4099, 5, 10), (6, 300, 3, 0), (20, 8200, 9, 17)]:
+        basis = orthonormal_rows(m, d, basis_dtype, "cpu", seed=m + d)
+        block = randn(b, d, dtype=acc, device="cpu", seed=b + d)
+        if b > 2:  # a near-dependent row: the fast path must decline it, the driver handles it
+            block[2] = block[0] + 1e-9 * block[1]
+        lr = min(local_rows, n)
+        want = _krylov_driver.block_orthonormalize(slow, basis, block, n, -1.0, rounds, lr)
+        got = ops.block_orthonormalize(basis, block, n, rounds=rounds, local_rows=lr)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w), (m, d, b, n)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_krylov_passes_opcheck(device):
     basis = orthonormal_rows(9, 131, torch.float32, device, seed=15).unsqueeze(0)

@@ -11,7 +11,12 @@
 // LANDSCAPE_MULTIVERSION in cpu/simd.h), with the per-block-row accumulators in registers (block
 // rows go in groups of <= 8).
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <tuple>
+#include <utility>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -348,6 +353,206 @@ std::tuple<Tensor, Tensor> project_gram_cpu(const Tensor& basis, const Tensor& W
   return {out, run_pass(Pass::kProjectGram, basis, W, &Cc, n, &out)};
 }
 
+// ---- the common case of block_orthonormalize in one call (CPU) -----------------------------------
+// The Python driver (landscape_ext/_krylov_driver.py) made about 40 small torch calls per
+// orthonormalization, 0.2-0.3 ms of fixed cost that showed at d ~ 1e4 (a small model's Lanczos
+// step). This op runs the driver's common path here: the rounds of Gram-Schmidt and CholeskyQR2,
+// the same operations in the same order (the b x b LAPACK calls through the dispatcher, the
+// elementwise b x b algebra in plain loops, which round identically), so its outputs are the
+// driver's bit for bit. Whatever it does not cover it declines (ok = false) before any output is
+// final, and the driver then runs as before: a non-finite coefficient (the driver's error names
+// it), a second adaptive round needed against a basis narrower than the block, an ill-conditioned
+// or rank-deficient remainder (the row-by-row fallback).
+
+// A (b, b) float64 CPU tensor with entries 0.5 * (G[i, j] + G[j, i]): 0.5 * (G + G^T).
+Tensor symmetrized_cpu64(const Tensor& G_any) {
+  const Tensor G = to_dtype(to_cpu(G_any), kDouble);
+  const Tensor Gc = G.is_contiguous() ? G : contiguous(G);
+  const int64_t b = Gc.size(0);
+  Tensor out = empty({b, b}, kDouble, Device(DeviceType::CPU));
+  const double* g = static_cast<const double*>(Gc.data_ptr());
+  double* o = static_cast<double*>(out.data_ptr());
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) o[i * b + j] = 0.5 * (g[i * b + j] + g[j * b + i]);
+  return out;
+}
+
+// (upper Cholesky factor, info == 0) of a float64 CPU matrix: aten::linalg_cholesky_ex.
+std::pair<Tensor, bool> cholesky_upper(const Tensor& G) {
+  std::array<StableIValue, 3> stack{to_ivalue(G), to_ivalue(true), to_ivalue(false)};
+  call_op("aten::linalg_cholesky_ex", "", stack);
+  Tensor R = from_ivalue<Tensor>(stack[0]);
+  const Tensor info = from_ivalue<Tensor>(stack[1]);
+  const bool ok = *static_cast<const int32_t*>(info.data_ptr()) == 0;
+  return {R, ok};
+}
+
+Tensor inverse(const Tensor& A) {
+  std::array<StableIValue, 1> stack{to_ivalue(A)};
+  call_op("aten::linalg_inv", "", stack);
+  return from_ivalue<Tensor>(stack[0]);
+}
+
+// dst += src elementwise (contiguous CPU tensors of one float dtype, same number of elements).
+void add_into(const Tensor& dst, const Tensor& src) {
+  const int64_t n = src.numel();
+  if (dst.scalar_type() == kDouble) {
+    double* d = static_cast<double*>(dst.data_ptr());
+    const double* s = static_cast<const double*>(src.data_ptr());
+    for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+  } else {
+    float* d = static_cast<float*>(dst.data_ptr());
+    const float* s = static_cast<const float*>(src.data_ptr());
+    for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+  }
+}
+
+bool all_finite(const Tensor& t) {
+  const int64_t n = t.numel();
+  if (t.scalar_type() == kDouble) {
+    const double* p = static_cast<const double*>(t.data_ptr());
+    for (int64_t i = 0; i < n; ++i) if (!std::isfinite(p[i])) return false;
+  } else {
+    const float* p = static_cast<const float*>(t.data_ptr());
+    for (int64_t i = 0; i < n; ++i) if (!std::isfinite(p[i])) return false;
+  }
+  return true;
+}
+
+// The diagonal of a (b, b) tensor as float64 values.
+std::vector<double> diagonal64(const Tensor& G_any) {
+  const Tensor G = contiguous(to_dtype(to_cpu(G_any), kDouble));
+  const int64_t b = G.size(0);
+  const double* g = static_cast<const double*>(G.data_ptr());
+  std::vector<double> d(static_cast<size_t>(b));
+  for (int64_t k = 0; k < b; ++k) d[static_cast<size_t>(k)] = g[k * b + k];
+  return d;
+}
+
+double unit_roundoff_of(ScalarType t) {
+  switch (t) {
+    case kDouble: return std::numeric_limits<double>::epsilon();
+    case kFloat: return std::numeric_limits<float>::epsilon();
+    case kHalf: return 9.765625e-4;
+    case kBFloat16: return 7.8125e-3;
+    default: return std::numeric_limits<float>::epsilon();
+  }
+}
+
+// (q, G) = CholeskyQR's transform: out = 0 - C^T rows with C = -Rinv (the backend's own pass).
+std::pair<Tensor, Tensor> transform_rows(const Tensor& rows, const Tensor& zeros,
+                                         const Tensor& Rinv, ScalarType acc) {
+  const int64_t b = Rinv.size(0);
+  Tensor neg = empty({b, b}, kDouble, Device(DeviceType::CPU));
+  const Tensor Ri = contiguous(Rinv);
+  const double* src = static_cast<const double*>(Ri.data_ptr());
+  double* dst = static_cast<double*>(neg.data_ptr());
+  for (int64_t i = 0; i < b * b; ++i) dst[i] = -src[i];
+  const Tensor C = contiguous(torch::stable::unsqueeze(to_dtype(neg, acc), 0));  // (1, b, b)
+  const Tensor out = empty_as(rows, {1, b, rows.size(2)});
+  return {out, run_pass(Pass::kProjectGram, rows, zeros, &C, b, &out)};
+}
+
+// One round of CGS then the optional second (the driver's _project_twice / _project_adaptive).
+// Returns false where the driver must take over (see above).
+bool project_rounds(const Tensor& basis, const Tensor& Wg, int64_t n, int64_t rounds,
+                    const std::vector<double>& normsg, Tensor& W2, Tensor& C, Tensor& G) {
+  const int64_t b = Wg.size(1);
+  if (n == 0) {
+    W2 = Wg;
+    C = zeros_as(Wg, {1, 0, b});
+    G = bmm(Wg, transpose(Wg, 1, 2));
+    return true;
+  }
+  const Tensor C1 = run_pass(Pass::kCoeffs, basis, Wg, nullptr, n, nullptr);
+  if (!all_finite(C1)) return false;  // the driver raises, naming the basis rows
+  Tensor W1 = empty_as(Wg, {1, b, Wg.size(2)});
+  if (rounds == 2) {
+    const Tensor C2 = run_pass(Pass::kProjectCoeffs, basis, Wg, &C1, n, &W1);
+    W2 = empty_as(Wg, {1, b, Wg.size(2)});
+    G = run_pass(Pass::kProjectGram, basis, W1, &C2, n, &W2);
+    add_into(C1, C2);
+    C = C1;
+    return true;
+  }
+  const Tensor G1 = run_pass(Pass::kProjectGram, basis, Wg, &C1, n, &W1);
+  const std::vector<double> kept = diagonal64(select(G1, 0, 0));
+  const bool narrow = unit_roundoff_of(basis.scalar_type()) > unit_roundoff_of(Wg.scalar_type());
+  bool enough = true;
+  for (int64_t k = 0; k < b && enough; ++k) {
+    const double kk = kept[static_cast<size_t>(k)], n0 = normsg[static_cast<size_t>(k)];
+    enough = std::isfinite(kk) && kk >= 0.5 * n0 * n0;
+  }
+  if (enough && narrow) return false;  // its test needs the norms of C1's columns: the driver
+  if (enough) {
+    W2 = W1, C = C1, G = G1;
+    return true;
+  }
+  const Tensor C2 = run_pass(Pass::kCoeffs, basis, W1, nullptr, n, nullptr);
+  W2 = empty_as(Wg, {1, b, Wg.size(2)});
+  G = run_pass(Pass::kProjectGram, basis, W1, &C2, n, &W2);
+  add_into(C1, C2);
+  C = C1;
+  return true;
+}
+
+// basis (1, m, d) rows stride-1, W (1, b, d) contiguous in the accumulation dtype, norms0 (b,)
+// float64 CPU (the block rows' norms, finite), tol the rank tolerance; b >= 1.
+std::tuple<Tensor, Tensor, Tensor, bool> fast_orthonormalize_cpu(
+    const Tensor& basis, const Tensor& W, const Tensor& norms0_t, int64_t n, double tol,
+    int64_t rounds, int64_t local_rows) {
+  const int64_t b = W.size(1), d = W.size(2);
+  const ScalarType acc = W.scalar_type();
+  const Tensor none = empty_as(W, {0});
+  const auto decline = [&]() { return std::make_tuple(none, none, none, false); };
+  const double* n0p = static_cast<const double*>(norms0_t.data_ptr());
+  const std::vector<double> norms0(n0p, n0p + b);
+
+  Tensor Wg = W, CL;
+  std::vector<double> normsg = norms0;
+  const int64_t l0 = n - local_rows;
+  if (local_rows > 0) {
+    const Tensor local = narrow(basis, 1, l0, local_rows);
+    CL = run_pass(Pass::kCoeffs, local, W, nullptr, local_rows, nullptr);
+    if (!all_finite(CL)) return decline();
+    Wg = empty_as(W, {1, b, d});
+    const Tensor GL = run_pass(Pass::kProjectGram, local, W, &CL, local_rows, &Wg);
+    const std::vector<double> g = diagonal64(select(GL, 0, 0));
+    for (int64_t k = 0; k < b; ++k) normsg[k] = std::sqrt(std::max(g[k], 0.0));
+  }
+  Tensor W2, C, G;
+  if (!project_rounds(basis, Wg, n, rounds, normsg, W2, C, G)) return decline();
+  if (local_rows > 0) {
+    // C[:, l0:l0 + local_rows] += CL; C (1, n, b) is contiguous, so those rows are adjacent
+    // and the narrowed view is contiguous too (written in place)
+    add_into(narrow(C, 1, l0, local_rows), CL);
+  }
+  // CholeskyQR2 on W2 (the driver's _cholesky_qr2)
+  const double eps_acc = unit_roundoff_of(acc);
+  const auto [R1, ok1] = cholesky_upper(symmetrized_cpu64(select(G, 0, 0)));
+  if (!ok1) return decline();
+  const double* r1 = static_cast<const double*>(R1.data_ptr());
+  double dmin = std::numeric_limits<double>::infinity(), dmax = 0.0;
+  for (int64_t k = 0; k < b; ++k) {
+    const double dk = r1[k * b + k];
+    if (!(std::isfinite(dk) && dk > tol * norms0[k] && dk > 0.0)) return decline();
+    dmin = std::min(dmin, dk);
+    dmax = std::max(dmax, dk);
+  }
+  if (!(dmax < 0.1 / std::sqrt(eps_acc) * dmin)) return decline();
+  Tensor zeros = empty_as(W2, {1, b, d});
+  std::memset(zeros.data_ptr(), 0, static_cast<size_t>(b * d) * W2.element_size());
+  const auto q1G2 = transform_rows(W2, zeros, inverse(R1), acc);
+  const auto [R2, ok2] = cholesky_upper(symmetrized_cpu64(select(q1G2.second, 0, 0)));
+  if (!ok2) return decline();
+  const Tensor q = select(transform_rows(q1G2.first, zeros, inverse(R2), acc).first, 0, 0);
+  std::array<StableIValue, 2> triu{to_ivalue(torch::stable::matmul(R2, R1)),
+                                   to_ivalue(int64_t{0})};
+  call_op("aten::triu", "", triu);
+  const Tensor r = to_dtype(from_ivalue<Tensor>(triu[0]), acc);
+  return std::make_tuple(q, select(C, 0, 0), r, true);
+}
+
 }  // namespace
 }  // namespace krylov
 }  // namespace landscape_ext
@@ -356,4 +561,6 @@ STABLE_TORCH_LIBRARY_IMPL(landscape_ext, CPU, m) {
   m.impl("_krylov_coeffs", TORCH_BOX(&landscape_ext::krylov::coeffs_cpu));
   m.impl("_krylov_project_coeffs", TORCH_BOX(&landscape_ext::krylov::project_coeffs_cpu));
   m.impl("_krylov_project_gram", TORCH_BOX(&landscape_ext::krylov::project_gram_cpu));
+  m.impl("_krylov_fast_orthonormalize",
+         TORCH_BOX(&landscape_ext::krylov::fast_orthonormalize_cpu));
 }
