@@ -338,19 +338,21 @@ Tensor coeffs_cpu(const Tensor& basis, const Tensor& W, int64_t n) {
   check_pass_args("_krylov_coeffs", basis, W, nullptr, n);
   return run_pass(Pass::kCoeffs, basis, W, nullptr, n, nullptr);
 }
-std::tuple<Tensor, Tensor> project_coeffs_cpu(const Tensor& basis, const Tensor& W,
-                                              const Tensor& C, int64_t n) {
-  check_pass_args("_krylov_project_coeffs", basis, W, &C, n);
+// (out, sums) of a projecting pass: out = W - C^T basis[:, :n] and its sums (see krylov.h).
+std::tuple<Tensor, Tensor> project_pass(Pass kind, const char* op, const Tensor& basis,
+                                        const Tensor& W, const Tensor& C, int64_t n) {
+  check_pass_args(op, basis, W, &C, n);
   const Tensor Cc = C.is_contiguous() ? C : contiguous(C);
   const Tensor out = empty_as(W, {W.size(0), W.size(1), W.size(2)});
-  return {out, run_pass(Pass::kProjectCoeffs, basis, W, &Cc, n, &out)};
+  return {out, run_pass(kind, basis, W, &Cc, n, &out)};
+}
+std::tuple<Tensor, Tensor> project_coeffs_cpu(const Tensor& basis, const Tensor& W,
+                                              const Tensor& C, int64_t n) {
+  return project_pass(Pass::kProjectCoeffs, "_krylov_project_coeffs", basis, W, C, n);
 }
 std::tuple<Tensor, Tensor> project_gram_cpu(const Tensor& basis, const Tensor& W,
                                             const Tensor& C, int64_t n) {
-  check_pass_args("_krylov_project_gram", basis, W, &C, n);
-  const Tensor Cc = C.is_contiguous() ? C : contiguous(C);
-  const Tensor out = empty_as(W, {W.size(0), W.size(1), W.size(2)});
-  return {out, run_pass(Pass::kProjectGram, basis, W, &Cc, n, &out)};
+  return project_pass(Pass::kProjectGram, "_krylov_project_gram", basis, W, C, n);
 }
 
 // ---- the common case of block_orthonormalize in one call (CPU) -----------------------------------
