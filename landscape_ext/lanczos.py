@@ -230,7 +230,6 @@ def _eigsh_settings(op: CurvatureOperator, k: int, which: str, tol: Optional[flo
     d = _dimension(op)
     if which not in WHICH:
         raise ValueError(f"eigsh: which must be one of {WHICH}, got {which!r}")
-    k = count_argument(k, "k", "eigsh")
     if k > d:
         raise ValueError(f"eigsh: k = {k} is larger than the dimension d = {d}")
     if tol is None:
